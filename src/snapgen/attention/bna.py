@@ -1,0 +1,293 @@
+"""Blockwise Neighborhood Attention (BNA): the local branch of ASSA.
+
+Geometry (chosen here; the paper leaves it open, see ``docs/architecture.md``)
+-----------------------------------------------------------------------------
+* The ``H x W`` token grid is cut into rectangular **tiles** of ``tile = (th, tw)`` tokens. A
+  ``0`` in ``tile`` means "the whole axis", so ``tile=(4, 0)`` on a 64x64 grid gives the paper's
+  reading of 16 raster-order row chunks; ``tile=(8, 8)`` (our default) gives 2-D tiles. A tile larger
+  than the grid is clipped to it.
+* Query tile ``(i, j)`` attends to the keys of the ``(2r+1) x (2r+1)`` tiles around it
+  (per axis the window is ``min(2r+1, n_tiles)`` tiles wide).
+* **Border rule: shift, don't shrink** (as NATTEN clamps its windows). Near the border the window
+  slides inward so every query tile sees the same number of tiles: window start
+  ``s_i = clamp(i - r, 0, n_tiles - window)``. Cost is then identical for every tile, shapes are
+  static, and the efficient backend is a plain gather + dense SDPA.
+* **Grids not divisible by the tile** are padded on the bottom/right to whole tiles. Padded keys are
+  masked out and padded queries dropped, so the result is exactly the neighbourhood attention on the
+  real tokens of each (partial) tile window. The padded path carries a key mask and is slower; the
+  window geometry is computed on the padded tile grid.
+
+Backends (all heads-last: ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)``, ``Hq % Hkv == 0``)
+------------------------------------------------------------------------------------------
+* ``"reference"``: dense SDPA with an explicit ``(N, N)`` boolean mask. Obviously correct, O(N^2).
+* ``"gather"``: gather each query tile and its neighbour tiles, fold tiles into the batch and run
+  one dense SDPA of shape ``(B * tiles, heads, T, window * T)``. No data-dependent control flow:
+  the indices depend on shapes only, so it exports (ONNX, ExecuTorch, Core ML). Default.
+* ``"flex"``: ``torch.nn.attention.flex_attention`` on tile-major tokens with a cached block mask.
+  Inference only on CPU (flex has no CPU backward); compiled when ``compile=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TileGeometry", "make_geometry", "bna_mask", "block_neighborhood_attention", "BNA_BACKENDS"]
+
+BNA_BACKENDS = ("gather", "reference", "flex")
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Static description of a BNA layout on one token grid (hashable, so index tables are cached)."""
+
+    grid: tuple[int, int]  # (H, W) tokens
+    tile: tuple[int, int]  # (th, tw) tokens, already clipped to the grid
+    radius: int
+
+    @property
+    def n_tiles(self) -> tuple[int, int]:
+        return (math.ceil(self.grid[0] / self.tile[0]), math.ceil(self.grid[1] / self.tile[1]))
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """Tiles per axis in each query tile's neighbourhood."""
+        nh, nw = self.n_tiles
+        return (min(2 * self.radius + 1, nh), min(2 * self.radius + 1, nw))
+
+    @property
+    def padded_grid(self) -> tuple[int, int]:
+        nh, nw = self.n_tiles
+        return (nh * self.tile[0], nw * self.tile[1])
+
+    @property
+    def needs_padding(self) -> bool:
+        return self.padded_grid != self.grid
+
+    @property
+    def tile_tokens(self) -> int:
+        return self.tile[0] * self.tile[1]
+
+    @property
+    def keys_per_query(self) -> int:
+        """Keys each query attends to (including padded keys, which are masked)."""
+        return self.window[0] * self.window[1] * self.tile_tokens
+
+    @property
+    def is_identity_tiling(self) -> bool:
+        """True when tile-major order equals raster order (full-width row chunks, no padding)."""
+        return self.tile[1] == self.grid[1] and not self.needs_padding
+
+
+def make_geometry(grid: tuple[int, int], tile: tuple[int, int], radius: int) -> TileGeometry:
+    """Build a :class:`TileGeometry`; ``0`` in ``tile`` means the whole axis, and tiles are clipped to the grid."""
+    H, W = int(grid[0]), int(grid[1])
+    if H <= 0 or W <= 0:
+        raise ValueError(f"BNA grid must be positive, got {grid}")
+    if len(tile) != 2 or tile[0] < 0 or tile[1] < 0:
+        raise ValueError(f"BNA tile must be two non-negative ints (0 = whole axis), got {tile}")
+    if radius < 0:
+        raise ValueError(f"BNA radius must be >= 0, got {radius}")
+    th = H if tile[0] == 0 else min(int(tile[0]), H)
+    tw = W if tile[1] == 0 else min(int(tile[1]), W)
+    return TileGeometry((H, W), (th, tw), int(radius))
+
+
+def _window_starts(n_tiles: int, window: int, radius: int) -> torch.Tensor:
+    return (torch.arange(n_tiles) - radius).clamp(0, n_tiles - window)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: dense SDPA with an explicit boolean mask
+# ----------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def bna_mask(geom: TileGeometry) -> torch.Tensor:
+    """``(N, N)`` boolean mask, ``True`` where query token (row) may attend to key token (column)."""
+    H, W = geom.grid
+    th, tw = geom.tile
+    (nh, nw), (wh, ww) = geom.n_tiles, geom.window
+    rows = torch.arange(H).repeat_interleave(W)  # raster order
+    cols = torch.arange(W).repeat(H)
+    tile_r, tile_c = rows // th, cols // tw
+    start_r = _window_starts(nh, wh, geom.radius)[tile_r]  # window start of each query's tile
+    start_c = _window_starts(nw, ww, geom.radius)[tile_c]
+    ok_r = (tile_r[None, :] >= start_r[:, None]) & (tile_r[None, :] < start_r[:, None] + wh)
+    ok_c = (tile_c[None, :] >= start_c[:, None]) & (tile_c[None, :] < start_c[:, None] + ww)
+    return ok_r & ok_c
+
+
+def _bna_reference(q, k, v, geom: TileGeometry) -> torch.Tensor:
+    mask = bna_mask(geom).to(q.device)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gather backend: tiles folded into the batch, one dense SDPA
+# ----------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def _gather_tables(geom: TileGeometry):
+    """Index tables on the padded grid (CPU tensors; moved to the input's device at use).
+
+    Returns ``(query_index (tiles*T,), inverse (Np,), key_index (tiles, K), key_valid (tiles, K) or None)``.
+    ``query_index`` lists padded-raster token ids in tile-major order, ``inverse`` undoes it.
+    """
+    Hp, Wp = geom.padded_grid
+    th, tw = geom.tile
+    (nh, nw), (wh, ww) = geom.n_tiles, geom.window
+    # token ids of tile (i, j): (i*th + a) * Wp + (j*tw + b)
+    a = torch.arange(th)[:, None] * Wp + torch.arange(tw)[None, :]  # (th, tw) offsets inside a tile
+    tile_origin = (torch.arange(nh)[:, None] * th * Wp + torch.arange(nw)[None, :] * tw)  # (nh, nw)
+    tile_tokens = (tile_origin[:, :, None, None] + a).reshape(nh * nw, th * tw)  # (tiles, T)
+    query_index = tile_tokens.reshape(-1)
+    inverse = torch.argsort(query_index)
+    sr = _window_starts(nh, wh, geom.radius)[:, None] + torch.arange(wh)[None, :]  # (nh, wh) tile rows
+    sc = _window_starts(nw, ww, geom.radius)[:, None] + torch.arange(ww)[None, :]  # (nw, ww) tile cols
+    nb = sr[:, None, :, None] * nw + sc[None, :, None, :]  # (nh, nw, wh, ww) neighbour tile ids
+    key_index = tile_tokens[nb.reshape(nh * nw, wh * ww)].reshape(nh * nw, wh * ww * th * tw)
+    key_valid = None
+    if geom.needs_padding:
+        H, W = geom.grid
+        real = torch.zeros(Hp, Wp, dtype=torch.bool)
+        real[:H, :W] = True
+        key_valid = real.reshape(-1)[key_index]
+    return query_index, inverse, key_index, key_valid
+
+
+def _pad_grid(x: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
+    """(B, N, h, d) on the real grid -> (B, Np, h, d) on the padded grid (zeros in the padding)."""
+    if not geom.needs_padding:
+        return x
+    (H, W), (Hp, Wp) = geom.grid, geom.padded_grid
+    B, _, h, d = x.shape
+    x = x.reshape(B, H, W, h * d)
+    x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+    return x.reshape(B, Hp * Wp, h, d)
+
+
+def _bna_gather(q, k, v, geom: TileGeometry) -> torch.Tensor:
+    B, N, Hq, d = q.shape
+    Hk = k.shape[2]
+    n_tiles = geom.n_tiles[0] * geom.n_tiles[1]
+    T, K = geom.tile_tokens, geom.keys_per_query
+    q_index, inverse, key_index, key_valid = (t.to(q.device) if t is not None else None
+                                              for t in _gather_tables(geom))
+    q, k, v = _pad_grid(q, geom), _pad_grid(k, geom), _pad_grid(v, geom)
+    if geom.is_identity_tiling:
+        qt = q.reshape(B * n_tiles, T, Hq, d)  # row chunks: tiles are already contiguous
+    else:
+        qt = q[:, q_index].reshape(B * n_tiles, T, Hq, d)
+    flat_keys = key_index.reshape(-1)
+    kt = k[:, flat_keys].reshape(B * n_tiles, K, Hk, d)
+    vt = v[:, flat_keys].reshape(B * n_tiles, K, Hk, d)
+    mask = None
+    if key_valid is not None:
+        mask = key_valid[:, None, None, :].expand(n_tiles, 1, T, K).repeat(B, 1, 1, 1)
+    out = F.scaled_dot_product_attention(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2),
+                                         attn_mask=mask, enable_gqa=True)  # (B*tiles, Hq, T, d)
+    out = out.transpose(1, 2).reshape(B, n_tiles * T, Hq, d)
+    if not geom.is_identity_tiling:
+        out = out[:, inverse]  # back to padded raster order
+    if geom.needs_padding:
+        (H, W), (Hp, Wp) = geom.grid, geom.padded_grid
+        out = out.reshape(B, Hp, Wp, Hq, d)[:, :H, :W].reshape(B, N, Hq, d)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# flex_attention backend (inference; optional)
+# ----------------------------------------------------------------------------------------------
+
+_compiled_flex = None
+
+
+@functools.lru_cache(maxsize=32)
+def _flex_block_mask(geom: TileGeometry, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    T = geom.tile_tokens
+    (nh, nw), (wh, ww) = geom.n_tiles, geom.window
+    start_r = _window_starts(nh, wh, geom.radius).to(device)
+    start_c = _window_starts(nw, ww, geom.radius).to(device)
+    Np = nh * nw * T
+    valid = None
+    if geom.needs_padding:
+        valid = torch.zeros(Np, dtype=torch.bool)
+        q_index, _, _, _ = _gather_tables(geom)
+        H, W = geom.grid
+        Wp = geom.padded_grid[1]
+        r, c = q_index // Wp, q_index % Wp  # tile-major position -> padded raster coordinate
+        valid = ((r < H) & (c < W)).to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        tq, tk = q_idx // T, kv_idx // T
+        qr, qc, kr, kc = tq // nw, tq % nw, tk // nw, tk % nw
+        sr, sc = start_r[qr], start_c[qc]
+        ok = (kr >= sr) & (kr < sr + wh) & (kc >= sc) & (kc < sc + ww)
+        if valid is not None:
+            ok = ok & valid[kv_idx]
+        return ok
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=Np, KV_LEN=Np, device=device)
+
+
+def _bna_flex(q, k, v, geom: TileGeometry, compile: bool = False) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex
+    fn = flex_attention
+    if compile:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    B, N, Hq, d = q.shape
+    q_index, inverse, _, _ = (t.to(q.device) if t is not None else None for t in _gather_tables(geom))
+    q, k, v = _pad_grid(q, geom), _pad_grid(k, geom), _pad_grid(v, geom)
+    qt, kt, vt = (x[:, q_index].transpose(1, 2) for x in (q, k, v))  # tile-major, heads-first
+    block_mask = _flex_block_mask(geom, str(q.device))
+    out = fn(qt, kt, vt, block_mask=block_mask, enable_gqa=qt.shape[1] != kt.shape[1])
+    out = out.transpose(1, 2)[:, inverse]
+    if geom.needs_padding:
+        (H, W), (Hp, Wp) = geom.grid, geom.padded_grid
+        out = out.reshape(B, Hp, Wp, Hq, d)[:, :H, :W].reshape(B, N, Hq, d)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatcher
+# ----------------------------------------------------------------------------------------------
+
+def block_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geom: TileGeometry,
+                                 backend: str = "gather", compile: bool = False) -> torch.Tensor:
+    """Blockwise neighborhood attention on heads-last tensors; returns ``(B, N, Hq, d)``.
+
+    ``q``: ``(B, N, Hq, d)``; ``k``, ``v``: ``(B, N, Hkv, d)`` with ``Hq % Hkv == 0`` (GQA);
+    ``N == H * W`` of ``geom.grid`` in raster order.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"BNA expects heads-last 4-D tensors (B, N, heads, d); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    N = geom.grid[0] * geom.grid[1]
+    if q.shape[1] != N or k.shape[1] != N or v.shape[1] != N:
+        raise ValueError(f"BNA grid {geom.grid} has {N} tokens but q/k/v have {q.shape[1]}/{k.shape[1]}/"
+                         f"{v.shape[1]}")
+    if k.shape != v.shape or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"BNA needs k and v of equal shape and query heads divisible by key heads; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if backend == "gather":
+        return _bna_gather(q, k, v, geom)
+    if backend == "reference":
+        return _bna_reference(q, k, v, geom)
+    if backend == "flex":
+        if torch.is_grad_enabled() and q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
+            raise RuntimeError("BNA backend 'flex' has no backward pass on CPU (a PyTorch limitation); "
+                               "use backend='gather' for training, or run under torch.no_grad()")
+        return _bna_flex(q, k, v, geom, compile=compile)
+    raise ValueError(f"unknown BNA backend {backend!r}; choose one of {BNA_BACKENDS}")

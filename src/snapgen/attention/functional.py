@@ -1,0 +1,93 @@
+"""Functional attention core. Every tensor is heads-last, ``(B, N, heads, head_dim)``, as it comes out
+of a Linear projection; SDPA's heads-first layout is a free transpose inside these functions.
+
+* :func:`attention` -- dense scaled-dot-product attention with grouped-query attention (GQA).
+* :func:`compress_tokens` -- the ASSA global branch's 2x2 stride-2 depthwise convolution on a grid.
+* :func:`assa_attention` -- Adaptive Sparse Self-Attention: global attention on compressed keys/values
+  and blockwise neighbourhood attention, mixed per head by a sigmoid gate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .bna import TileGeometry, block_neighborhood_attention
+from .rope import apply_rope
+
+__all__ = ["attention", "compress_tokens", "assa_attention"]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense attention. ``q (B, N, Hq, d)``, ``k, v (B, M, Hkv, d)``, ``Hq % Hkv == 0``; returns ``(B, N, Hq, d)``.
+
+    ``key_mask``: optional ``(B, M)`` boolean, ``True`` for keys that may be attended to. Query rows whose
+    keys are all masked return zeros (not NaN).
+    """
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    mask = None
+    if key_mask is not None:
+        if key_mask.shape != (k.shape[0], k.shape[1]):
+            raise ValueError(f"key_mask must be (B, M)={tuple(k.shape[:2])}, got {tuple(key_mask.shape)}")
+        key_mask = key_mask.bool()
+        has_key = key_mask.any(dim=1)  # (B,)
+        # A row with no valid key would give NaN in softmax: let it see everything, then zero its output.
+        mask = (key_mask | ~has_key[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    if key_mask is not None:
+        out = out * has_key[:, None, None, None].to(out.dtype)
+    return out
+
+
+def compress_tokens(x: torch.Tensor, grid: tuple[int, int], weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """2x2 stride-2 depthwise convolution of tokens on an ``H x W`` grid.
+
+    ``x (B, H*W, heads, d)`` -> ``(B, H/2 * W/2, heads, d)``; ``weight`` has the depthwise ``Conv2d``
+    shape ``(heads*d, 1, 2, 2)``. Written as four strided multiply-adds in channels-last layout, which
+    equals ``F.conv2d(..., stride=2, groups=C)`` without the NCHW round trip.
+    """
+    B, N, h, d = x.shape
+    H, W = grid
+    if H * W != N:
+        raise ValueError(f"grid {grid} has {H * W} tokens, input has {N}")
+    if H % 2 or W % 2:
+        raise ValueError(f"KV compression needs an even token grid, got {H}x{W}; "
+                         f"use a resolution whose token grid is a multiple of 2")
+    C = h * d
+    xg = x.reshape(B, H // 2, 2, W // 2, 2, C)
+    w = weight.reshape(C, 2, 2)
+    out = (xg[:, :, 0, :, 0] * w[:, 0, 0] + xg[:, :, 0, :, 1] * w[:, 0, 1]
+           + xg[:, :, 1, :, 0] * w[:, 1, 0] + xg[:, :, 1, :, 1] * w[:, 1, 1])
+    if bias is not None:
+        out = out + bias
+    return out.reshape(B, (H // 2) * (W // 2), h, d)
+
+
+def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logits: torch.Tensor,
+                   geom: TileGeometry, k_weight: torch.Tensor, v_weight: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   rope_coarse: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
+                   backend: str = "gather") -> torch.Tensor:
+    """Adaptive Sparse Self-Attention on one token grid.
+
+    ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)`` after QK-norm and *before* RoPE; ``gate_logits (B, N, Hq)``.
+    ``rope``/``rope_coarse``: ``(cos, sin)`` tables for the full grid and for the 2x2-cell centres.
+
+    * global: ``k_c, v_c = conv2x2(k), conv2x2(v)`` (4x fewer keys); queries at full resolution;
+      compressed keys get RoPE at their cell centres, so both sides share one coordinate frame.
+    * local: blockwise neighbourhood attention on the full-resolution keys.
+    * ``out = g * global + (1 - g) * local`` with ``g = sigmoid(gate_logits)`` per token and head.
+    """
+    kc = compress_tokens(k, geom.grid, k_weight, k_bias)
+    vc = compress_tokens(v, geom.grid, v_weight, v_bias)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        kc = apply_rope(kc, *rope_coarse)
+    out_global = attention(q, kc, vc)
+    out_local = block_neighborhood_attention(q, k, v, geom, backend=backend)
+    g = torch.sigmoid(gate_logits).unsqueeze(-1)  # (B, N, Hq, 1)
+    return out_local + g * (out_global - out_local)

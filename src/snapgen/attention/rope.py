@@ -1,0 +1,52 @@
+"""2-D rotary position embedding (RoPE) for tokens laid out on an image grid.
+
+The head dimension ``d`` is split into two halves: the first half is rotated by the token's row
+coordinate, the second half by its column coordinate. Inside each half the usual "rotate-half"
+pairing is used (channel ``i`` is paired with channel ``i + d/4``), with ``d/4`` frequencies
+``theta ** (-2k / (d/2))``.
+
+Coordinates are floats, so a token can sit between grid points: the global branch of ASSA places a
+compressed key (one 2x2 cell of the grid) at the cell centre ``(2i + 0.5, 2j + 0.5)``, in the same
+coordinate frame as the full-resolution queries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["grid_positions", "rope_angles", "apply_rope"]
+
+
+def grid_positions(height: int, width: int, *, stride: float = 1.0, offset: float = 0.0,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Raster-order ``(row, col)`` coordinates of a ``height x width`` grid, shape ``(height*width, 2)``.
+
+    ``stride`` and ``offset`` map grid indices to coordinates (``coord = index * stride + offset``);
+    ``stride=2, offset=0.5`` gives the centres of 2x2 cells of a grid twice as large.
+    """
+    rows = torch.arange(height, device=device, dtype=torch.float32) * stride + offset
+    cols = torch.arange(width, device=device, dtype=torch.float32) * stride + offset
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=-1)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` tables of shape ``(N, 2, head_dim // 4)`` for ``positions`` of shape ``(N, 2)``."""
+    if head_dim % 4 != 0:
+        raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got head_dim={head_dim}")
+    n_freq = head_dim // 4
+    inv_freq = theta ** (-torch.arange(n_freq, device=positions.device, dtype=torch.float32) / n_freq)
+    angles = positions.float()[:, :, None] * inv_freq  # (N, 2, d/4)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` of shape ``(B, N, heads, d)`` (heads-last) by the tables from :func:`rope_angles`."""
+    B, N, H, d = x.shape
+    if cos.shape[0] != N:
+        raise ValueError(f"RoPE table has {cos.shape[0]} positions but the input has {N} tokens")
+    xr = x.unflatten(-1, (2, 2, d // 4))  # (B, N, H, axis, pair, d/4)
+    a, b = xr[..., 0, :], xr[..., 1, :]  # (B, N, H, axis, d/4)
+    c, s = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (N, 1, axis, d/4)
+    out = torch.stack([a * c - b * s, b * c + a * s], dim=-2)
+    return out.flatten(-3)

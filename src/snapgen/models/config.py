@@ -1,0 +1,175 @@
+"""Model configuration: one frozen dataclass, saved as ``config.json`` beside the safetensors weights.
+
+Presets
+-------
+``tiny`` / ``small`` / ``full`` are the paper's three variants at width ratios 0.375 / 0.5 / 1 of one
+full width (2048). Heads shrink with width at a constant head size (64) and a constant GQA group (2
+query heads per key/value head), so ``small`` has the paper's 8 KV heads. Depths (Down / Middle / Up)
+are the same for all three. See ``docs/architecture.md`` for why these numbers, and for the parameter
+counts beside the paper's 0.3B / 0.4B / 1.6B.
+
+``micro`` and ``nano`` are small configurations for CPU training and for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["ThreeStageDiTConfig", "PRESETS", "PAPER_PARAMS", "WIDTH_RATIOS", "preset"]
+
+ATTENTION_KINDS = ("assa", "dense")
+
+
+@dataclass(frozen=True)
+class ThreeStageDiTConfig:
+    # --- latent interface -------------------------------------------------------------------------------
+    in_channels: int = 16            # latent channels (paper: Qwen-Image VAE, 16)
+    vae_factor: int = 8              # image pixels per latent pixel (used to report image sizes)
+    patch_size: int = 2              # latent patchify
+    # --- width ------------------------------------------------------------------------------------------
+    width: int = 1024                # hidden size of every stage
+    head_dim: int = 64
+    kv_heads: int = 8                # GQA key/value heads of the self-attention (query heads = width / head_dim)
+    # --- depth: Down (full token grid) / Middle (2x2-downsampled grid) / Up (full grid) -------------------
+    depths: tuple[int, int, int] = (6, 9, 8)
+    mlp_ratio: float = 4.0           # FFN ratio in Down and Up
+    mlp_ratio_middle: float = 3.0    # FFN ratio in Middle
+    # --- attention --------------------------------------------------------------------------------------
+    outer_attention: str = "assa"    # self-attention of Down/Up: "assa" or "dense" (ablation)
+    bna_tile: tuple[int, int] = (8, 8)   # BNA tile in tokens; 0 = whole axis (e.g. (4, 0) = row chunks)
+    bna_radius: int = 1              # neighbour tiles on each side
+    bna_backend: str = "gather"      # "gather" (train + export), "reference", "flex" (inference only)
+    rope_theta: float = 10000.0
+    # --- text -------------------------------------------------------------------------------------------
+    text_dim: int = 2560             # width of the text-encoder features fed to cross-attention
+    # --- skips ------------------------------------------------------------------------------------------
+    middle_skips: bool = True        # U-ViT long skips inside the Middle stage
+    stage_skip: bool = True          # Down -> Up skip
+    # --- timestep ---------------------------------------------------------------------------------------
+    time_freq_dim: int = 256         # sinusoidal features of 1000 * t
+
+    def __post_init__(self):
+        # JSON round trips give lists; store tuples so configs compare and hash.
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "bna_tile", tuple(int(t) for t in self.bna_tile))
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------------
+    @property
+    def heads(self) -> int:
+        return self.width // self.head_dim
+
+    @property
+    def downsample(self) -> int:
+        """Latent pixels per Middle-stage token along each axis (patchify x stage downsample)."""
+        return self.patch_size * 2
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ValueError(f"invalid ThreeStageDiTConfig: {msg}")
+
+        for name in ("in_channels", "vae_factor", "patch_size", "width", "head_dim", "kv_heads", "text_dim",
+                     "time_freq_dim"):
+            if int(getattr(self, name)) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.width % self.head_dim:
+            bad(f"width ({self.width}) must be a multiple of head_dim ({self.head_dim})")
+        if self.head_dim % 4:
+            bad(f"head_dim ({self.head_dim}) must be divisible by 4 for 2-D RoPE")
+        if self.heads % self.kv_heads:
+            bad(f"query heads ({self.heads} = width/head_dim) must be a multiple of kv_heads ({self.kv_heads})")
+        if len(self.depths) != 3 or any(d < 0 for d in self.depths) or sum(self.depths) == 0:
+            bad(f"depths must be three non-negative block counts (down, middle, up), got {self.depths}")
+        if self.outer_attention not in ATTENTION_KINDS:
+            bad(f"outer_attention must be one of {ATTENTION_KINDS}, got {self.outer_attention!r}")
+        if self.bna_backend not in ("gather", "reference", "flex"):
+            bad(f"bna_backend must be 'gather', 'reference' or 'flex', got {self.bna_backend!r}")
+        if len(self.bna_tile) != 2 or min(self.bna_tile) < 0:
+            bad(f"bna_tile must be two non-negative ints (0 = whole axis), got {self.bna_tile}")
+        if self.bna_radius < 0:
+            bad(f"bna_radius must be >= 0, got {self.bna_radius}")
+        if self.mlp_ratio <= 0 or self.mlp_ratio_middle <= 0:
+            bad("mlp ratios must be positive")
+
+    # ----------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["depths"], d["bna_tile"] = list(self.depths), list(self.bna_tile)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ThreeStageDiTConfig":
+        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_class_name", "_snapgen_version": metadata
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+        if unknown:
+            raise ValueError(f"unknown ThreeStageDiTConfig keys {unknown}; valid keys are {sorted(names)}. "
+                             f"Was this config written by a newer snapgen, or for another model class?")
+        if missing:
+            raise ValueError(f"ThreeStageDiTConfig is missing keys {missing}; a saved config must list every "
+                             f"field (re-save it with save_pretrained, or add the keys)")
+        return cls(**d)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        from .. import __version__
+
+        payload = {"_class_name": "ThreeStageDiT", "_snapgen_version": __version__, **self.to_dict()}
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ThreeStageDiTConfig":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model config not found: {path} (a model folder holds config.json and "
+                                    f"model.safetensors, as written by save_pretrained)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model config {path} is not valid JSON ({e}); the file is corrupt") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"model config {path} must hold a JSON object, got {type(d).__name__}")
+        return cls.from_dict(d)
+
+    def replace(self, **changes) -> "ThreeStageDiTConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Presets
+# ------------------------------------------------------------------------------------------------------
+
+FULL_WIDTH = 2048
+WIDTH_RATIOS = {"tiny": 0.375, "small": 0.5, "full": 1.0}
+PAPER_PARAMS = {"tiny": 0.3e9, "small": 0.4e9, "full": 1.6e9}  # SnapGen++ Table 2 (DiT only)
+
+_PAPER_BASE = dict(in_channels=16, vae_factor=8, patch_size=2, head_dim=64, depths=(6, 9, 8), mlp_ratio=4.0,
+                   mlp_ratio_middle=3.0, text_dim=2560)
+
+
+def _paper_variant(ratio: float) -> ThreeStageDiTConfig:
+    width = int(FULL_WIDTH * ratio)
+    heads = width // 64
+    return ThreeStageDiTConfig(width=width, kv_heads=heads // 2, **_PAPER_BASE)
+
+
+PRESETS: dict[str, ThreeStageDiTConfig] = {
+    **{name: _paper_variant(r) for name, r in WIDTH_RATIOS.items()},
+    # CPU-trainable model (tens of millions of parameters) on a 4-channel latent and MiniLM text (384-d).
+    "micro": ThreeStageDiTConfig(in_channels=4, vae_factor=8, patch_size=2, width=384, head_dim=32, kv_heads=6,
+                                 depths=(2, 4, 2), text_dim=384, bna_tile=(4, 4)),
+    # Smallest meaningful model, for tests.
+    "nano": ThreeStageDiTConfig(in_channels=4, vae_factor=8, patch_size=2, width=64, head_dim=16, kv_heads=2,
+                                depths=(1, 2, 1), text_dim=32, bna_tile=(2, 2), time_freq_dim=32),
+}
+
+
+def preset(name: str, **overrides) -> ThreeStageDiTConfig:
+    """A named preset, optionally with fields replaced."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,59 @@
+"""IsotropicDiT: the PixArt-style baseline of the paper's Fig. 3 ablation (step A).
+
+Every block runs dense self-attention on the full token grid; no down/up-sampling, no skips. It reuses
+the three-stage model's blocks, embedders and output layer, and takes the same config (its depth is the
+sum of ``config.depths``; ``mlp_ratio_middle`` is used for every block, as step A uses FFN ratio 3).
+It exists for benchmarks and comparisons, not for training recipes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import grid_positions, rope_angles
+from .config import ThreeStageDiTConfig
+from .dit import basic_init, check_latent_size, unpatchify
+from .io import ModelIOMixin
+from .layers import MOD_CHUNKS, DiTBlock, FinalLayer, TimestepEmbedder
+
+__all__ = ["IsotropicDiT"]
+
+
+class IsotropicDiT(ModelIOMixin, nn.Module):
+    config_class = ThreeStageDiTConfig
+
+    def __init__(self, config: ThreeStageDiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        D, p = cfg.width, cfg.patch_size
+        self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
+        self.t_embedder = TimestepEmbedder(D, cfg.time_freq_dim)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, MOD_CHUNKS * D))
+        self.text_norm = nn.LayerNorm(cfg.text_dim, eps=1e-6)
+        self.blocks = nn.ModuleList([
+            DiTBlock(D, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_ratio_middle, cfg.text_dim, "dense")
+            for _ in range(sum(cfg.depths))])
+        self.final_layer = FinalLayer(D, p * p * cfg.in_channels)
+        basic_init(self)
+        nn.init.zeros_(self.t_block[1].weight)
+        nn.init.zeros_(self.t_block[1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.config
+        B, _, h, w = x.shape
+        check_latent_size(h, w, cfg.patch_size, cfg.vae_factor)
+        grid = (h // cfg.patch_size, w // cfg.patch_size)
+        t = torch.as_tensor(t, dtype=torch.float32).expand(B) if torch.as_tensor(t).dim() == 0 else t
+        xs = self.patch_embed(x).flatten(2).transpose(1, 2)
+        t_emb = self.t_embedder(t)
+        cond = self.t_block(t_emb).view(B, MOD_CHUNKS, cfg.width)
+        text = self.text_norm(text)
+        rope = rope_angles(grid_positions(*grid, device=x.device), cfg.head_dim, cfg.rope_theta)
+        for blk in self.blocks:
+            xs = blk(xs, cond, grid, rope, None, text, text_mask)
+        return unpatchify(self.final_layer(xs, t_emb), grid, cfg.patch_size, cfg.in_channels)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,194 @@
+"""Building blocks shared by the DiT families: timestep embedding, the modulated transformer block,
+token down/up-sampling, skip fusion and the output layer.
+
+Modulation is **adaLN-single with zero init** (PixArt-alpha lineage, which the paper's ablation starts
+from): one shared ``SiLU -> Linear(width, 9*width)`` maps the timestep embedding to shift/scale/gate for
+the three sub-layers (self-attention, cross-attention, FFN), and every block adds its own learned
+``(9, width)`` table. Both start at zero, so every gate is 0 and every block is the identity at init;
+the output layer is zero too, so a new model outputs exactly zero (adaLN-Zero). The per-block table is
+the "lightweight width-specific modulation" that elastic training keeps per width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import AdaptiveSparseSelfAttention, CrossAttention, SelfAttention
+
+__all__ = ["timestep_embedding", "TimestepEmbedder", "Mlp", "DiTBlock", "TokenDownsample", "TokenUpsample",
+           "SkipFusion", "FinalLayer", "modulate"]
+
+MOD_CHUNKS = 9  # (shift, scale, gate) x (self-attention, cross-attention, FFN)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features ``[cos, sin]`` of ``1000 * t`` for flow time ``t`` in [0, 1] (t=1 is noise).
+
+    The factor 1000 spreads [0, 1] over the range the classic ``max_period=10000`` frequencies were
+    designed for; the teacher, student and critic must all use this same function.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (1000.0 * t.float())[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self._snapgen_init()
+
+    def _snapgen_init(self) -> None:
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class Mlp(nn.Module):
+    """FFN: Linear -> GELU(tanh) -> Linear (PixArt's FFN; the paper does not state the activation)."""
+
+    def __init__(self, width: int, ratio: float):
+        super().__init__()
+        hidden = int(round(width * ratio))
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """LN -> modulate -> self-attention (ASSA or dense) -> gate -> add; same for cross-attention to text
+    and for the FFN. ``cond`` is the shared ``(B, 9, width)`` modulation; the block adds its own table."""
+
+    def __init__(self, width: int, heads: int, kv_heads: int, head_dim: int, mlp_ratio: float, text_dim: int,
+                 attention: str = "dense", bna_tile: tuple[int, int] = (8, 8), bna_radius: int = 1,
+                 bna_backend: str = "gather"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        if attention == "assa":
+            self.attn = AdaptiveSparseSelfAttention(width, heads, kv_heads, head_dim, bna_tile, bna_radius,
+                                                    bna_backend)
+        elif attention == "dense":
+            self.attn = SelfAttention(width, heads, kv_heads, head_dim)
+        else:
+            raise ValueError(f"unknown attention kind {attention!r}; use 'assa' or 'dense'")
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.cross_attn = CrossAttention(width, text_dim, heads, head_dim)
+        self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, mlp_ratio)
+        self.modulation = nn.Parameter(torch.zeros(MOD_CHUNKS, width))
+
+    def _snapgen_init(self) -> None:
+        nn.init.zeros_(self.modulation)
+
+    def forward(self, x, cond, grid, rope, rope_coarse, text, text_mask):
+        (sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3) = (cond + self.modulation).unbind(1)  # each (B, width)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1[:, None], sc1[:, None]), grid, rope,
+                                        rope_coarse)
+        x = x + g2[:, None] * self.cross_attn(modulate(self.norm2(x), sh2[:, None], sc2[:, None]), text,
+                                              text_mask)
+        x = x + g3[:, None] * self.mlp(modulate(self.norm3(x), sh3[:, None], sc3[:, None]))
+        return x
+
+
+class TokenDownsample(nn.Module):
+    """2x2 token merge: gather each 2x2 cell's tokens (pixel-unshuffle) and project ``4*width -> width``.
+    Initialised as average pooling, so the Middle stage starts from a smoothed copy of the Down output."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj = nn.Linear(4 * width, width)
+        self._snapgen_init()
+
+    @torch.no_grad()
+    def _snapgen_init(self) -> None:
+        width = self.proj.out_features
+        self.proj.weight.copy_(torch.eye(width).repeat(1, 4) / 4)
+        self.proj.bias.zero_()
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        B, N, D = x.shape
+        H, W = grid
+        x = x.reshape(B, H // 2, 2, W // 2, 2, D).permute(0, 1, 3, 2, 4, 5).reshape(B, N // 4, 4 * D)
+        return self.proj(x)
+
+
+class TokenUpsample(nn.Module):
+    """Project ``width -> 4*width`` and pixel-shuffle each token into a 2x2 cell. Initialised as nearest
+    replication."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj = nn.Linear(width, 4 * width)
+        self._snapgen_init()
+
+    @torch.no_grad()
+    def _snapgen_init(self) -> None:
+        width = self.proj.in_features
+        self.proj.weight.copy_(torch.eye(width).repeat(4, 1))
+        self.proj.bias.zero_()
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``grid`` is the coarse grid of ``x``; returns tokens on the ``2H x 2W`` grid."""
+        B, N, D = x.shape
+        H, W = grid
+        x = self.proj(x).reshape(B, H, W, 2, 2, D).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(B, 4 * N, D)
+
+
+class SkipFusion(nn.Module):
+    """U-ViT long skip: ``Linear(concat(x, skip))``, initialised as the average ``(x + skip) / 2`` so both
+    paths are open from the first step and the activation scale is kept."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj = nn.Linear(2 * width, width)
+        self._snapgen_init()
+
+    @torch.no_grad()
+    def _snapgen_init(self) -> None:
+        width = self.proj.out_features
+        self.proj.weight.copy_(torch.eye(width).repeat(1, 2) / 2)
+        self.proj.bias.zero_()
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([x, skip], dim=-1))
+
+
+class FinalLayer(nn.Module):
+    """LN -> modulate (own table + timestep embedding, PixArt's T2IFinalLayer) -> Linear to patch values.
+    The Linear is zero-initialised: a new model outputs exactly zero."""
+
+    def __init__(self, width: int, out_features: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Parameter(torch.zeros(2, width))
+        self.linear = nn.Linear(width, out_features)
+        self._snapgen_init()
+
+    def _snapgen_init(self) -> None:
+        nn.init.zeros_(self.modulation)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation[None] + t_emb[:, None]).unbind(1)
+        return self.linear(modulate(self.norm(x), shift[:, None], scale[:, None]))
