@@ -1,0 +1,188 @@
+"""Dense self-attention vs ASSA on this CPU, for the `small` preset's heads (16 x 64, 8 KV heads).
+
+Both sides get the same RoPE'd queries and keys; projections are identical in both and excluded. ASSA is
+measured as the model runs it: 2x2 KV compression + global attention, blockwise neighbourhood attention,
+sigmoid-gated mix. FLOPs are counted with torch's flop counter (matmuls/attention) on the work each
+function actually performs; ``flop_ratio = dense FLOPs / ASSA FLOPs``; the goal is
+``speedup >= 0.9 * flop_ratio`` at 4096 and 16384 tokens, forward and forward+backward.
+
+    python benchmarks/attention.py                      # full table -> benchmarks/results/attention.{md,json}
+    python benchmarks/attention.py --tokens 4096 --json # one JSON object (default geometry, gather backend)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, md_table, median_ms, setup_torch, write_results  # noqa: E402
+
+torch = setup_torch()
+from snapgen.attention import apply_rope, assa_attention, attention, grid_positions, make_geometry, rope_angles  # noqa: E402
+from snapgen.models import PRESETS  # noqa: E402
+from snapgen.utils.flops import flop_counter  # noqa: E402
+
+CFG = PRESETS["small"]
+REPEATS = {1024: 10, 4096: 5, 16384: 3}
+
+
+def make_inputs(tokens: int, grad: bool):
+    side = int(math.isqrt(tokens))
+    if side * side != tokens:
+        raise SystemExit(f"--tokens must be a square number (a square token grid), got {tokens}")
+    g = torch.Generator().manual_seed(0)
+    Hq, Hk, d = CFG.heads, CFG.kv_heads, CFG.head_dim
+    q = torch.randn(1, tokens, Hq, d, generator=g)
+    k = torch.randn(1, tokens, Hk, d, generator=g)
+    v = torch.randn(1, tokens, Hk, d, generator=g)
+    gate = torch.randn(1, tokens, Hq, generator=g)
+    wk = torch.full((Hk * d, 1, 2, 2), 0.25)
+    wv = torch.full((Hk * d, 1, 2, 2), 0.25)
+    leaves = [q, k, v, gate, wk, wv]
+    if grad:
+        for t in leaves:
+            t.requires_grad_(True)
+    rope = rope_angles(grid_positions(side, side), d, CFG.rope_theta)
+    rope_c = rope_angles(grid_positions(side // 2, side // 2, stride=2, offset=0.5), d, CFG.rope_theta)
+    return (side, side), q, k, v, gate, wk, wv, rope, rope_c
+
+
+def dense_fn(inp):
+    _, q, k, v, _, _, _, rope, _ = inp
+    return attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
+
+
+def assa_fn(inp, tile, backend):
+    grid, q, k, v, gate, wk, wv, rope, rope_c = inp
+    geom = make_geometry(grid, tile, CFG.bna_radius)
+    return assa_attention(q, k, v, gate, geom, wk, wv, rope=rope, rope_coarse=rope_c, backend=backend)
+
+
+def timed(fn, inp, grad: bool, repeats: int):
+    def run():
+        if grad:
+            fn(inp).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(inp)
+
+    return median_ms(run, repeats=repeats, warmup=1)[0]
+
+
+def flops(fn, inp, grad: bool) -> int:
+    with flop_counter() as fc:
+        if grad:
+            fn(inp).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(inp)
+    return fc.get_total_flops()
+
+
+def measure(tokens: int, grad: bool, tile, backend: str, dense_ms: float | None = None, dense_flops=None):
+    inp = make_inputs(tokens, grad)
+    reps = REPEATS.get(tokens, 3)
+    if dense_ms is None:
+        dense_ms = timed(dense_fn, inp, grad, reps)
+        dense_flops = flops(dense_fn, inp, grad)
+    fn = lambda i: assa_fn(i, tile, backend)  # noqa: E731
+    if backend == "flex":
+        fn = lambda i: assa_fn(i, tile, "flex_compiled")  # noqa: E731
+    assa_ms = timed(fn, inp, grad, reps)
+    assa_flops = flops(lambda i: assa_fn(i, tile, "gather"), inp, grad)  # the sparse algorithm's own work
+    ratio = dense_flops / assa_flops
+    speedup = dense_ms / assa_ms
+    return {"tokens": tokens, "pass": "fwd+bwd" if grad else "fwd", "backend": backend, "tile": list(tile),
+            "dense_ms": round(dense_ms, 2), "assa_ms": round(assa_ms, 2), "speedup": round(speedup, 3),
+            "flop_ratio": round(ratio, 3), "efficiency": round(speedup / ratio, 3),
+            "dense_gflops": round(dense_flops / dense_ms / 1e6, 1), "assa_gflops": round(assa_flops / assa_ms / 1e6, 1)}
+
+
+def _patch_flex_compiled():
+    """Route backend 'flex_compiled' to the compiled flex path (benchmark only)."""
+    from snapgen.attention import bna
+
+    original = bna.block_neighborhood_attention
+
+    def dispatch(q, k, v, geom, backend="gather", compile=False):
+        if backend == "flex_compiled":
+            return bna._bna_flex(q, k, v, geom, compile=True)
+        return original(q, k, v, geom, backend=backend, compile=compile)
+
+    import snapgen.attention.functional as functional
+    functional.block_neighborhood_attention = dispatch
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, help="one token count (square grid); prints one JSON object with --json")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-flex", action="store_true", help="skip the compiled flex_attention backend")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    _patch_flex_compiled()
+    default_tile = CFG.bna_tile
+
+    if args.tokens:
+        fwd = measure(args.tokens, False, default_tile, "gather")
+        bwd = measure(args.tokens, True, default_tile, "gather")
+        out = {k: fwd[k] for k in ("tokens", "dense_ms", "assa_ms", "speedup", "flop_ratio")}
+        out.update({"backend": "gather", "tile": list(default_tile), "fwd_bwd": {
+            k: bwd[k] for k in ("dense_ms", "assa_ms", "speedup", "flop_ratio")}})
+        print(json.dumps(out) if args.json else out)
+        return
+
+    rows = []
+    for tokens in (1024, 4096, 16384):
+        side = int(math.isqrt(tokens))
+        rows_tile = (max(1, side // 16), 0)  # the paper's 16 raster row blocks
+        for grad in (False, True):
+            base = None
+            for tile, backend in [(default_tile, "gather"), (rows_tile, "gather"), (default_tile, "reference"),
+                                  (default_tile, "flex")]:
+                if backend == "flex" and (grad or args.no_flex):
+                    continue  # flex has no CPU backward
+                if backend == "reference" and tokens > 4096 and grad:
+                    continue  # O(N^2) masked reference: forward only at 16k tokens
+                try:
+                    r = measure(tokens, grad, tile, backend, *(base or (None, None)))
+                except Exception as e:  # report, don't hide: e.g. a flex compile failure
+                    print(f"[{tokens} {backend} {tile}] failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    continue
+                if base is None:
+                    base = (r["dense_ms"], r["dense_ms"] * r["dense_gflops"] * 1e6)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+
+    headers = ["tokens", "pass", "backend", "tile", "dense ms", "ASSA ms", "speedup", "FLOP ratio",
+               "speedup/ratio", "dense GFLOP/s", "ASSA GFLOP/s"]
+    table = md_table(headers, [[r["tokens"], r["pass"], r["backend"], "x".join(map(str, r["tile"])).replace("x0", "xW"),
+                                r["dense_ms"], r["assa_ms"], r["speedup"], r["flop_ratio"], r["efficiency"],
+                                r["dense_gflops"], r["assa_gflops"]] for r in rows])
+    goal = [r for r in rows if r["tokens"] in (4096, 16384) and r["backend"] == "gather"
+            and tuple(r["tile"]) == tuple(default_tile)]
+    met = all(r["efficiency"] >= 0.9 for r in goal)
+    summary = ", ".join(f"{r['tokens']} {r['pass']}: {r['efficiency']:.2f}" for r in goal)
+    m = machine()
+    md = (f"# Dense attention vs ASSA (small preset: {CFG.heads} heads x {CFG.head_dim}, {CFG.kv_heads} KV heads)\n\n"
+          f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, fp32, batch 1, medians of "
+          f"{REPEATS} repeats; {m['date']}.\n\n"
+          f"`python benchmarks/attention.py`. Tile `8x8` = 2-D tiles (default); `4xW` etc. = the paper's 16 "
+          f"raster row blocks. Radius 1. The `reference` backend computes the full masked N^2 attention, so its "
+          f"speedup is expected below 1; `flex` is compiled flex_attention (forward only on CPU).\n\n{table}\n\n"
+          f"Goal (default geometry, gather backend, 4096 and 16384 tokens, fwd and fwd+bwd): speedup >= 0.9 x "
+          f"FLOP ratio: **{'met' if met else 'NOT met'}** "
+          f"({summary}).\n")
+    print("\n" + table)
+    write_results("attention", {"machine": m, "config": {"heads": CFG.heads, "kv_heads": CFG.kv_heads,
+                                                         "head_dim": CFG.head_dim, "radius": CFG.bna_radius},
+                                "rows": rows, "goal_met": met}, md)
+
+
+if __name__ == "__main__":
+    main()
