@@ -176,3 +176,15 @@ def test_paper_presets_param_counts_within_15_percent():
 def test_preset_unknown_name():
     with pytest.raises(KeyError, match="available"):
         preset("huge")
+
+
+def test_torch_export_matches_eager_and_leaves_eager_intact():
+    """The gather backend has no data-dependent control flow, so torch.export captures it; tracing must not
+    leave fake tensors in the index caches that later eager calls would pick up."""
+    torch.manual_seed(0)
+    model = perturb_(ThreeStageDiT(nano(bna_tile=(2, 2)))).eval()
+    x, t, text, mask = dummy_inputs(model.config, h=16, w=24)
+    exported = torch.export.export(model, (x, t, text, mask))
+    torch.testing.assert_close(exported.module()(x, t, text, mask), model(x, t, text, mask))
+    out = model(x, t, text, mask)
+    assert type(out) is torch.Tensor and torch.isfinite(out).all()

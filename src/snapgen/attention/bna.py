@@ -33,6 +33,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -97,28 +98,35 @@ def make_geometry(grid: tuple[int, int], tile: tuple[int, int], radius: int) -> 
     return TileGeometry((H, W), (th, tw), int(radius))
 
 
-def _window_starts(n_tiles: int, window: int, radius: int) -> torch.Tensor:
-    return (torch.arange(n_tiles) - radius).clamp(0, n_tiles - window)
+def _window_starts(n_tiles: int, window: int, radius: int) -> np.ndarray:
+    return np.clip(np.arange(n_tiles) - radius, 0, n_tiles - window)
+
+
+# Index tables depend only on the (hashable) geometry, so they are cached -- as numpy arrays, never as
+# torch tensors: a tensor created while tracing (torch.export, FlopCounter on meta, torch.compile) would be
+# a fake/meta tensor and poison the cache for later eager calls.
+
+@functools.lru_cache(maxsize=64)
+def _mask_np(geom: TileGeometry) -> np.ndarray:
+    H, W = geom.grid
+    th, tw = geom.tile
+    (nh, nw), (wh, ww) = geom.n_tiles, geom.window
+    tile_r = np.repeat(np.arange(H), W) // th  # raster order
+    tile_c = np.tile(np.arange(W), H) // tw
+    start_r = _window_starts(nh, wh, geom.radius)[tile_r]  # window start of each query's tile
+    start_c = _window_starts(nw, ww, geom.radius)[tile_c]
+    ok_r = (tile_r[None, :] >= start_r[:, None]) & (tile_r[None, :] < start_r[:, None] + wh)
+    ok_c = (tile_c[None, :] >= start_c[:, None]) & (tile_c[None, :] < start_c[:, None] + ww)
+    return ok_r & ok_c
 
 
 # ----------------------------------------------------------------------------------------------
 # Reference: dense SDPA with an explicit boolean mask
 # ----------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=64)
 def bna_mask(geom: TileGeometry) -> torch.Tensor:
     """``(N, N)`` boolean mask, ``True`` where query token (row) may attend to key token (column)."""
-    H, W = geom.grid
-    th, tw = geom.tile
-    (nh, nw), (wh, ww) = geom.n_tiles, geom.window
-    rows = torch.arange(H).repeat_interleave(W)  # raster order
-    cols = torch.arange(W).repeat(H)
-    tile_r, tile_c = rows // th, cols // tw
-    start_r = _window_starts(nh, wh, geom.radius)[tile_r]  # window start of each query's tile
-    start_c = _window_starts(nw, ww, geom.radius)[tile_c]
-    ok_r = (tile_r[None, :] >= start_r[:, None]) & (tile_r[None, :] < start_r[:, None] + wh)
-    ok_c = (tile_c[None, :] >= start_c[:, None]) & (tile_c[None, :] < start_c[:, None] + ww)
-    return ok_r & ok_c
+    return torch.from_numpy(_mask_np(geom))
 
 
 def _bna_reference(q, k, v, geom: TileGeometry) -> torch.Tensor:
@@ -134,7 +142,7 @@ def _bna_reference(q, k, v, geom: TileGeometry) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _gather_tables(geom: TileGeometry):
-    """Index tables on the padded grid (CPU tensors; moved to the input's device at use).
+    """Index tables on the padded grid, as numpy arrays.
 
     Returns ``(query_index (tiles*T,), inverse (Np,), key_index (tiles, K), key_valid (tiles, K) or None)``.
     ``query_index`` lists padded-raster token ids in tile-major order, ``inverse`` undoes it.
@@ -143,22 +151,26 @@ def _gather_tables(geom: TileGeometry):
     th, tw = geom.tile
     (nh, nw), (wh, ww) = geom.n_tiles, geom.window
     # token ids of tile (i, j): (i*th + a) * Wp + (j*tw + b)
-    a = torch.arange(th)[:, None] * Wp + torch.arange(tw)[None, :]  # (th, tw) offsets inside a tile
-    tile_origin = (torch.arange(nh)[:, None] * th * Wp + torch.arange(nw)[None, :] * tw)  # (nh, nw)
-    tile_tokens = (tile_origin[:, :, None, None] + a).reshape(nh * nw, th * tw)  # (tiles, T)
+    offsets = np.arange(th)[:, None] * Wp + np.arange(tw)[None, :]  # (th, tw) inside a tile
+    tile_origin = np.arange(nh)[:, None] * th * Wp + np.arange(nw)[None, :] * tw  # (nh, nw)
+    tile_tokens = (tile_origin[:, :, None, None] + offsets).reshape(nh * nw, th * tw)  # (tiles, T)
     query_index = tile_tokens.reshape(-1)
-    inverse = torch.argsort(query_index)
-    sr = _window_starts(nh, wh, geom.radius)[:, None] + torch.arange(wh)[None, :]  # (nh, wh) tile rows
-    sc = _window_starts(nw, ww, geom.radius)[:, None] + torch.arange(ww)[None, :]  # (nw, ww) tile cols
+    inverse = np.argsort(query_index)
+    sr = _window_starts(nh, wh, geom.radius)[:, None] + np.arange(wh)[None, :]  # (nh, wh) tile rows
+    sc = _window_starts(nw, ww, geom.radius)[:, None] + np.arange(ww)[None, :]  # (nw, ww) tile cols
     nb = sr[:, None, :, None] * nw + sc[None, :, None, :]  # (nh, nw, wh, ww) neighbour tile ids
     key_index = tile_tokens[nb.reshape(nh * nw, wh * ww)].reshape(nh * nw, wh * ww * th * tw)
     key_valid = None
     if geom.needs_padding:
         H, W = geom.grid
-        real = torch.zeros(Hp, Wp, dtype=torch.bool)
+        real = np.zeros((Hp, Wp), dtype=bool)
         real[:H, :W] = True
         key_valid = real.reshape(-1)[key_index]
     return query_index, inverse, key_index, key_valid
+
+
+def _tables(geom: TileGeometry, device: torch.device):
+    return tuple(None if a is None else torch.from_numpy(a).to(device) for a in _gather_tables(geom))
 
 
 def _pad_grid(x: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
@@ -177,16 +189,16 @@ def _bna_gather(q, k, v, geom: TileGeometry) -> torch.Tensor:
     Hk = k.shape[2]
     n_tiles = geom.n_tiles[0] * geom.n_tiles[1]
     T, K = geom.tile_tokens, geom.keys_per_query
-    q_index, inverse, key_index, key_valid = (t.to(q.device) if t is not None else None
-                                              for t in _gather_tables(geom))
+    q_index, inverse, key_index, key_valid = _tables(geom, q.device)
     q, k, v = _pad_grid(q, geom), _pad_grid(k, geom), _pad_grid(v, geom)
     if geom.is_identity_tiling:
         qt = q.reshape(B * n_tiles, T, Hq, d)  # row chunks: tiles are already contiguous
     else:
-        qt = q[:, q_index].reshape(B * n_tiles, T, Hq, d)
+        qt = q.index_select(1, q_index).reshape(B * n_tiles, T, Hq, d)
+    # index_select (not advanced indexing): its backward is a parallel index_add, not a serial index_put.
     flat_keys = key_index.reshape(-1)
-    kt = k[:, flat_keys].reshape(B * n_tiles, K, Hk, d)
-    vt = v[:, flat_keys].reshape(B * n_tiles, K, Hk, d)
+    kt = k.index_select(1, flat_keys).reshape(B * n_tiles, K, Hk, d)
+    vt = v.index_select(1, flat_keys).reshape(B * n_tiles, K, Hk, d)
     mask = None
     if key_valid is not None:
         mask = key_valid[:, None, None, :].expand(n_tiles, 1, T, K).repeat(B, 1, 1, 1)
@@ -194,7 +206,7 @@ def _bna_gather(q, k, v, geom: TileGeometry) -> torch.Tensor:
                                          attn_mask=mask, enable_gqa=True)  # (B*tiles, Hq, T, d)
     out = out.transpose(1, 2).reshape(B, n_tiles * T, Hq, d)
     if not geom.is_identity_tiling:
-        out = out[:, inverse]  # back to padded raster order
+        out = out.index_select(1, inverse)  # back to padded raster order
     if geom.needs_padding:
         (H, W), (Hp, Wp) = geom.grid, geom.padded_grid
         out = out.reshape(B, Hp, Wp, Hq, d)[:, :H, :W].reshape(B, N, Hq, d)
@@ -214,17 +226,16 @@ def _flex_block_mask(geom: TileGeometry, device: str):
 
     T = geom.tile_tokens
     (nh, nw), (wh, ww) = geom.n_tiles, geom.window
-    start_r = _window_starts(nh, wh, geom.radius).to(device)
-    start_c = _window_starts(nw, ww, geom.radius).to(device)
+    start_r = torch.from_numpy(_window_starts(nh, wh, geom.radius)).to(device)
+    start_c = torch.from_numpy(_window_starts(nw, ww, geom.radius)).to(device)
     Np = nh * nw * T
     valid = None
     if geom.needs_padding:
-        valid = torch.zeros(Np, dtype=torch.bool)
-        q_index, _, _, _ = _gather_tables(geom)
+        q_index = _gather_tables(geom)[0]
         H, W = geom.grid
         Wp = geom.padded_grid[1]
         r, c = q_index // Wp, q_index % Wp  # tile-major position -> padded raster coordinate
-        valid = ((r < H) & (c < W)).to(device)
+        valid = torch.from_numpy((r < H) & (c < W)).to(device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         tq, tk = q_idx // T, kv_idx // T
@@ -248,7 +259,7 @@ def _bna_flex(q, k, v, geom: TileGeometry, compile: bool = False) -> torch.Tenso
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         fn = _compiled_flex
     B, N, Hq, d = q.shape
-    q_index, inverse, _, _ = (t.to(q.device) if t is not None else None for t in _gather_tables(geom))
+    q_index, inverse, _, _ = _tables(geom, q.device)
     q, k, v = _pad_grid(q, geom), _pad_grid(k, geom), _pad_grid(v, geom)
     qt, kt, vt = (x[:, q_index].transpose(1, 2) for x in (q, k, v))  # tile-major, heads-first
     block_mask = _flex_block_mask(geom, str(q.device))
