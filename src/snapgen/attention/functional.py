@@ -90,4 +90,4 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
     out_global = attention(q, kc, vc)
     out_local = block_neighborhood_attention(q, k, v, geom, backend=backend)
     g = torch.sigmoid(gate_logits).unsqueeze(-1)  # (B, N, Hq, 1)
-    return out_local + g * (out_global - out_local)
+    return torch.lerp(out_local, out_global, g)  # local + g * (global - local), one pass

@@ -41,12 +41,18 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``(B, N, heads, d)`` (heads-last) by the tables from :func:`rope_angles`."""
+    """Rotate ``x`` of shape ``(B, N, heads, d)`` (heads-last) by the tables from :func:`rope_angles`.
+
+    Computed as ``x * C + swap(x) * S`` (``swap`` exchanges the two members of each pair, ``S`` carries the
+    signs): three passes over ``x``, which matters on CPU where these tensors are tens of MB.
+    """
     B, N, H, d = x.shape
     if cos.shape[0] != N:
         raise ValueError(f"RoPE table has {cos.shape[0]} positions but the input has {N} tokens")
+    c = cos.to(x.dtype)[:, None, :, None, :]  # (N, 1, axis, 1, d/4)
+    s = sin.to(x.dtype)[:, None, :, None, :]
+    C = torch.cat([c, c], dim=3).reshape(N, 1, d)
+    S = torch.cat([-s, s], dim=3).reshape(N, 1, d)
     xr = x.unflatten(-1, (2, 2, d // 4))  # (B, N, H, axis, pair, d/4)
-    a, b = xr[..., 0, :], xr[..., 1, :]  # (B, N, H, axis, d/4)
-    c, s = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (N, 1, axis, d/4)
-    out = torch.stack([a * c - b * s, b * c + a * s], dim=-2)
-    return out.flatten(-3)
+    swapped = torch.stack([xr[..., 1, :], xr[..., 0, :]], dim=-2).reshape(B, N, H, d)
+    return torch.addcmul(x * C, swapped, S)

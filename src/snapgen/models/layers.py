@@ -71,7 +71,8 @@ class Mlp(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    """``x * (1 + scale) + shift`` in one fused pass over ``x`` (these tensors are the big ones on CPU)."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class DiTBlock(nn.Module):
@@ -101,11 +102,12 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, cond, grid, rope, rope_coarse, text, text_mask):
         (sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3) = (cond + self.modulation).unbind(1)  # each (B, width)
-        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1[:, None], sc1[:, None]), grid, rope,
-                                        rope_coarse)
-        x = x + g2[:, None] * self.cross_attn(modulate(self.norm2(x), sh2[:, None], sc2[:, None]), text,
-                                              text_mask)
-        x = x + g3[:, None] * self.mlp(modulate(self.norm3(x), sh3[:, None], sc3[:, None]))
+        # x + gate * f(...) as one fused addcmul per sub-layer
+        x = torch.addcmul(x, g1[:, None], self.attn(modulate(self.norm1(x), sh1[:, None], sc1[:, None]), grid,
+                                                    rope, rope_coarse))
+        x = torch.addcmul(x, g2[:, None], self.cross_attn(modulate(self.norm2(x), sh2[:, None], sc2[:, None]),
+                                                          text, text_mask))
+        x = torch.addcmul(x, g3[:, None], self.mlp(modulate(self.norm3(x), sh3[:, None], sc3[:, None])))
         return x
 
 
