@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 from _common import (RESULTS, current_rss_mib, machine, matmul_gflops, md_table, median_ms, peak_rss_mib,
                      run_worker, setup_torch, write_results)
@@ -120,32 +122,37 @@ def sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
 
 
 def count_flops(forward) -> tuple[int, dict[str, int]]:
-    """FLOPs of one ``forward()``: total and by aten op. CPU SDPA is not in the flop counter's registry
-    (it only knows the CUDA kernels), so it is added here."""
+    """FLOPs of one ``forward()``: total and by aten op. The CPU SDPA kernel is not in the flop counter's
+    registry (it only knows the CUDA ones), so it is added here."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    aten = torch.ops.aten
-    sdpa = {aten.scaled_dot_product_attention: sdpa_flops,
-            aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops}
+    sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops}
     with FlopCounterMode(display=False, custom_mapping=sdpa) as counter:
         forward()
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     return counter.get_total_flops(), by_op
 
 
-def profile_tables(forward) -> dict[str, str]:
-    """Top ops by self CPU time of one ``forward()`` (after a warmup), by op and by op + input shapes."""
+def profile_forward(forward) -> dict:
+    """Top ops by self CPU time of one ``forward()`` after a warmup, plus the time of each op that
+    FlopCounterMode counts. A second profiled forward records input shapes for a per-shape split;
+    shape recording slows ops down (up to ~2x here), so only the first one's times are used."""
     from torch.profiler import ProfilerActivity, profile
 
     forward()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        forward()
+    events = prof.key_averages()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as shaped:
         forward()
     return {
-        "by_op": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_TOP),
-        "by_shape": prof.key_averages(group_by_input_shape=True).table(
+        "by_op": events.table(sort_by="self_cpu_time_total", row_limit=PROFILE_TOP),
+        "by_shape": shaped.key_averages(group_by_input_shape=True).table(
             sort_by="self_cpu_time_total", row_limit=PROFILE_TOP, max_name_column_width=40,
             max_shapes_column_width=70),
+        "total_s": sum(e.self_cpu_time_total for e in events) / 1e6,
+        "op_total_s": {e.key: e.cpu_time_total / 1e6 for e in events},
     }
 
 
@@ -155,9 +162,9 @@ def worker(spec: dict) -> dict:
         model, forward, tokens = build(spec["model"], spec["resolution"])
         params = sum(p.numel() for p in model.parameters())
         result = {**spec, "params": params, "tokens": tokens, "rss_after_build_mib": current_rss_mib()}
-        if spec.get("profile"):
-            return {**result, **profile_tables(forward)}
         flops, flops_by_op = count_flops(forward)
+        if spec.get("profile"):
+            return {**result, "flops": flops, "flops_by_op": flops_by_op, **profile_forward(forward)}
         ms, times = median_ms(forward, repeats=spec["repeats"], warmup=1)
     return {**result, "median_ms": ms, "times_ms": times, "peak_rss_mib": peak_rss_mib(), "flops": flops,
             "flops_by_op": flops_by_op, "gflops_per_s": flops / (ms / 1000) / 1e9}
@@ -198,14 +205,25 @@ def goals(rows: list[dict], rat: dict) -> list[tuple[str, bool, str]]:
 
 
 def header(mach: dict, gflops: float) -> str:
-    return (f"{mach['cpu']}, {mach['threads']} threads, torch {mach['torch']}, diffusers {diffusers_version()}, "
-            f"Python {mach['python']}, {mach['date']}. fp32 matmul roofline: {gflops:.1f} GFLOP/s.")
+    return (f"snapgen {source_commit()}, {mach['cpu']}, {mach['threads']} threads, torch {mach['torch']}, "
+            f"diffusers {diffusers_version()}, Python {mach['python']}, {mach['date']}. "
+            f"fp32 matmul roofline: {gflops:.1f} GFLOP/s.")
 
 
 def diffusers_version() -> str:
     import diffusers
 
     return diffusers.__version__
+
+
+def source_commit() -> str:
+    """The measured snapgen source: this checkout's commit, ``-dirty`` if src/ has uncommitted edits."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                              text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--", "src") else "")
 
 
 def benchmark() -> None:
@@ -259,8 +277,22 @@ than both.
 """
     print("\n" + table + "\n\n" + ratio_table + "\n\n" + goal_lines)
     write_results("peers", {"machine": mach, "matmul_gflops": gflops, "diffusers": diffusers_version(),
+                            "snapgen_commit": source_commit(),
                             "rows": rows, "ratios": rat,
                             "goals": [{"goal": w, "met": ok, "detail": d} for w, ok, d in checks]}, markdown)
+
+
+def flops_vs_time(r: dict) -> str:
+    """Markdown table: each op that does counted FLOPs, its profiled time (inclusive) and its FLOP rate;
+    the rest of the time goes to ops with no counted FLOPs (copies, gathers, elementwise, norms)."""
+    rows, counted_s = [], 0.0
+    for op, flops in sorted(r["flops_by_op"].items(), key=lambda kv: -kv[1]):
+        seconds = r["op_total_s"].get(op.replace(".", "::", 1), 0.0)
+        counted_s += seconds
+        rows.append([op.split(".", 1)[1], flops / 1e9, seconds, flops / seconds / 1e9 if seconds else "-"])
+    rows.append(["everything else", 0.0, r["total_s"] - counted_s, "-"])
+    rows.append(["total", r["flops"] / 1e9, r["total_s"], r["flops"] / r["total_s"] / 1e9])
+    return md_table(["op", "GFLOPs", "profiled s", "GFLOP/s"], rows)
 
 
 def profile() -> None:
@@ -268,13 +300,15 @@ def profile() -> None:
     sections = []
     for name in PROFILE_MODELS:
         r = run_worker(__file__, {"model": name, "resolution": PROFILE_RESOLUTION, "profile": True})
-        print(f"\n## {name}, {PROFILE_RESOLUTION}px ({r['params'] / 1e6:.0f}M params, {r['tokens']} tokens)\n")
-        print(r["by_op"])
-        sections.append(f"## {name} at {PROFILE_RESOLUTION}px ({r['params'] / 1e6:.0f}M params, "
-                        f"{r['tokens']} image tokens)\n\nTop {PROFILE_TOP} ops by self CPU time:\n\n"
-                        f"```\n{r['by_op']}```\n\nThe same, split by input shapes:\n\n```\n{r['by_shape']}```\n")
+        title = f"{name} at {PROFILE_RESOLUTION}px ({r['params'] / 1e6:.0f}M params, {r['tokens']} image tokens)"
+        split = flops_vs_time(r)
+        print(f"\n## {title}\n\n{r['by_op']}\n{split}")
+        sections.append(f"## {title}\n\nTop {PROFILE_TOP} ops by self CPU time:\n\n```\n{r['by_op']}```\n\n"
+                        f"FLOPs against time:\n\n{split}\n\nSplit by input shapes (a separate forward with "
+                        f"shape recording, which inflates op times; use it for the split, not the totals):"
+                        f"\n\n```\n{r['by_shape']}```\n")
     markdown = (f"# Where one denoiser step spends its CPU time: snapgen small vs Sana-0.6B\n\n"
-                f"{header(mach, gflops)}\n\ntorch.profiler (CPU activities) over one forward after one warmup; "
+                f"{header(mach, gflops)}\n\ntorch.profiler (CPU activities) over one forward after warmup; "
                 f"random weights, fp32, batch 1, 300 text tokens. Produced by "
                 f"`python benchmarks/peers.py --profile`.\n\n" + "\n".join(sections))
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,10 @@ from snapgen.models import PAPER_PARAMS, PRESETS, IsotropicDiT, ThreeStageDiT, T
 
 
 @pytest.mark.parametrize("h,w", [(16, 16), (8, 24), (24, 12), (4, 4), (20, 36)])
-@pytest.mark.parametrize("attention", ["assa", "dense"])
-def test_output_shape_any_aspect(h, w, attention):
+@pytest.mark.parametrize("attention,tile", [("assa", (2, 0)), ("assa", (2, 2)), ("dense", (2, 0))])
+def test_output_shape_any_aspect(h, w, attention, tile):
     torch.manual_seed(0)
-    model = perturb_(ThreeStageDiT(nano(outer_attention=attention)))
+    model = perturb_(ThreeStageDiT(nano(outer_attention=attention, bna_tile=tile)))
     x, t, text, mask = dummy_inputs(model.config, h=h, w=w)
     out = model(x, t, text, mask)
     assert out.shape == x.shape and out.dtype == torch.float32

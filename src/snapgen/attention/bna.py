@@ -3,9 +3,9 @@
 Geometry (chosen here; the paper leaves it open, see ``docs/architecture.md``)
 -----------------------------------------------------------------------------
 * The ``H x W`` token grid is cut into rectangular **tiles** of ``tile = (th, tw)`` tokens. A
-  ``0`` in ``tile`` means "the whole axis", so ``tile=(4, 0)`` on a 64x64 grid gives the paper's
-  reading of 16 raster-order row chunks; ``tile=(8, 8)`` (our default) gives 2-D tiles. A tile larger
-  than the grid is clipped to it.
+  ``0`` in ``tile`` means "the whole axis": ``tile=(4, 0)`` (our default) cuts a 64x64 grid into the
+  paper's 16 raster-order blocks of 4 rows; ``tile=(8, 8)`` gives 2-D tiles. A tile larger than the
+  grid is clipped to it.
 * Query tile ``(i, j)`` attends to the keys of the ``(2r+1) x (2r+1)`` tiles around it
   (per axis the window is ``min(2r+1, n_tiles)`` tiles wide).
 * **Border rule: shift, don't shrink** (as NATTEN clamps its windows). Near the border the window
@@ -22,7 +22,8 @@ Backends (all heads-last: ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)``, ``Hq % H
 * ``"reference"``: dense SDPA with an explicit ``(N, N)`` boolean mask. Obviously correct, O(N^2).
 * ``"gather"``: gather each query tile and its neighbour tiles, fold tiles into the batch and run
   one dense SDPA of shape ``(B * tiles, heads, T, window * T)``. No data-dependent control flow:
-  the indices depend on shapes only, so it exports (ONNX, ExecuTorch, Core ML). Default.
+  the indices depend on shapes only, so it exports (ONNX, ExecuTorch, Core ML). Default. For row
+  chunks the key windows are an overlapping strided view of k/v (no copy at all).
 * ``"flex"``: ``torch.nn.attention.flex_attention`` on tile-major tokens with a cached block mask.
   Inference only on CPU (flex has no CPU backward); compiled when ``compile=True``.
 """
@@ -184,7 +185,41 @@ def _pad_grid(x: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
     return x.reshape(B, Hp * Wp, h, d)
 
 
+def _bna_row_chunks(q, k, v, geom: TileGeometry) -> torch.Tensor:
+    """Row chunks (tiles spanning the full width, no padding): raster order is already tile-major and a
+    window of consecutive chunks is a contiguous token range, so the distinct key windows are one
+    overlapping strided view of k and v -- no K/V copy. Chunks whose window is clamped at the top/bottom
+    border share the first/last window and are run as two small extra groups."""
+    B, N, Hq, d = q.shape
+    Hk = k.shape[2]
+    n, wn, r = geom.n_tiles[0], geom.window[0], geom.radius
+    T = geom.tile_tokens
+    n_windows = n - wn + 1
+    lo, hi = min(r, n), min(r + n_windows, n)  # chunks [lo, hi) use window (i - r): the regular ones
+    qc = q.reshape(B, n, T, Hq, d)
+    outs = []
+    for b in range(B):  # static loop; per image the windows are a view, merging B would force a copy
+        kb, vb = k[b], v[b]
+        win_k = kb.as_strided((n_windows, wn * T, Hk, d), (T * Hk * d, Hk * d, d, 1))
+        win_v = vb.as_strided((n_windows, wn * T, Hk, d), (T * Hk * d, Hk * d, d, 1))
+        groups = []
+        if lo > 0:  # top border chunks: all use window 0
+            groups.append((qc[b, :lo], win_k[:1].expand(lo, -1, -1, -1), win_v[:1].expand(lo, -1, -1, -1)))
+        if hi > lo:
+            groups.append((qc[b, lo:hi], win_k[: hi - lo], win_v[: hi - lo]))
+        if hi < n:  # bottom border chunks: all use the last window
+            m = n - hi
+            groups.append((qc[b, hi:], win_k[-1:].expand(m, -1, -1, -1), win_v[-1:].expand(m, -1, -1, -1)))
+        for qg, kg, vg in groups:
+            o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
+                                               enable_gqa=True)
+            outs.append(o.transpose(1, 2))  # (chunks, T, Hq, d)
+    return torch.cat(outs, dim=0).reshape(B, N, Hq, d)
+
+
 def _bna_gather(q, k, v, geom: TileGeometry) -> torch.Tensor:
+    if geom.is_identity_tiling and k.is_contiguous() and v.is_contiguous():
+        return _bna_row_chunks(q, k, v, geom)
     B, N, Hq, d = q.shape
     Hk = k.shape[2]
     n_tiles = geom.n_tiles[0] * geom.n_tiles[1]

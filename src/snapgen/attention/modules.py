@@ -68,7 +68,7 @@ class AdaptiveSparseSelfAttention(_QKVProjection):
     * The gate Linear is zero-initialised: ``g = 0.5`` at init, an even mix of both branches.
     """
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, bna_tile: tuple[int, int] = (8, 8),
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, bna_tile: tuple[int, int] = (4, 0),
                  bna_radius: int = 1, bna_backend: str = "gather"):
         super().__init__(dim, heads, kv_heads, head_dim)
         if bna_backend not in BNA_BACKENDS:

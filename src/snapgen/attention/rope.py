@@ -31,28 +31,31 @@ def grid_positions(height: int, width: int, *, stride: float = 1.0, offset: floa
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos`` and ``sin`` tables of shape ``(N, 2, head_dim // 4)`` for ``positions`` of shape ``(N, 2)``."""
+    """RoPE tables ``(C, S)`` of shape ``(N, 1, head_dim)`` for ``positions`` of shape ``(N, 2)``.
+
+    ``C`` holds the cosines and ``S`` the signed sines, already laid out over the full head dimension, so
+    :func:`apply_rope` is ``x * C + swap(x) * S``. Compute them once per grid and share them across blocks.
+    """
     if head_dim % 4 != 0:
         raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got head_dim={head_dim}")
     n_freq = head_dim // 4
     inv_freq = theta ** (-torch.arange(n_freq, device=positions.device, dtype=torch.float32) / n_freq)
-    angles = positions.float()[:, :, None] * inv_freq  # (N, 2, d/4)
-    return angles.cos(), angles.sin()
+    angles = positions.float()[:, :, None, None] * inv_freq  # (N, axis, 1, d/4)
+    c, s = angles.cos(), angles.sin()
+    N = positions.shape[0]
+    C = torch.cat([c, c], dim=2).reshape(N, 1, head_dim)  # layout (axis, pair, d/4)
+    S = torch.cat([-s, s], dim=2).reshape(N, 1, head_dim)
+    return C, S
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` of shape ``(B, N, heads, d)`` (heads-last) by the tables from :func:`rope_angles`.
 
-    Computed as ``x * C + swap(x) * S`` (``swap`` exchanges the two members of each pair, ``S`` carries the
-    signs): three passes over ``x``, which matters on CPU where these tensors are tens of MB.
+    ``swap`` exchanges the two members of each pair (a ``flip`` of a size-2 axis, much cheaper on CPU than
+    stacking the halves): three passes over ``x``, which matters when these tensors are tens of MB.
     """
     B, N, H, d = x.shape
-    if cos.shape[0] != N:
-        raise ValueError(f"RoPE table has {cos.shape[0]} positions but the input has {N} tokens")
-    c = cos.to(x.dtype)[:, None, :, None, :]  # (N, 1, axis, 1, d/4)
-    s = sin.to(x.dtype)[:, None, :, None, :]
-    C = torch.cat([c, c], dim=3).reshape(N, 1, d)
-    S = torch.cat([-s, s], dim=3).reshape(N, 1, d)
-    xr = x.unflatten(-1, (2, 2, d // 4))  # (B, N, H, axis, pair, d/4)
-    swapped = torch.stack([xr[..., 1, :], xr[..., 0, :]], dim=-2).reshape(B, N, H, d)
-    return torch.addcmul(x * C, swapped, S)
+    if C.shape[0] != N:
+        raise ValueError(f"RoPE table has {C.shape[0]} positions but the input has {N} tokens")
+    swapped = x.unflatten(-1, (2, 2, d // 4)).flip(-2).reshape(B, N, H, d)
+    return torch.addcmul(x * C.to(x.dtype), swapped, S.to(x.dtype))

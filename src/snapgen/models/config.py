@@ -39,7 +39,8 @@ class ThreeStageDiTConfig:
     mlp_ratio_middle: float = 3.0    # FFN ratio in Middle
     # --- attention --------------------------------------------------------------------------------------
     outer_attention: str = "assa"    # self-attention of Down/Up: "assa" or "dense" (ablation)
-    bna_tile: tuple[int, int] = (8, 8)   # BNA tile in tokens; 0 = whole axis (e.g. (4, 0) = row chunks)
+    bna_tile: tuple[int, int] = (4, 0)   # BNA tile in tokens, 0 = whole axis: (4, 0) = 4-row chunks, the
+                                         # paper's 16 blocks at 64x64; (8, 8) = 2-D tiles
     bna_radius: int = 1              # neighbour tiles on each side
     bna_backend: str = "gather"      # "gather" (train + export), "reference", "flex" (inference only)
     rope_theta: float = 10000.0
@@ -161,10 +162,10 @@ PRESETS: dict[str, ThreeStageDiTConfig] = {
     **{name: _paper_variant(r) for name, r in WIDTH_RATIOS.items()},
     # CPU-trainable model (tens of millions of parameters) on a 4-channel latent and MiniLM text (384-d).
     "micro": ThreeStageDiTConfig(in_channels=4, vae_factor=8, patch_size=2, width=384, head_dim=32, kv_heads=6,
-                                 depths=(2, 4, 2), text_dim=384, bna_tile=(4, 4)),
+                                 depths=(2, 4, 2), text_dim=384, bna_tile=(2, 0)),
     # Smallest meaningful model, for tests.
     "nano": ThreeStageDiTConfig(in_channels=4, vae_factor=8, patch_size=2, width=64, head_dim=16, kv_heads=2,
-                                depths=(1, 2, 1), text_dim=32, bna_tile=(2, 2), time_freq_dim=32),
+                                depths=(1, 2, 1), text_dim=32, bna_tile=(2, 0), time_freq_dim=32),
 }
 
 

@@ -80,7 +80,7 @@ class DiTBlock(nn.Module):
     and for the FFN. ``cond`` is the shared ``(B, 9, width)`` modulation; the block adds its own table."""
 
     def __init__(self, width: int, heads: int, kv_heads: int, head_dim: int, mlp_ratio: float, text_dim: int,
-                 attention: str = "dense", bna_tile: tuple[int, int] = (8, 8), bna_radius: int = 1,
+                 attention: str = "dense", bna_tile: tuple[int, int] = (4, 0), bna_radius: int = 1,
                  bna_backend: str = "gather"):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
