@@ -16,7 +16,11 @@ prints one JSON line. FLOPs count matmuls, convolutions and attention (2 FLOPs p
 elementwise ops, norms and copies are free in this count but not in time.
 
 ``--profile`` instead runs ``torch.profiler`` (CPU) on one forward of snapgen ``small`` and Sana at
-1024px and writes the top ops by self CPU time to ``results/peers_profile.md``.
+1024px and writes to ``results/peers_profile.md`` the top ops by self CPU time, the time and FLOP rate
+of each FLOP-counted op (the rest is gathers, copies, elementwise ops and norms), and a per-shape split.
+
+Timings need an otherwise idle machine: anything else on the cores (tests, other benchmarks) shows up
+directly in ms/step. The header records the snapgen commit measured (``-dirty`` for uncommitted src/).
 
 Usage::
 
@@ -114,21 +118,12 @@ def build(name: str, resolution: int):
     return model, forward, tokens
 
 
-def sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """Dense SDPA, ``(B, Hq, N, d)`` queries on ``(B, Hkv, M, d)`` keys/values (GQA or not): QK^T and PV."""
-    b, hq, n, d = query
-    m, dv = key[-2], value[-1]
-    return 2 * b * hq * n * m * (d + dv)
-
-
 def count_flops(forward) -> tuple[int, dict[str, int]]:
-    """FLOPs of one ``forward()``: total and by aten op. The CPU SDPA kernel is not in the flop counter's
-    registry (it only knows the CUDA ones), so it is added here."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one ``forward()``: total and by aten op, with snapgen's counter (which also counts the CPU
+    flash-attention kernel that torch's registry misses)."""
+    from snapgen.utils.flops import flop_counter
 
-    sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops}
-    with FlopCounterMode(display=False, custom_mapping=sdpa) as counter:
+    with flop_counter() as counter:
         forward()
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     return counter.get_total_flops(), by_op

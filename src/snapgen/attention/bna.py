@@ -196,21 +196,24 @@ def _bna_row_chunks(q, k, v, geom: TileGeometry) -> torch.Tensor:
     T = geom.tile_tokens
     n_windows = n - wn + 1
     lo, hi = min(r, n), min(r + n_windows, n)  # chunks [lo, hi) use window (i - r): the regular ones
-    qc = q.reshape(B, n, T, Hq, d)
+    # split/unbind rather than slicing: their backward is one cat/stack, slicing's is a zero-fill per slice
+    sizes = [lo, hi - lo, n - hi]
+    q_groups = [g.unbind(0) for g in q.reshape(B, n, T, Hq, d).split(sizes, dim=1)]
     outs = []
-    for b in range(B):  # static loop; per image the windows are a view, merging B would force a copy
-        kb, vb = k[b], v[b]
-        win_k = kb.as_strided((n_windows, wn * T, Hk, d), (T * Hk * d, Hk * d, d, 1))
-        win_v = vb.as_strided((n_windows, wn * T, Hk, d), (T * Hk * d, Hk * d, d, 1))
-        groups = []
+    for b, (kb, vb) in enumerate(zip(k.unbind(0), v.unbind(0))):  # per image the windows are a view
+        # unfold (not as_strided): the same overlapping view, with a fast dedicated backward
+        win_k = kb.unfold(0, wn * T, T).permute(0, 3, 1, 2)  # (n_windows, wn*T, Hk, d)
+        win_v = vb.unfold(0, wn * T, T).permute(0, 3, 1, 2)
+        head, mid, tail = (g[b] for g in q_groups)
+        groups = [(mid, win_k[: hi - lo], win_v[: hi - lo])]
         if lo > 0:  # top border chunks: all use window 0
-            groups.append((qc[b, :lo], win_k[:1].expand(lo, -1, -1, -1), win_v[:1].expand(lo, -1, -1, -1)))
-        if hi > lo:
-            groups.append((qc[b, lo:hi], win_k[: hi - lo], win_v[: hi - lo]))
+            groups.insert(0, (head, win_k[:1].expand(lo, -1, -1, -1), win_v[:1].expand(lo, -1, -1, -1)))
         if hi < n:  # bottom border chunks: all use the last window
             m = n - hi
-            groups.append((qc[b, hi:], win_k[-1:].expand(m, -1, -1, -1), win_v[-1:].expand(m, -1, -1, -1)))
+            groups.append((tail, win_k[-1:].expand(m, -1, -1, -1), win_v[-1:].expand(m, -1, -1, -1)))
         for qg, kg, vg in groups:
+            if qg.shape[0] == 0:
+                continue
             o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
                                                enable_gqa=True)
             outs.append(o.transpose(1, 2))  # (chunks, T, Hq, d)
@@ -218,7 +221,7 @@ def _bna_row_chunks(q, k, v, geom: TileGeometry) -> torch.Tensor:
 
 
 def _bna_gather(q, k, v, geom: TileGeometry) -> torch.Tensor:
-    if geom.is_identity_tiling and k.is_contiguous() and v.is_contiguous():
+    if geom.is_identity_tiling:
         return _bna_row_chunks(q, k, v, geom)
     B, N, Hq, d = q.shape
     Hk = k.shape[2]

@@ -96,6 +96,12 @@ def summarize(config: ThreeStageDiTConfig, resolution: tuple[int, int], text_len
     return out
 
 
+def _tile_text(tile) -> str:
+    """(4, 0) -> '4xW' (rows x whole width); (8, 8) -> '8x8'."""
+    th, tw = tile
+    return f"{th or 'H'}x{tw or 'W'}"
+
+
 def format_summary(s: dict) -> str:
     lines = []
     title = f"snapgen {s['preset'] or 'model'}"
@@ -103,7 +109,7 @@ def format_summary(s: dict) -> str:
                  + (f", paper {s['paper_params'] / 1e9:.1f}B ({s['params_vs_paper']:+.1%})" if "paper_params" in s
                     else ""))
     lines.append(f"  width {s['width']}, {s['heads']} heads x {s['head_dim']} (GQA: {s['kv_heads']} KV heads), "
-                 f"BNA tile {tuple(s['bna']['tile'])} radius {s['bna']['radius']}")
+                 f"BNA tile {_tile_text(s['bna']['tile'])} radius {s['bna']['radius']}")
     H, W = s["resolution"]
     c, h, w = s["latent_shape"]
     lines.append(f"  image {H}x{W} -> latent {c}x{h}x{w}, text {s['text_tokens']} tokens")
