@@ -205,12 +205,17 @@ def _bna_row_chunks(q, k, v, geom: TileGeometry) -> torch.Tensor:
         win_k = kb.unfold(0, wn * T, T).permute(0, 3, 1, 2)  # (n_windows, wn*T, Hk, d)
         win_v = vb.unfold(0, wn * T, T).permute(0, 3, 1, 2)
         head, mid, tail = (g[b] for g in q_groups)
-        groups = [(mid, win_k[: hi - lo], win_v[: hi - lo])]
+        # Slicing the window view would cost a zero-filled gradient of the whole (3x K-sized) view per slice
+        # in backward: the regular chunks use every window, and border chunks take their window from k/v.
+        regular = (win_k, win_v) if hi - lo == n_windows else (win_k[: hi - lo], win_v[: hi - lo])
+        groups = [(mid, *regular)]
+        span = wn * T
         if lo > 0:  # top border chunks: all use window 0
-            groups.insert(0, (head, win_k[:1].expand(lo, -1, -1, -1), win_v[:1].expand(lo, -1, -1, -1)))
+            groups.insert(0, (head, *(x.narrow(0, 0, span).unsqueeze(0).expand(lo, -1, -1, -1) for x in (kb, vb))))
         if hi < n:  # bottom border chunks: all use the last window
             m = n - hi
-            groups.append((tail, win_k[-1:].expand(m, -1, -1, -1), win_v[-1:].expand(m, -1, -1, -1)))
+            groups.append((tail, *(x.narrow(0, N - span, span).unsqueeze(0).expand(m, -1, -1, -1)
+                                   for x in (kb, vb))))
         for qg, kg, vg in groups:
             if qg.shape[0] == 0:
                 continue
