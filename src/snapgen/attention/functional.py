@@ -86,4 +86,6 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
     out_global = attention(q, kc, vc)
     out_local = block_neighborhood_attention(q, k, v, geom, backend=backend)
     g = torch.sigmoid(gate_logits).unsqueeze(-1)  # (B, N, Hq, 1)
-    return torch.lerp(out_local, out_global, g)  # local + g * (global - local), one pass
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (out_local, out_global, g)):
+        return torch.lerp(out_local, out_global, g)  # local + g * (global - local), one pass
+    return out_local.lerp_(out_global, g)  # inference: reuse the local output's (fresh) memory
