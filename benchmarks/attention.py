@@ -61,7 +61,7 @@ def dense_fn(inp):
 def assa_fn(inp, tile, backend):
     grid, q, k, v, gate, wk, wv = inp
     geom = make_geometry(grid, tile, CFG.bna_radius)
-    return assa_attention(q, k, v, gate, geom, wk, wv, backend=backend)
+    return assa_attention(q, k, v, gate, geom, wk, wv, backend=backend, compile=backend == "flex")
 
 
 def timed_pair(fn_a, fn_b, inp, grad: bool, repeats: int) -> tuple[float, float]:
@@ -97,7 +97,7 @@ def flops(fn, inp, grad: bool) -> int:
 def measure(tokens: int, grad: bool, tile, backend: str):
     inp = make_inputs(tokens, grad)
     reps = REPEATS.get(tokens, 3)
-    fn = lambda i: assa_fn(i, tile, "flex_compiled" if backend == "flex" else backend)  # noqa: E731
+    fn = lambda i: assa_fn(i, tile, backend)  # noqa: E731
     dense_ms, assa_ms = timed_pair(dense_fn, fn, inp, grad, reps)
     dense_flops = flops(dense_fn, inp, grad)
     assa_flops = flops(lambda i: assa_fn(i, tile, "gather"), inp, grad)  # the sparse algorithm's own work
@@ -109,21 +109,6 @@ def measure(tokens: int, grad: bool, tile, backend: str):
             "dense_gflops": round(dense_flops / dense_ms / 1e6, 1), "assa_gflops": round(assa_flops / assa_ms / 1e6, 1)}
 
 
-def _patch_flex_compiled():
-    """Route backend 'flex_compiled' to the compiled flex path (benchmark only)."""
-    from snapgen.attention import bna
-
-    original = bna.block_neighborhood_attention
-
-    def dispatch(q, k, v, geom, backend="gather", compile=False):
-        if backend == "flex_compiled":
-            return bna._bna_flex(q, k, v, geom, compile=True)
-        return original(q, k, v, geom, backend=backend, compile=compile)
-
-    import snapgen.attention.functional as functional
-    functional.block_neighborhood_attention = dispatch
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, help="one token count (square grid); prints one JSON object with --json")
@@ -131,7 +116,6 @@ def main():
     ap.add_argument("--no-flex", action="store_true", help="skip the compiled flex_attention backend")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    _patch_flex_compiled()
     default_tile = CFG.bna_tile
 
     if args.tokens:

@@ -67,7 +67,7 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
                    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                    rope_coarse: tuple[torch.Tensor, torch.Tensor] | None = None,
                    k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
-                   backend: str = "gather") -> torch.Tensor:
+                   backend: str = "gather", compile: bool = False) -> torch.Tensor:
     """Adaptive Sparse Self-Attention on one token grid.
 
     ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)`` after QK-norm and *before* RoPE; ``gate_logits (B, N, Hq)``.
@@ -77,6 +77,8 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
       compressed keys get RoPE at their cell centres, so both sides share one coordinate frame.
     * local: blockwise neighbourhood attention on the full-resolution keys.
     * ``out = g * global + (1 - g) * local`` with ``g = sigmoid(gate_logits)`` per token and head.
+
+    ``backend``/``compile`` choose the BNA backend (``compile`` applies to ``"flex"`` only).
     """
     kc = compress_tokens(k, geom.grid, k_weight, k_bias)
     vc = compress_tokens(v, geom.grid, v_weight, v_bias)
@@ -84,7 +86,7 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kc = apply_rope(kc, *rope_coarse)
     out_global = attention(q, kc, vc)
-    out_local = block_neighborhood_attention(q, k, v, geom, backend=backend)
+    out_local = block_neighborhood_attention(q, k, v, geom, backend=backend, compile=compile)
     g = torch.sigmoid(gate_logits).unsqueeze(-1)  # (B, N, Hq, 1)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out_local, out_global, g)):
         return torch.lerp(out_local, out_global, g)  # local + g * (global - local), one pass

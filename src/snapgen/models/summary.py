@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..utils.flops import flop_counter
-from .config import PAPER_PARAMS, PRESETS, ThreeStageDiTConfig
+from .config import PAPER_PARAMS, ThreeStageDiTConfig
 from .dit import ThreeStageDiT, check_latent_size
 
 __all__ = ["parse_resolution", "count_flops", "summarize"]
@@ -122,7 +122,3 @@ def format_summary(s: dict) -> str:
     lines.append(f"  embed/out/resample params {s['params_by_part'].get('embed/out/resample', 0) / 1e6:.1f}M")
     lines.append(f"  FLOPs per forward (batch 1): {s['flops_per_forward'] / 1e12:.3f} TFLOP")
     return "\n".join(lines)
-
-
-def all_presets() -> list[str]:
-    return list(PRESETS)
