@@ -191,7 +191,6 @@ def _bna_row_chunks(q, k, v, geom: TileGeometry) -> torch.Tensor:
     overlapping strided view of k and v -- no K/V copy. Chunks whose window is clamped at the top/bottom
     border share the first/last window and are run as two small extra groups."""
     B, N, Hq, d = q.shape
-    Hk = k.shape[2]
     n, wn, r = geom.n_tiles[0], geom.window[0], geom.radius
     T = geom.tile_tokens
     n_windows = n - wn + 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["ThreeStageDiTConfig", "PRESETS", "PAPER_PARAMS", "WIDTH_RATIOS", "preset"]
 
