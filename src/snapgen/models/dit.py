@@ -29,9 +29,9 @@ from torch import nn
 from ..attention import grid_positions, rope_angles
 from .config import ThreeStageDiTConfig
 from .io import ModelIOMixin
-from .layers import MOD_CHUNKS, DiTBlock, FinalLayer, SkipFusion, TimestepEmbedder, TokenDownsample, TokenUpsample
+from .layers import MOD_CHUNKS, AdaLNSingle, DiTBlock, FinalLayer, SkipFusion, TimestepEmbedder, TokenDownsample, TokenUpsample
 
-__all__ = ["ThreeStageDiT", "basic_init", "check_latent_size", "unpatchify"]
+__all__ = ["ThreeStageDiT", "basic_init", "check_inputs", "check_latent_size", "unpatchify"]
 
 
 def basic_init(model: nn.Module) -> None:
@@ -62,6 +62,26 @@ def check_latent_size(h: int, w: int, multiple: int, vae_factor: int) -> None:
         f"sizes: height {hs}, width {ws} (images {[x * vae_factor for x in hs]} x {[x * vae_factor for x in ws]})")
 
 
+def check_inputs(cfg: ThreeStageDiTConfig, x, t, text, text_mask, multiple: int) -> torch.Tensor:
+    """Validate a denoiser call (clear errors naming the problem) and return ``t`` as a ``(B,)`` tensor."""
+    if x.dim() != 4:
+        raise ValueError(f"latent must be (B, C, h, w), got shape {tuple(x.shape)}")
+    B, C, h, w = x.shape
+    if C != cfg.in_channels:
+        raise ValueError(f"latent has {C} channels but the model expects in_channels={cfg.in_channels}")
+    check_latent_size(h, w, multiple, cfg.vae_factor)
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+    if t.dim() == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"t must be a scalar or shape ({B},), got {tuple(t.shape)}")
+    if text.dim() != 3 or text.shape[0] != B or text.shape[2] != cfg.text_dim:
+        raise ValueError(f"text must be (B={B}, L, text_dim={cfg.text_dim}), got {tuple(text.shape)}")
+    if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
+        raise ValueError(f"text_mask must be (B, L)={tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+    return t
+
+
 def unpatchify(x: torch.Tensor, grid: tuple[int, int], p: int, c: int) -> torch.Tensor:
     """``(B, gh*gw, p*p*c)`` with feature order (p, q, c) -> ``(B, c, gh*p, gw*p)``."""
     B = x.shape[0]
@@ -82,7 +102,7 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
         D, p = cfg.width, cfg.patch_size
         self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(D, cfg.time_freq_dim)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, MOD_CHUNKS * D))  # adaLN-single, shared by all blocks
+        self.t_block = AdaLNSingle(D)  # shared by all blocks
         self.text_norm = nn.LayerNorm(cfg.text_dim, eps=1e-6)
 
         def block(attention: str, ratio: float) -> DiTBlock:
@@ -106,29 +126,8 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
         w = self.patch_embed.weight  # like a Linear on the flattened patch
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.zeros_(self.t_block[1].weight)
-        nn.init.zeros_(self.t_block[1].bias)
 
     # --------------------------------------------------------------------------------------------------
-    def _check_inputs(self, x, t, text, text_mask):
-        cfg = self.config
-        if x.dim() != 4:
-            raise ValueError(f"latent must be (B, C, h, w), got shape {tuple(x.shape)}")
-        B, C, h, w = x.shape
-        if C != cfg.in_channels:
-            raise ValueError(f"latent has {C} channels but the model expects in_channels={cfg.in_channels}")
-        check_latent_size(h, w, cfg.downsample, cfg.vae_factor)
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
-            raise ValueError(f"t must be a scalar or shape ({B},), got {tuple(t.shape)}")
-        if text.dim() != 3 or text.shape[0] != B or text.shape[2] != cfg.text_dim:
-            raise ValueError(f"text must be (B={B}, L, text_dim={cfg.text_dim}), got {tuple(text.shape)}")
-        if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
-            raise ValueError(f"text_mask must be (B, L)={tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
-        return t
-
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, text: torch.Tensor,
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the velocity ``v = eps - x0``.
@@ -137,7 +136,7 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
         text: ``(B, L, text_dim)`` encoder features; text_mask: ``(B, L)`` bool, True for real tokens.
         """
         cfg = self.config
-        t = self._check_inputs(x, t, text, text_mask)
+        t = check_inputs(cfg, x, t, text, text_mask, cfg.downsample)
         B, _, h, w = x.shape
         p, D = cfg.patch_size, cfg.width
         grid = (h // p, w // p)

@@ -13,9 +13,9 @@ from torch import nn
 
 from ..attention import grid_positions, rope_angles
 from .config import ThreeStageDiTConfig
-from .dit import basic_init, check_latent_size, unpatchify
+from .dit import basic_init, check_inputs, unpatchify
 from .io import ModelIOMixin
-from .layers import MOD_CHUNKS, DiTBlock, FinalLayer, TimestepEmbedder
+from .layers import MOD_CHUNKS, AdaLNSingle, DiTBlock, FinalLayer, TimestepEmbedder
 
 __all__ = ["IsotropicDiT"]
 
@@ -29,23 +29,20 @@ class IsotropicDiT(ModelIOMixin, nn.Module):
         D, p = cfg.width, cfg.patch_size
         self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(D, cfg.time_freq_dim)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, MOD_CHUNKS * D))
+        self.t_block = AdaLNSingle(D)
         self.text_norm = nn.LayerNorm(cfg.text_dim, eps=1e-6)
         self.blocks = nn.ModuleList([
             DiTBlock(D, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_ratio_middle, cfg.text_dim, "dense")
             for _ in range(sum(cfg.depths))])
         self.final_layer = FinalLayer(D, p * p * cfg.in_channels)
         basic_init(self)
-        nn.init.zeros_(self.t_block[1].weight)
-        nn.init.zeros_(self.t_block[1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
+        t = check_inputs(cfg, x, t, text, text_mask, cfg.patch_size)
         B, _, h, w = x.shape
-        check_latent_size(h, w, cfg.patch_size, cfg.vae_factor)
         grid = (h // cfg.patch_size, w // cfg.patch_size)
-        t = torch.as_tensor(t, dtype=torch.float32).expand(B) if torch.as_tensor(t).dim() == 0 else t
         xs = self.patch_embed(x).flatten(2).transpose(1, 2)
         t_emb = self.t_embedder(t)
         cond = self.t_block(t_emb).view(B, MOD_CHUNKS, cfg.width)

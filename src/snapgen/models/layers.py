@@ -19,7 +19,7 @@ from torch import nn
 
 from ..attention import AdaptiveSparseSelfAttention, CrossAttention, SelfAttention
 
-__all__ = ["timestep_embedding", "TimestepEmbedder", "Mlp", "DiTBlock", "TokenDownsample", "TokenUpsample",
+__all__ = ["timestep_embedding", "TimestepEmbedder", "AdaLNSingle", "Mlp", "DiTBlock", "TokenDownsample", "TokenUpsample",
            "SkipFusion", "FinalLayer", "modulate"]
 
 MOD_CHUNKS = 9  # (shift, scale, gate) x (self-attention, cross-attention, FFN)
@@ -55,6 +55,18 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class AdaLNSingle(nn.Sequential):
+    """The shared ``SiLU -> Linear(width, 9*width)`` timestep projection, zero-initialised (adaLN-Zero)."""
+
+    def __init__(self, width: int):
+        super().__init__(nn.SiLU(), nn.Linear(width, MOD_CHUNKS * width))
+        self._snapgen_init()
+
+    def _snapgen_init(self) -> None:
+        nn.init.zeros_(self[1].weight)
+        nn.init.zeros_(self[1].bias)
 
 
 class Mlp(nn.Module):
