@@ -13,18 +13,19 @@ counts beside the paper's 0.3B / 0.4B / 1.6B.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
 
-__all__ = ["ThreeStageDiTConfig", "PRESETS", "PAPER_PARAMS", "WIDTH_RATIOS", "preset"]
+from ..utils.config import JSONConfigMixin
+
+__all__ = ["PAPER_PARAMS", "PRESETS", "WIDTH_RATIOS", "ThreeStageDiTConfig", "preset"]
 
 ATTENTION_KINDS = ("assa", "dense")
 
 
 @dataclass(frozen=True)
-class ThreeStageDiTConfig:
+class ThreeStageDiTConfig(JSONConfigMixin):
+    _config_kind = "ThreeStageDiT"
+
     # --- latent interface -------------------------------------------------------------------------------
     in_channels: int = 16            # latent channels (paper: Qwen-Image VAE, 16)
     vae_factor: int = 8              # image pixels per latent pixel (used to report image sizes)
@@ -94,50 +95,6 @@ class ThreeStageDiTConfig:
             bad(f"bna_radius must be >= 0, got {self.bna_radius}")
         if self.mlp_ratio <= 0 or self.mlp_ratio_middle <= 0:
             bad("mlp ratios must be positive")
-
-    # ----------------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["depths"], d["bna_tile"] = list(self.depths), list(self.bna_tile)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ThreeStageDiTConfig":
-        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_class_name", "_snapgen_version": metadata
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
-        if unknown:
-            raise ValueError(f"unknown ThreeStageDiTConfig keys {unknown}; valid keys are {sorted(names)}. "
-                             f"Was this config written by a newer snapgen, or for another model class?")
-        if missing:
-            raise ValueError(f"ThreeStageDiTConfig is missing keys {missing}; a saved config must list every "
-                             f"field (re-save it with save_pretrained, or add the keys)")
-        return cls(**d)
-
-    def to_json(self, path: str | os.PathLike) -> None:
-        from .. import __version__
-
-        payload = {"_class_name": "ThreeStageDiT", "_snapgen_version": __version__, **self.to_dict()}
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ThreeStageDiTConfig":
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"model config not found: {path} (a model folder holds config.json and "
-                                    f"model.safetensors, as written by save_pretrained)") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"model config {path} is not valid JSON ({e}); the file is corrupt") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"model config {path} must hold a JSON object, got {type(d).__name__}")
-        return cls.from_dict(d)
-
-    def replace(self, **changes) -> "ThreeStageDiTConfig":
-        return dataclasses.replace(self, **changes)
 
 
 # ------------------------------------------------------------------------------------------------------

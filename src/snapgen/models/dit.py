@@ -24,6 +24,7 @@ that same frame. Design choices that the paper leaves open are listed in ``docs/
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..attention import grid_positions, rope_angles
@@ -119,6 +120,7 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
         self.stage_skip = SkipFusion(D) if cfg.stage_skip else None
         self.up_blocks = nn.ModuleList([block(cfg.outer_attention, cfg.mlp_ratio) for _ in range(n_up)])
         self.final_layer = FinalLayer(D, p * p * cfg.in_channels)
+        self.gradient_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -152,7 +154,7 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
 
         xs = tokens
         for blk in self.down_blocks:
-            xs = blk(xs, cond, grid, rope, rope_coarse, text, text_mask)
+            xs = self._run_block(blk, xs, cond, grid, rope, rope_coarse, text, text_mask)
         down_out = xs
 
         xs = self.downsample(xs, grid)
@@ -161,7 +163,7 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
         for i, blk in enumerate(self.middle_blocks):
             if n_skip and i >= n_mid - n_skip:  # second half: fuse the mirrored first-half output
                 xs = self.middle_skips[i - (n_mid - n_skip)](xs, stack.pop())
-            xs = blk(xs, cond, coarse, rope_coarse, None, text, text_mask)
+            xs = self._run_block(blk, xs, cond, coarse, rope_coarse, None, text, text_mask)
             if i < n_skip:
                 stack.append(xs)
         xs = self.upsample(xs, coarse)
@@ -169,9 +171,15 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
             xs = self.stage_skip(xs, down_out)
 
         for blk in self.up_blocks:
-            xs = blk(xs, cond, grid, rope, rope_coarse, text, text_mask)
+            xs = self._run_block(blk, xs, cond, grid, rope, rope_coarse, text, text_mask)
         out = self.final_layer(xs, t_emb)
         return unpatchify(out, grid, p, cfg.in_channels)
+
+    def _run_block(self, blk, *args):
+        # Gradient checkpointing trades one extra block forward for not keeping its activations.
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
 
     # --------------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:

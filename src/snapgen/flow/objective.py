@@ -1,0 +1,117 @@
+"""The flow-matching objective in one page.
+
+Convention (fixed project-wide): t in [0, 1], t = 1 is noise,
+``x_t = (1 - t) * x0 + t * eps``, the model predicts ``v = eps - x0``, and ``x0 = x_t - t * v``.
+
+Training times are drawn logit-normal (SD3, minRF): ``t = sigmoid(N(m, s))``, then *shifted* toward noise
+for larger images with ``t' = a t / (1 + (a - 1) t)``, where ``a = sqrt(tokens / base_tokens)`` (SD3's
+resolution-dependent shift: at more tokens the same noise level destroys less signal per token, so more
+time must be spent at high noise). The same shift is used by the sampler. ``t`` is sampled directly,
+never by indexing a descending, already-shifted table (the diffusers SD3-script pitfall).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "FlowMatchingLoss",
+    "interpolate",
+    "logit_normal_times",
+    "loss_per_time_bin",
+    "resolution_shift",
+    "shift_time",
+    "time_bins",
+    "velocity_target",
+    "x0_from_velocity",
+]
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    return t.reshape(-1, *([1] * (like.dim() - 1))) if t.dim() == 1 else t
+
+
+def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - t) x0 + t eps`` (t per sample or scalar)."""
+    t = _bcast(t, x0)
+    return torch.lerp(x0, eps, t)
+
+
+def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    return eps - x0
+
+
+def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return x_t - _bcast(t, x_t) * v
+
+
+def shift_time(t: torch.Tensor | float, shift: float):
+    """``a t / (1 + (a - 1) t)``: maps 0 -> 0 and 1 -> 1, pushes mass toward 1 (noise) for ``a > 1``."""
+    if shift <= 0:
+        raise ValueError(f"time shift must be positive, got {shift}")
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def resolution_shift(num_tokens: int, base_tokens: int = 256) -> float:
+    """SD3's resolution-dependent shift ``sqrt(num_tokens / base_tokens)`` (1 at the base resolution)."""
+    if num_tokens <= 0 or base_tokens <= 0:
+        raise ValueError("token counts must be positive")
+    return math.sqrt(num_tokens / base_tokens)
+
+
+def logit_normal_times(n: int, mean: float = 0.0, std: float = 1.0, shift: float = 1.0,
+                       generator: torch.Generator | None = None, device=None,
+                       eps: float = 1e-5) -> torch.Tensor:
+    """``n`` training times ``shift(sigmoid(N(mean, std)))``, clamped to ``[eps, 1 - eps]``."""
+    u = torch.randn(n, generator=generator, device=device) * std + mean
+    return shift_time(torch.sigmoid(u), shift).clamp(eps, 1 - eps)
+
+
+def time_bins(t: torch.Tensor, n_bins: int = 5) -> torch.Tensor:
+    """Index of the equal-width bin of [0, 1] each time falls in."""
+    return (t * n_bins).long().clamp(0, n_bins - 1)
+
+
+def loss_per_time_bin(loss: torch.Tensor, t: torch.Tensor, n_bins: int = 5) -> list[tuple[float, int]]:
+    """(sum of per-sample losses, count) per time bin, to be averaged over a logging window (minRF)."""
+    idx = time_bins(t.detach(), n_bins)
+    sums = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, loss.detach().double())
+    counts = torch.bincount(idx, minlength=n_bins)
+    return [(float(s), int(c)) for s, c in zip(sums, counts)]
+
+
+class FlowMatchingLoss:
+    """Rectified-flow loss ``|| model(x_t, t, ...) - (eps - x0) ||^2`` with logit-normal times.
+
+    ``__call__(model, x0, **cond)`` returns ``(loss, per_sample_loss, t)``; extra keyword arguments go
+    to the model. ``shift=None`` uses :func:`resolution_shift` of the latent's token count.
+    """
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0, shift: float | None = 1.0,
+                 base_tokens: int = 256, patch_size: int = 2):
+        self.mean, self.std, self.shift = mean, std, shift
+        self.base_tokens, self.patch_size = base_tokens, patch_size
+
+    def shift_for(self, x0: torch.Tensor) -> float:
+        if self.shift is not None:
+            return self.shift
+        h, w = x0.shape[-2:]
+        return resolution_shift((h // self.patch_size) * (w // self.patch_size), self.base_tokens)
+
+    def __call__(self, model, x0: torch.Tensor, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, **cond):
+        if t is None:
+            t = logit_normal_times(x0.shape[0], self.mean, self.std, self.shift_for(x0), generator, x0.device)
+        if eps is None:
+            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = interpolate(x0, eps, t)
+        v = model(x_t, t, **cond)
+        per_sample = F.mse_loss(v.float(), velocity_target(x0, eps).float(), reduction="none")
+        per_sample = per_sample.flatten(1).mean(1)
+        return per_sample.mean(), per_sample, t

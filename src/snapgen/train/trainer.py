@@ -1,0 +1,277 @@
+"""The training loop shared by every task: AdamW + warm-up, clipping, EMA, checkpoints, exact resume.
+
+Exact resume: everything random is either a pure function of ``(seed, step)`` (which data items form a
+batch) or drawn from RNGs whose states are checkpointed (the task's generator for noise and times, the
+global torch RNG for dropout). Weights, EMA and optimizer tensors are stored bit-exact in safetensors.
+So a run killed at any point (SIGKILL included) and resumed from its last checkpoint computes the same
+later losses as a run that was never interrupted (``tests/test_train.py`` checks this).
+
+A non-finite loss stops the run with :class:`TrainingDiverged` *before* the optimizer step, so the last
+checkpoint on disk is the last good state. Ctrl-C saves a checkpoint and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, optimizer_from_tensors, save_checkpoint
+from .config import TrainConfig
+
+__all__ = ["Trainer", "TrainingDiverged", "lr_at"]
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine."""
+    o = cfg.optim
+    if o.warmup > 0 and step < o.warmup:
+        return o.lr * (step + 1) / o.warmup
+    if o.schedule == "constant":
+        return o.lr
+    span = max(1, cfg.steps - o.warmup)
+    progress = min(1.0, (step - o.warmup) / span)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Runs a task (see ``snapgen.train.tasks``) for ``cfg.steps`` optimizer steps in ``cfg.run_dir``."""
+
+    def __init__(self, cfg: TrainConfig, task=None, progress: bool = True):
+        from .tasks import build_task
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.device = resolve_device(cfg.device)
+        self.progress = progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.task = task if task is not None else build_task(cfg, self.device)
+        self.modules = self.task.trainable_modules()
+        self.params = {f"{m}.{n}": p for m, mod in self.modules.items() for n, p in mod.named_parameters()
+                       if p.requires_grad}
+        decay, no_decay = [], []
+        for name, p in self.params.items():
+            (no_decay if p.ndim < 2 or "null" in name else decay).append(p)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=o.betas, eps=o.eps)
+        self.ema = {k: p.detach().clone() for k, p in self.params.items()}
+        self.step = 0
+        self.elapsed = 0.0  # training seconds over all sessions
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if cfg.precision == "bf16" and self.device.type == "cuda" else contextlib.nullcontext())
+        if cfg.precision == "bf16" and self.device.type != "cuda":
+            print("note: precision bf16 is used on CUDA only; training in fp32 on CPU "
+                  "(bf16 matmul has no fast CPU kernel)")
+
+    # ---------------------------------------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _check_same_config(self) -> None:
+        saved = self.run_dir / "config.yaml"
+        now = self.cfg.to_dict()
+        if saved.is_file():
+            before = yaml.safe_load(saved.read_text())
+            changed = sorted(k for k in set(before) | set(now)
+                             if k not in ("steps", "run_dir") and before.get(k) != now.get(k))
+            if changed:
+                raise ValueError(f"{self.run_dir} holds a run with a different config (changed: {changed}). "
+                                 f"Resume with the same config (only 'steps' may grow), or pick a new run_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(now, sort_keys=False))
+        os.replace(tmp, saved)
+
+    def resume(self) -> bool:
+        found = latest_checkpoint(self.ckpt_dir)
+        if found is None:
+            return False
+        path, ck = found
+        for k, p in self.params.items():
+            if k not in ck["model"]:
+                raise ValueError(f"checkpoint {path} lacks parameter {k}; it belongs to another model")
+            p.data.copy_(ck["model"][k])
+            self.ema[k].copy_(ck["ema"][k])
+        optimizer_from_tensors(self.optimizer, ck["optimizer"], ck["optimizer_meta"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if "task" in ck["rng"] and self.task.generator is not None:
+            self.task.generator.set_state(ck["rng"]["task"])
+        self.step = int(ck["state"]["step"])
+        self.elapsed = float(ck["state"].get("elapsed", 0.0))
+        self._truncate_metrics(self.step)
+        print(f"resumed from {path} (step {self.step})")
+        return True
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.ckpt_dir, self.step,
+                               {k: p.detach() for k, p in self.params.items()}, self.ema, self.optimizer,
+                               self.task.generator, {"elapsed": self.elapsed}, keep=self.cfg.keep_checkpoints)
+        self._plot()
+        return path
+
+    # ---------------------------------------------------------------------------------------------------
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines logged after ``step`` (they are recomputed after a resume)."""
+        if not self.metrics_path.is_file():
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.metrics_path)
+
+    def _log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _plot(self) -> None:
+        try:
+            from .plots import plot_metrics
+            plot_metrics(self.metrics_path, self.run_dir / "loss.png")
+        except ImportError:
+            pass
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Temporarily load the EMA weights into the modules (for samples and export)."""
+        backup = {k: p.detach().clone() for k, p in self.params.items()}
+        try:
+            for k, p in self.params.items():
+                p.data.copy_(self.ema[k])
+            yield
+        finally:
+            for k, p in self.params.items():
+                p.data.copy_(backup[k])
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.cfg.ema_decay
+        if self.cfg.ema_warmup:
+            d = min(d, (1 + self.step) / (10 + self.step))
+        for k, p in self.params.items():
+            self.ema[k].lerp_(p.detach(), 1 - d)
+
+    # ---------------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = True) -> dict:
+        cfg = self.cfg
+        self._check_same_config()
+        self.task.prepare(self.run_dir)
+        if resume:
+            self.resume()
+        else:
+            self._truncate_metrics(0)
+        if self.step >= cfg.steps:
+            print(f"run already at step {self.step} >= steps {cfg.steps}; exporting")
+            return self.finish()
+        for m in self.modules.values():
+            m.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.task}", disable=not self.progress,
+                   dynamic_ncols=True)
+        window: list[dict] = []
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                lr = lr_at(self.step, cfg)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                with self.autocast:
+                    loss, logs = self.task.loss(self.step)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at step {self.step}; stopping. The last good checkpoint is kept in "
+                        f"{self.ckpt_dir}. Lower optim.lr, keep optim.grad_clip on, or check the data")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()),
+                                                       cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e30)
+                self.optimizer.step()
+                self.step += 1
+                self._update_ema()
+                self.elapsed += time.perf_counter() - t0
+                window.append({"loss": loss.item(), "grad_norm": float(gnorm), **logs})
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    rec = self._reduce(window)
+                    rec.update(step=self.step, lr=lr, elapsed=round(self.elapsed, 2))
+                    self._log(rec)
+                    window = []
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
+                bar.update(1)
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.sample()
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ninterrupted at step {self.step}: saving a checkpoint")
+            self.save()
+            raise
+        bar.close()
+        return self.finish()
+
+    @staticmethod
+    def _reduce(window: list[dict]) -> dict:
+        out: dict = {}
+        bins: dict[int, list[float]] = {}
+        for rec in window:
+            for k, v in rec.items():
+                if k == "bins":
+                    for i, (s, c) in enumerate(v):
+                        acc = bins.setdefault(i, [0.0, 0])
+                        acc[0] += s
+                        acc[1] += c
+                else:
+                    out.setdefault(k, []).append(v)
+        red = {k: sum(v) / len(v) for k, v in out.items()}
+        if bins:
+            red["loss_per_bin"] = [round(s / c, 6) if c else None for s, c in (bins[i] for i in sorted(bins))]
+        return red
+
+    def sample(self) -> None:
+        for m in self.modules.values():
+            m.eval()
+        with self.ema_weights():
+            self.task.sample(self.run_dir / "samples" / f"step_{self.step:07d}.png", self.step)
+        for m in self.modules.values():
+            m.train()
+
+    def finish(self) -> dict:
+        for m in self.modules.values():
+            m.eval()
+        with self.ema_weights():
+            out = self.task.export(self.run_dir / "final")
+        self._plot()
+        summary = {"steps": self.step, "train_seconds": round(self.elapsed, 1), "final_dir": str(out)}
+        last = None
+        if self.metrics_path.is_file():
+            lines = self.metrics_path.read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else None
+        if last:
+            summary["final_loss"] = last["loss"]
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
