@@ -65,6 +65,85 @@ def _forward(config, summary) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def cmd_train(args) -> int:
+    from .train import Trainer, TrainingDiverged, load_config
+
+    overrides = {}
+    if args.run_dir:
+        overrides["run_dir"] = args.run_dir
+    if args.steps:
+        overrides["steps"] = args.steps
+    cfg = load_config(args.config, overrides)
+    try:
+        summary = Trainer(cfg, progress=not args.no_progress).fit(resume=not args.restart)
+    except TrainingDiverged as e:
+        print(f"snapgen train: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("snapgen train: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise FileNotFoundError(f"prompts file not found: {args.prompts_file}")
+        with open(args.prompts_file) as f:
+            prompts += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError("no prompt given: snapgen generate \"a red circle to the left of a blue square\" "
+                         "(or --prompts-file FILE with one prompt per line)")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    from .pipelines import TextToImagePipeline, default_model_dir
+    from .pipelines.text_to_image import make_grid
+
+    prompts = _read_prompts(args)
+    for p in prompts:
+        if not p.strip():
+            raise ValueError('empty prompt: describe the image, e.g. "a red circle to the left of a blue square"')
+    if args.size is not None and len(args.size) != 2:
+        raise ValueError("--size takes two numbers: HEIGHT WIDTH")
+    height, width = args.size if args.size else (None, None)
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    t0 = time.perf_counter()
+    pipe = TextToImagePipeline.from_pretrained(model_dir)
+    _ = pipe.text_encoder  # load now, so the timing below is generation only
+    t_load = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    images = pipe(prompts, steps=args.steps, guidance=args.cfg, seed=args.seed, height=height, width=width,
+                  progress=not args.no_progress)
+    t_gen = time.perf_counter() - t1
+    out = Path(args.out)
+    written = []
+    if args.grid or len(prompts) == 1:
+        target = out if out.suffix else out / "grid.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (make_grid(images, prompts, scale=args.scale) if args.grid else images[0]).save(target)
+        written.append(target)
+    if not args.grid and len(prompts) > 1:
+        if out.suffix:
+            raise ValueError(f"{len(prompts)} prompts need --out to be a folder (got {out}) or --grid")
+        out.mkdir(parents=True, exist_ok=True)
+        for i, (im, p) in enumerate(zip(images, prompts)):
+            slug = "".join(c if c.isalnum() else "_" for c in p.lower())[:48].strip("_")
+            target = out / f"{i:02d}_{slug}.png"
+            im.save(target)
+            written.append(target)
+    for w in written:
+        print(w)
+    print(f"generated {len(images)} image(s) of {images[0].size[1]}x{images[0].size[0]} in {t_gen:.2f} s "
+          f"({t_gen / len(images):.2f} s per image; model load {t_load:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import PRESETS
 
@@ -79,6 +158,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forward", action="store_true", help="also build the model and time one forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a model from a YAML config (resumes automatically)")
+    p.add_argument("--config", required=True, help="configs/<name>.yaml")
+    p.add_argument("--run-dir", help="override the config's run_dir")
+    p.add_argument("--steps", type=int, help="override the number of steps (a resumed run may be extended)")
+    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the run folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate images from text prompts")
+    p.add_argument("prompt", nargs="*", help="one or more prompts")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--out", default="out.png", help="output PNG (one prompt or --grid) or folder (default out.png)")
+    p.add_argument("--model", help="pipeline folder (default: the shipped models/snapgen-micro)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance weight w in v_u + w (v_c - v_u)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size in pixels")
+    p.add_argument("--grid", action="store_true", help="write one grid image with the prompts under the images")
+    p.add_argument("--scale", type=int, default=2, help="pixel upscale of grid cells (default 2)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -86,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         print(f"snapgen {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly

@@ -42,10 +42,14 @@ class ModelIOMixin:
 
     config_class = None
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors``. ``dtype`` (e.g. ``torch.float16``) casts floating
+        tensors for a smaller file; ``from_pretrained`` always loads into the model's own dtype."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         # Tied/shared tensors are not expected here; safetensors refuses them, which is what we want.
         atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
         tmp = directory / f".{CONFIG_NAME}.tmp"

@@ -1,0 +1,261 @@
+"""Text-to-image pipeline: text encoder -> conditioning -> three-stage DiT (Euler + CFG) -> autoencoder.
+
+A pipeline folder holds::
+
+    pipeline.json                 PipelineConfig (text encoder, defaults for steps / guidance / size)
+    transformer/                  ThreeStageDiT (config.json + model.safetensors)
+    text_conditioning.safetensors learned null embedding(s) and projections (snapgen.text.TextConditioning)
+    vae/                          the autoencoder (snapgen Autoencoder or a diffusers AutoencoderKL)
+
+Weights may be stored in float16 to keep shipped models small; they are loaded into float32 (this
+CPU has no fast half-precision matmul).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..data.base import tensor_to_image
+from ..flow import cfg_velocity, euler_sample, few_step_sample, sampling_times
+from ..models import ThreeStageDiT
+from ..models.io import atomic_save_safetensors
+from ..utils.config import JSONConfigMixin
+
+__all__ = ["PipelineConfig", "TextToImagePipeline", "default_model_dir"]
+
+MAX_SIDE = 2048          # image pixels; beyond this a CPU run takes hours, so it is refused
+MAX_PROMPT_CHARS = 1000
+
+
+def default_model_dir() -> Path:
+    """The shipped model: ``$SNAPGEN_MODEL`` or ``models/snapgen-micro`` in the repository."""
+    env = os.environ.get("SNAPGEN_MODEL")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "models" / "snapgen-micro"
+
+
+@dataclass(frozen=True)
+class PipelineConfig(JSONConfigMixin):
+    _config_kind = "TextToImagePipeline"
+    _optional_keys = ("sampler", "few_step_times")
+
+    text_encoder: str = "minilm"             # "minilm" or a local transformers folder
+    text_max_length: int = 32
+    conditioning: dict = dataclasses.field(default_factory=dict)  # TextConditioning kwargs
+    resolution: tuple[int, int] = (64, 64)   # default image size (H, W) in pixels
+    steps: int = 20
+    guidance: float = 4.0
+    shift: float = 1.0
+    sampler: str = "euler"                   # "euler" or "few_step" (distilled generators)
+    few_step_times: tuple[float, ...] = ()   # times for the few-step sampler (ends with 0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "resolution", tuple(int(v) for v in self.resolution))
+        object.__setattr__(self, "few_step_times", tuple(float(v) for v in self.few_step_times))
+
+
+class TextToImagePipeline:
+    def __init__(self, transformer: ThreeStageDiT, conditioning: torch.nn.Module, vae, config: PipelineConfig,
+                 text_encoder=None):
+        self.transformer = transformer.eval()
+        self.conditioning = conditioning.eval()
+        self.vae = vae.eval() if hasattr(vae, "eval") else vae
+        self.config = config
+        self._text_encoder = text_encoder
+
+    # --- components ---------------------------------------------------------------------------------
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            self._text_encoder = load_text_encoder(self.config.text_encoder, self.config.text_max_length)
+        return self._text_encoder
+
+    @property
+    def vae_factor(self) -> int:
+        return int(self.vae.factor)
+
+    # --- io -----------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _save_module(self.transformer, directory / "transformer", dtype)
+        _save_module(self.vae, directory / "vae", dtype)
+        atomic_save_safetensors({k: v.to(dtype) if v.is_floating_point() else v
+                                 for k, v in self.conditioning.state_dict().items()},
+                                directory / "text_conditioning.safetensors")
+        tmp = directory / ".pipeline.json.tmp"
+        self.config.to_json(tmp)
+        os.replace(tmp, directory / "pipeline.json")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike | None = None, text_encoder=None) -> "TextToImagePipeline":
+        from ..text import TextConditioning
+        from ..vae import load_autoencoder
+
+        directory = Path(directory) if directory is not None else default_model_dir()
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model folder not found: {directory}. Pass --model DIR with a folder written "
+                                    f"by TextToImagePipeline.save_pretrained (e.g. a run's final/ folder)")
+        if not (directory / "pipeline.json").is_file():
+            raise FileNotFoundError(f"{directory} is not a snapgen pipeline folder: pipeline.json is missing "
+                                    f"(expected pipeline.json, transformer/, vae/, text_conditioning.safetensors)")
+        config = PipelineConfig.from_json(directory / "pipeline.json")
+        transformer = ThreeStageDiT.from_pretrained(directory / "transformer")
+        vae = load_autoencoder(directory / "vae")
+        cond_path = directory / "text_conditioning.safetensors"
+        if not cond_path.is_file():
+            raise FileNotFoundError(f"{cond_path} is missing; the pipeline folder is incomplete")
+        try:
+            state = load_file(str(cond_path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {cond_path}: {e}. The file is corrupt; re-save the pipeline") from None
+        conditioning = TextConditioning(**config.conditioning)
+        try:
+            conditioning.load_state_dict({k: v.float() for k, v in state.items()})
+        except RuntimeError as e:
+            raise ValueError(f"{cond_path} does not match pipeline.json's conditioning settings: {e}") from None
+        return cls(transformer, conditioning, vae, config, text_encoder)
+
+    # --- generation ---------------------------------------------------------------------------------
+    def check_inputs(self, prompts, height: int, width: int, steps: int, guidance: float) -> list[str]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompt given: pass at least one non-empty prompt")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise TypeError(f"prompts must be strings, got {type(p).__name__}")
+            if not p.strip():
+                raise ValueError("empty prompt: describe the image, e.g. \"a red circle to the left of a blue square\"")
+            if len(p) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt is {len(p)} characters long; keep it under {MAX_PROMPT_CHARS} "
+                                 f"(the text encoder reads only {self.config.text_max_length} tokens anyway)")
+        mult = self.vae_factor * self.transformer.config.downsample
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            if v > MAX_SIDE:
+                raise ValueError(f"{name}={v} is too large (max {MAX_SIDE}); this model was trained at "
+                                 f"{self.config.resolution[0]}x{self.config.resolution[1]}")
+            if v % mult:
+                lo, hi = max(mult, v // mult * mult), (v // mult + 1) * mult
+                raise ValueError(f"{name}={v} must be a multiple of {mult} (autoencoder factor "
+                                 f"{self.vae_factor} x transformer downsampling {self.transformer.config.downsample}); "
+                                 f"nearest valid: {lo} or {hi}")
+        if not isinstance(steps, int) or steps < 1 or steps > 1000:
+            raise ValueError(f"steps must be an integer in [1, 1000], got {steps!r}")
+        if not (0.0 <= guidance <= 50.0):
+            raise ValueError(f"guidance must be in [0, 50] (1 = no guidance), got {guidance}")
+        return prompts
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]):
+        feats = self.text_encoder.encode(prompts)
+        cond = self.conditioning([feats], drop=[torch.zeros(len(prompts), dtype=torch.bool)])
+        uncond = self.conditioning.null(len(prompts))
+        return cond, uncond
+
+    @torch.no_grad()
+    def __call__(self, prompts: str | list[str], steps: int | None = None, guidance: float | None = None,
+                 seed: int | None = 0, height: int | None = None, width: int | None = None,
+                 shift: float | None = None, progress: bool = False, return_latents: bool = False):
+        cfg = self.config
+        steps = cfg.steps if steps is None else steps
+        guidance = cfg.guidance if guidance is None else guidance
+        height = cfg.resolution[0] if height is None else height
+        width = cfg.resolution[1] if width is None else width
+        prompts = self.check_inputs(prompts, height, width, steps, guidance)
+        t0 = time.perf_counter()
+        B = len(prompts)
+        (text, mask), (null_text, null_mask) = self.encode_prompts(prompts)
+        # pad cond/uncond to the same length so they run as one batch
+        L = max(text.shape[1], null_text.shape[1])
+        text, mask = _pad_tokens(text, mask, L)
+        null_text, null_mask = _pad_tokens(null_text, null_mask, L)
+        f = self.vae_factor
+        C = self.transformer.config.in_channels
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        noise = torch.randn((B, C, height // f, width // f), generator=gen)
+
+        def velocity(x, t):
+            return cfg_velocity(self.transformer, x, t, {"text": text, "text_mask": mask},
+                                {"text": null_text, "text_mask": null_mask}, guidance)
+
+        if cfg.sampler == "few_step" and cfg.few_step_times:
+            latents = few_step_sample(velocity, noise, torch.tensor(cfg.few_step_times), generator=gen)
+        else:
+            times = sampling_times(steps, cfg.shift if shift is None else shift)
+            latents = euler_sample(velocity, noise, times, progress=progress)
+        if return_latents:
+            return latents
+        images = self.vae.decode_latents(latents)
+        self.last_seconds = time.perf_counter() - t0
+        return [tensor_to_image(im) for im in images]
+
+
+def _pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int):
+    pad = length - tokens.shape[1]
+    if pad == 0:
+        return tokens, mask
+    tokens = torch.nn.functional.pad(tokens, (0, 0, 0, pad))
+    mask = torch.nn.functional.pad(mask, (0, pad), value=False)
+    return tokens, mask
+
+
+def _save_module(module, directory: Path, dtype: torch.dtype) -> None:
+    if hasattr(module, "vae"):  # DiffusersAutoencoder
+        module.vae.save_pretrained(directory, safe_serialization=True)
+        return
+    module.save_pretrained(directory, dtype=dtype)
+
+
+def load_text_encoder(spec: str, max_length: int):
+    from ..text import HFTextEncoder, MiniLMEncoder
+
+    if spec == "minilm":
+        return MiniLMEncoder(max_length=max_length)
+    return HFTextEncoder(spec, max_length=max_length)
+
+
+def make_grid(images: list[Image.Image], captions: list[str] | None = None, cols: int | None = None,
+              scale: int = 1, caption_height: int = 28) -> Image.Image:
+    """Images in a grid, each with its caption written under it (wrapped)."""
+    from PIL import ImageDraw, ImageFont
+
+    n = len(images)
+    cols = cols or min(n, 4)
+    rows = (n + cols - 1) // cols
+    w, h = images[0].size
+    w, h = w * scale, h * scale
+    ch = caption_height if captions else 0
+    cell_w = max(w, 96)
+    grid = Image.new("RGB", (cols * cell_w, rows * (h + ch)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=10)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        x0, y0 = c * cell_w + (cell_w - w) // 2, r * (h + ch)
+        grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (x0, y0))
+        if captions:
+            text = _wrap(captions[i], max_chars=max(8, cell_w // 6))
+            draw.multiline_text((c * cell_w + 2, y0 + h + 1), text, fill="black", font=font, spacing=1)
+    return grid
+
+
+def _wrap(text: str, max_chars: int) -> str:
+    import textwrap
+
+    lines = textwrap.wrap(text, max_chars)[:2]
+    return "\n".join(lines)

@@ -1,0 +1,334 @@
+"""What is trained: each task builds its modules, yields a loss per step, writes samples and exports.
+
+- ``autoencoder``: the small VAE on images (random crops; L1 + KL), exported with measured latent
+  scale/shift and its held-out PSNR.
+- ``flow``: the text-to-image three-stage DiT by flow matching on a latent cache (images encoded once by
+  the autoencoder, captions once by the frozen text encoder), exported as a pipeline folder.
+
+Batches are a pure function of ``(seed, step)``, so resuming needs no data-loader state.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.base import image_to_tensor
+from .config import TrainConfig
+
+__all__ = ["build_task", "AutoencoderTask", "FlowTask", "batch_indices", "psnr"]
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
+    """Items of step ``step``: consecutive slices of a fresh permutation per epoch (all items once per epoch)."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = _permutation(seed, epoch, n)
+        take = min(batch_size - len(out), n - offset)
+        out.extend(perm[offset:offset + take].tolist())
+    return np.asarray(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, 7919, epoch]).permutation(n)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak range 2)."""
+    mse = (x.clamp(-1, 1) - y.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+def build_task(cfg: TrainConfig, device: torch.device):
+    if cfg.task == "autoencoder":
+        return AutoencoderTask(cfg, device)
+    if cfg.task == "flow":
+        return FlowTask(cfg, device)
+    raise ValueError(f"unknown task {cfg.task!r}")
+
+
+def _check_keys(section: str, d: dict, allowed: set[str]) -> None:
+    bad = sorted(set(d) - allowed)
+    if bad:
+        raise ValueError(f"unknown keys in '{section}': {bad}; valid: {sorted(allowed)}")
+
+
+# ======================================================================================================
+class AutoencoderTask:
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from ..data.mixed import build_dataset
+        from ..vae import Autoencoder, AutoencoderConfig
+
+        self.cfg, self.device = cfg, device
+        _check_keys("data", cfg.data, {"spec", "eval_spec", "crop", "eval_count"})
+        _check_keys("loss", cfg.loss, {"kl_weight", "mse_weight", "l1_weight"})
+        model_kw = dict(cfg.model)
+        init_from = model_kw.pop("init_from", None)
+        self.freeze_encoder = bool(model_kw.pop("freeze_encoder", False))
+        self.vae = Autoencoder(AutoencoderConfig(**model_kw)).to(device)
+        if init_from:  # e.g. a tiny decoder trained against a frozen, already trained encoder
+            src = Autoencoder.from_pretrained(init_from)
+            self.vae.encoder.load_state_dict(src.encoder.state_dict())
+        if self.freeze_encoder:
+            self.vae.encoder.requires_grad_(False)
+        if "spec" not in cfg.data:
+            raise ValueError("autoencoder task needs data.spec (a dataset spec, see snapgen.data.build_dataset)")
+        self.dataset = build_dataset(cfg.data["spec"])
+        self.eval_dataset = build_dataset(cfg.data["eval_spec"]) if cfg.data.get("eval_spec") else None
+        self.crop = int(cfg.data.get("crop", 0))
+        self.kl_weight = float(cfg.loss.get("kl_weight", 1e-6))
+        self.l1_weight = float(cfg.loss.get("l1_weight", 1.0))
+        self.mse_weight = float(cfg.loss.get("mse_weight", 1.0))
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def trainable_modules(self) -> dict:
+        return {"vae": self.vae}
+
+    def prepare(self, run_dir: Path) -> None:
+        pass
+
+    def _images(self, idx) -> torch.Tensor:
+        return torch.stack([image_to_tensor(self.dataset[int(i)].image) for i in idx])
+
+    def loss(self, step: int):
+        idx = batch_indices(self.cfg.seed, step, len(self.dataset), self.cfg.batch_size)
+        x = self._images(idx)
+        if self.crop:
+            H, W = x.shape[-2:]
+            rng = np.random.default_rng([self.cfg.seed, 104729, step])
+            ys, xs = rng.integers(0, H - self.crop + 1, len(x)), rng.integers(0, W - self.crop + 1, len(x))
+            x = torch.stack([im[:, a:a + self.crop, b:b + self.crop] for im, a, b in zip(x, ys, xs)])
+        x = x.to(self.device)
+        rec, post = self.vae(x, sample=True, generator=self.generator)
+        l1 = (rec - x).abs().mean()
+        mse = (rec - x).pow(2).mean()
+        kl = post.kl().mean() / x[0].numel()
+        loss = self.l1_weight * l1 + self.mse_weight * mse + self.kl_weight * kl
+        return loss, {"loss_l1": l1.item(), "loss_kl": kl.item(),
+                      "psnr": float(10 * math.log10(4.0 / max(mse.item(), 1e-12)))}
+
+    def _eval_images(self, n: int) -> torch.Tensor:
+        ds = self.eval_dataset or self.dataset
+        n = min(n, len(ds))
+        step = max(1, len(ds) // n)
+        return torch.stack([image_to_tensor(ds[i * step].image) for i in range(n)])
+
+    @torch.no_grad()
+    def sample(self, path: Path, step: int) -> None:
+        from ..data.base import tensor_to_image
+        from ..pipelines.text_to_image import make_grid
+
+        x = self._eval_images(8).to(self.device)
+        rec = self.vae(x, sample=False)[0]
+        ims = [tensor_to_image(t) for t in torch.cat([x, rec]).cpu()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(ims, cols=8, scale=2).save(path)
+
+    @torch.no_grad()
+    def evaluate(self, n: int | None = None) -> dict:
+        n = n or int(self.cfg.data.get("eval_count", 256))
+        x = self._eval_images(n)
+        vals = []
+        for chunk in x.split(64):
+            chunk = chunk.to(self.device)
+            vals.append(psnr(self.vae(chunk, sample=False)[0], chunk).cpu())
+        v = torch.cat(vals)
+        return {"psnr_mean": round(float(v.mean()), 3), "psnr_min": round(float(v.min()), 3), "images": len(v),
+                "eval_set": "eval_spec" if self.eval_dataset is not None else "training data"}
+
+    @torch.no_grad()
+    def latent_stats(self, n: int = 512) -> tuple[float, float]:
+        idx = batch_indices(self.cfg.seed + 1, 0, len(self.dataset), min(n, len(self.dataset)))
+        zs = [self.vae.encode(self._images(chunk).to(self.device)).mode() for chunk in np.array_split(idx, 8)]
+        z = torch.cat(zs)
+        return float(z.mean()), float(z.std())
+
+    def export(self, out_dir: Path) -> Path:
+        mean, std = self.latent_stats()
+        cfg = self.vae.config.replace(shift_factor=round(mean, 6), scaling_factor=round(1.0 / std, 6))
+        object.__setattr__(self.vae, "config", cfg)  # the exported config carries the normalisation
+        self.vae.config = cfg
+        self.vae.save_pretrained(out_dir)
+        report = {"latent_mean": mean, "latent_std": std, **self.evaluate()}
+        (Path(out_dir) / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"autoencoder exported to {out_dir}: {report}")
+        return Path(out_dir)
+
+
+# ======================================================================================================
+class FlowTask:
+    """Text-to-image flow matching of a ThreeStageDiT on cached latents and caption features."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from ..models import ThreeStageDiT, preset
+        from ..models.config import ThreeStageDiTConfig
+        from ..text import TextConditioning
+
+        self.cfg, self.device = cfg, device
+        _check_keys("data", cfg.data, {"spec", "num_samples", "cache", "resolution", "encode_batch"})
+        _check_keys("text", cfg.text, {"encoder", "max_length", "drop_prob"})
+        _check_keys("flow", cfg.flow, {"logit_mean", "logit_std", "shift"})
+        _check_keys("vae", cfg.vae, {"path"})
+        _check_keys("sampling", cfg.sampling, {"prompts", "steps", "guidance", "shift"})
+        _check_keys("export", cfg.export, {"dtype"})
+        model_kw = dict(cfg.model)
+        name = model_kw.pop("preset", None)
+        mcfg = preset(name, **model_kw) if name else ThreeStageDiTConfig(**model_kw)
+        self.model = ThreeStageDiT(mcfg).to(device)
+        self.model.gradient_checkpointing = cfg.grad_checkpointing
+        self.text_spec = cfg.text.get("encoder", "minilm")
+        self.text_max_length = int(cfg.text.get("max_length", 32))
+        self.text_dim = None  # known after the cache is loaded
+        self.drop_prob = float(cfg.text.get("drop_prob", 0.1))
+        self.cond_kwargs = None
+        self.conditioning: TextConditioning | None = None
+        from ..flow import FlowMatchingLoss
+
+        f = cfg.flow
+        self.objective = FlowMatchingLoss(mean=float(f.get("logit_mean", 0.0)), std=float(f.get("logit_std", 1.0)),
+                                          shift=float(f.get("shift", 1.0)), patch_size=mcfg.patch_size)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self._text_encoder = None
+        self._vae = None
+        # the conditioning module must exist before the trainer collects parameters: infer the encoder
+        # width now (minilm = 384; a custom encoder is probed from its config when the cache is absent)
+        self._init_conditioning(self._encoder_dim())
+
+    # --- components ---------------------------------------------------------------------------------
+    def _encoder_dim(self) -> int:
+        if self.text_spec == "minilm":
+            return 384
+        if self.text_spec == "cache":  # tests: features come from the cache only
+            return int(self.cfg.model.get("text_dim", self.model.config.text_dim))
+        cfg_file = Path(self.text_spec) / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"text encoder folder {self.text_spec} has no config.json")
+        c = json.loads(cfg_file.read_text())
+        c = c.get("text_config", c)
+        for key in ("hidden_size", "d_model", "dim"):
+            if key in c:
+                return int(c[key])
+        raise ValueError(f"cannot tell the hidden size of the text encoder in {self.text_spec}")
+
+    def _init_conditioning(self, dim: int) -> None:
+        from ..text import TextConditioning
+
+        self.cond_kwargs = {"encoder_dims": [dim], "out_dim": self.model.config.text_dim,
+                            "drop_probs": [self.drop_prob], "null_length": 1}
+        self.conditioning = TextConditioning(**self.cond_kwargs).to(self.device)
+
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            from ..pipelines.text_to_image import load_text_encoder
+
+            if self.text_spec == "cache":
+                raise RuntimeError("text.encoder 'cache' cannot encode new prompts")
+            self._text_encoder = load_text_encoder(self.text_spec, self.text_max_length)
+        return self._text_encoder
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            from ..vae import load_autoencoder
+
+            path = self.cfg.vae.get("path")
+            if not path:
+                raise ValueError("flow task needs vae.path (a trained autoencoder folder)")
+            self._vae = load_autoencoder(path).to(self.device).eval()
+        return self._vae
+
+    def trainable_modules(self) -> dict:
+        return {"transformer": self.model, "conditioning": self.conditioning}
+
+    # --- latent cache -------------------------------------------------------------------------------
+    def cache_path(self, run_dir: Path) -> Path:
+        p = self.cfg.data.get("cache")
+        return Path(p) if p else run_dir / "latents.safetensors"
+
+    def prepare(self, run_dir: Path) -> None:
+        from ..data.latent_cache import build_latent_cache, load_latent_cache
+
+        path = self.cache_path(run_dir)
+        if not path.is_file():
+            if "spec" not in self.cfg.data:
+                raise ValueError(f"no latent cache at {path} and no data.spec to build one from")
+            build_latent_cache(path, self.cfg.data["spec"], self.vae, self.text_encoder,
+                               num_samples=int(self.cfg.data.get("num_samples", 10000)),
+                               batch_size=int(self.cfg.data.get("encode_batch", 64)))
+        cache = load_latent_cache(path)
+        self.latents = cache["latents"]
+        self.text_tokens, self.text_mask = cache["text_tokens"], cache["text_mask"]
+        self.caption_index = cache["caption_index"]
+        if self.text_tokens.shape[-1] != self.cond_kwargs["encoder_dims"][0]:
+            raise ValueError(f"latent cache {path} holds {self.text_tokens.shape[-1]}-d text features but the "
+                             f"text encoder gives {self.cond_kwargs['encoder_dims'][0]}; rebuild the cache")
+        C = self.model.config.in_channels
+        if self.latents.shape[1] != C:
+            raise ValueError(f"latent cache {path} has {self.latents.shape[1]} channels, the model expects {C}")
+        print(f"latent cache: {len(self.latents)} samples, latents {tuple(self.latents.shape[1:])}, "
+              f"{len(self.text_tokens)} distinct captions")
+
+    # --- training -----------------------------------------------------------------------------------
+    def loss(self, step: int):
+        idx = torch.from_numpy(batch_indices(self.cfg.seed, step, len(self.latents), self.cfg.batch_size))
+        x0 = self.latents[idx].float().to(self.device)
+        cap = self.caption_index[idx]
+        feats = (self.text_tokens[cap].float().to(self.device), self.text_mask[cap].to(self.device))
+        text, mask = self.conditioning([feats])
+        loss, per_sample, t = self.objective(self.model, x0, generator=self.generator, text=text, text_mask=mask)
+        from ..flow import loss_per_time_bin
+
+        return loss, {"bins": loss_per_time_bin(per_sample, t, self.cfg.time_bins)}
+
+    # --- samples / export ---------------------------------------------------------------------------
+    def pipeline(self):
+        from ..pipelines.text_to_image import PipelineConfig, TextToImagePipeline
+
+        s = self.cfg.sampling
+        res = self.cfg.data.get("resolution", 64)
+        res = (res, res) if isinstance(res, int) else tuple(res)
+        pcfg = PipelineConfig(text_encoder=self.text_spec, text_max_length=self.text_max_length,
+                              conditioning=self.cond_kwargs, resolution=res, steps=int(s.get("steps", 20)),
+                              guidance=float(s.get("guidance", 4.0)), shift=float(s.get("shift", 1.0)))
+        return TextToImagePipeline(self.model, self.conditioning, self.vae, pcfg, text_encoder=self._text_encoder
+                                   if self.text_spec != "cache" else None)
+
+    @torch.no_grad()
+    def sample(self, path: Path, step: int) -> None:
+        from ..pipelines.text_to_image import make_grid
+
+        prompts = self.cfg.sampling.get("prompts") or []
+        if not prompts or self.text_spec == "cache":
+            return
+        pipe = self.pipeline()
+        images = pipe(prompts, seed=0)
+        self._text_encoder = pipe.text_encoder
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, prompts, cols=min(len(prompts), 6), scale=2).save(path)
+        self.model.train()
+        self.conditioning.train()
+
+    def export(self, out_dir: Path) -> Path:
+        if self.text_spec == "cache" or not self.cfg.vae.get("path"):
+            # tests: no autoencoder/text encoder; save the transformer alone
+            self.model.save_pretrained(Path(out_dir) / "transformer")
+            return Path(out_dir)
+        dtype = {"float32": torch.float32, "float16": torch.float16}[self.cfg.export.get("dtype", "float32")]
+        pipe = self.pipeline()
+        if Path(out_dir).exists():
+            shutil.rmtree(out_dir)
+        pipe.save_pretrained(out_dir, dtype=dtype)
+        print(f"pipeline exported to {out_dir}")
+        return Path(out_dir)
+
+
