@@ -188,3 +188,17 @@ def test_torch_export_matches_eager_and_leaves_eager_intact():
     torch.testing.assert_close(exported.module()(x, t, text, mask), model(x, t, text, mask))
     out = model(x, t, text, mask)
     assert type(out) is torch.Tensor and torch.isfinite(out).all()
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    torch.manual_seed(0)
+    model = perturb_(ThreeStageDiT(nano()))
+    x, t, text, mask = dummy_inputs(model.config)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model(x, t, text, mask).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
