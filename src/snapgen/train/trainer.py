@@ -29,6 +29,11 @@ from .config import TrainConfig
 __all__ = ["Trainer", "TrainingDiverged", "lr_at"]
 
 
+# Keys that do not change what is trained, so a run may be resumed (or re-exported) with new values.
+RESUME_MAY_CHANGE = ("steps", "run_dir", "sampling", "export", "sample_every", "log_every", "ckpt_every",
+                     "keep_checkpoints", "threads")
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -95,10 +100,11 @@ class Trainer:
         if saved.is_file():
             before = yaml.safe_load(saved.read_text())
             changed = sorted(k for k in set(before) | set(now)
-                             if k not in ("steps", "run_dir") and before.get(k) != now.get(k))
+                             if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k))
             if changed:
                 raise ValueError(f"{self.run_dir} holds a run with a different config (changed: {changed}). "
-                                 f"Resume with the same config (only 'steps' may grow), or pick a new run_dir")
+                                 f"Resume with the same config (only {', '.join(RESUME_MAY_CHANGE)} may change), "
+                                 f"or pick a new run_dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = saved.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(now, sort_keys=False))
