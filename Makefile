@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.snapgen-installed
 
-.PHONY: setup run test bench bench-peers clean
+.PHONY: setup run train-shipped test bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -12,10 +12,15 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-# The main job (for now): the paper presets at 1024px, then a real forward pass of `small` at 512px.
+# The main job: generate images from prompts with the shipped model (models/snapgen-micro) into outputs/.
 run: setup
-	$(VENV)/bin/snapgen info --preset all --resolution 1024
-	$(VENV)/bin/snapgen info --preset small --resolution 512 --forward
+	HF_HUB_OFFLINE=1 $(VENV)/bin/snapgen generate --prompts-file examples/prompts.txt --grid --out outputs/
+
+# Re-train the shipped model from scratch (about 2 hours on 2 CPU cores), then copy it to models/.
+train-shipped: setup
+	$(VENV)/bin/snapgen train --config configs/vae_micro.yaml
+	$(VENV)/bin/snapgen train --config configs/t2i_micro.yaml
+	rm -rf models/snapgen-micro && cp -r runs/t2i_micro/final models/snapgen-micro
 
 test: setup
 	$(PY) -m pytest -q
@@ -30,4 +35,4 @@ bench-peers: setup
 	$(PY) benchmarks/peers.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info
+	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info outputs

@@ -123,20 +123,22 @@ def cmd_generate(args) -> int:
     t_gen = time.perf_counter() - t1
     out = Path(args.out)
     written = []
-    if args.grid or len(prompts) == 1:
-        target = out if out.suffix else out / "grid.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (make_grid(images, prompts, scale=args.scale) if args.grid else images[0]).save(target)
-        written.append(target)
-    if not args.grid and len(prompts) > 1:
-        if out.suffix:
+    if out.suffix:  # a file: one image, or the grid of all
+        if len(prompts) > 1 and not args.grid:
             raise ValueError(f"{len(prompts)} prompts need --out to be a folder (got {out}) or --grid")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (make_grid(images, prompts, scale=args.scale) if args.grid else images[0]).save(out)
+        written.append(out)
+    else:  # a folder: one PNG per prompt (+ grid.png with --grid)
         out.mkdir(parents=True, exist_ok=True)
         for i, (im, p) in enumerate(zip(images, prompts)):
             slug = "".join(c if c.isalnum() else "_" for c in p.lower())[:48].strip("_")
             target = out / f"{i:02d}_{slug}.png"
             im.save(target)
             written.append(target)
+        if args.grid:
+            make_grid(images, prompts, scale=args.scale).save(out / "grid.png")
+            written.append(out / "grid.png")
     for w in written:
         print(w)
     print(f"generated {len(images)} image(s) of {images[0].size[1]}x{images[0].size[0]} in {t_gen:.2f} s "
@@ -170,13 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images from text prompts")
     p.add_argument("prompt", nargs="*", help="one or more prompts")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--out", default="out.png", help="output PNG (one prompt or --grid) or folder (default out.png)")
+    p.add_argument("--out", default="out.png",
+                   help="output PNG (one prompt, or the grid with --grid) or a folder: one PNG per prompt, "
+                        "plus grid.png with --grid (default out.png)")
     p.add_argument("--model", help="pipeline folder (default: the shipped models/snapgen-micro)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance weight w in v_u + w (v_c - v_u)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size in pixels")
-    p.add_argument("--grid", action="store_true", help="write one grid image with the prompts under the images")
+    p.add_argument("--grid", action="store_true", help="also write a grid image with the prompts under the images")
     p.add_argument("--scale", type=int, default=2, help="pixel upscale of grid cells (default 2)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
