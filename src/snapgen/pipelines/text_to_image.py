@@ -131,7 +131,11 @@ class TextToImagePipeline:
     def check_inputs(self, prompts, height: int, width: int, steps: int, guidance: float) -> list[str]:
         if isinstance(prompts, str):
             prompts = [prompts]
-        prompts = list(prompts)
+        try:
+            prompts = list(prompts)
+        except TypeError:
+            raise TypeError(f"prompts must be a string or a list of strings, "
+                            f"got {type(prompts).__name__}") from None
         if not prompts:
             raise ValueError("no prompt given: pass at least one non-empty prompt")
         for p in prompts:

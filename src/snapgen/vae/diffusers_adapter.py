@@ -65,9 +65,13 @@ def load_autoencoder(directory: str | os.PathLike):
         raise FileNotFoundError(f"autoencoder folder {directory} has no {CONFIG_NAME}; pass a folder written by "
                                 f"Autoencoder.save_pretrained or diffusers' AutoencoderKL.save_pretrained")
     try:
-        kind = json.loads(cfg_path.read_text()).get("_class_name")
+        config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(config, dict):
+        raise ValueError(  # noqa: TRY004 - a corrupt file, like invalid JSON
+            f"{cfg_path} must hold a JSON object, got {type(config).__name__}; the file is corrupt")
+    kind = config.get("_class_name")
     if kind == "AutoencoderKL":
         return DiffusersAutoencoder.from_pretrained(directory)
     if kind == "Autoencoder":
