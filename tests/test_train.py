@@ -63,7 +63,7 @@ def _cli(config: Path) -> list[str]:
 
 
 def test_exact_resume_after_sigkill(tmp_path):
-    steps = 150
+    steps = 60
     ref_cfg = write_config(tmp_path, flow_config(tmp_path, "ref", steps), "ref")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     subprocess.run(_cli(ref_cfg), check=True, env=env, capture_output=True, timeout=600)
