@@ -370,7 +370,7 @@ def test_cli_generate_writes_images(capsys, tmp_path, cli_model):
     assert str(grid_dir / "g.png") in capsys.readouterr().out
     assert [f.name for f in grid_dir.iterdir()] == ["g.png"]
     grid = Image.open(grid_dir / "g.png")
-    assert grid.size == (2 * 96, 2 * 16 + 28)   # 2 cells of max(16*2, 96) wide; 16px images x2 + captions
+    assert grid.size == (2 * 96, 2 * 16 + 40)   # 2 cells of max(16*2, 96) wide; 16px images x2 + 40px caption strips (3 lines)
 
     # --grid with a folder --out: one PNG per prompt plus grid.png
     both = tmp_path / "both"

@@ -127,7 +127,7 @@ def cmd_generate(args) -> int:
         if len(prompts) > 1 and not args.grid:
             raise ValueError(f"{len(prompts)} prompts need --out to be a folder (got {out}) or --grid")
         out.parent.mkdir(parents=True, exist_ok=True)
-        (make_grid(images, prompts, scale=args.scale) if args.grid else images[0]).save(out)
+        (make_grid(images, prompts, scale=args.scale, caption_height=40) if args.grid else images[0]).save(out)
         written.append(out)
     else:  # a folder: one PNG per prompt (+ grid.png with --grid)
         out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def cmd_generate(args) -> int:
             im.save(target)
             written.append(target)
         if args.grid:
-            make_grid(images, prompts, scale=args.scale).save(out / "grid.png")
+            make_grid(images, prompts, scale=args.scale, caption_height=40).save(out / "grid.png")
             written.append(out / "grid.png")
     for w in written:
         print(w)

@@ -261,5 +261,5 @@ def make_grid(images: list[Image.Image], captions: list[str] | None = None, cols
 def _wrap(text: str, max_chars: int) -> str:
     import textwrap
 
-    lines = textwrap.wrap(text, max_chars)[:2]
+    lines = textwrap.wrap(text, max_chars)[:3]
     return "\n".join(lines)
