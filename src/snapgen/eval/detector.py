@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
