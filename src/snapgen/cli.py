@@ -146,6 +146,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval.run import format_report, run_evaluation
+
+    summary = run_evaluation(args.model, args.prompts, seeds=args.seeds, steps=args.steps, guidance=args.cfg,
+                             quick=args.quick, out_dir=args.out, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_report(summary))
+        print(f"report: {args.out}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import PRESETS
 
@@ -184,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=2, help="pixel upscale of grid cells (default 2)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="SceneEval per category, alignment score and FD of a model, with a report")
+    p.add_argument("--model", help="pipeline folder (default: the shipped models/snapgen-micro)")
+    p.add_argument("--prompts", help="GenEval-format JSONL prompt file (default: the shipped sceneeval set)")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds 0..N-1, default 4)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--cfg", type=float, help="guidance weight (default: the model's)")
+    p.add_argument("--quick", action="store_true", help="3 prompts per category, 1 seed")
+    p.add_argument("--out", default="eval_report", help="report folder (default eval_report/)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,0 +1,30 @@
+"""`snapgen eval` end to end on the shipped model (quick mode)."""
+
+import json
+
+from snapgen.cli import main
+
+CATEGORIES = ["single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"]
+
+
+def test_eval_quick_json_and_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval", "--quick", "--json", "--out", str(out), "--no-progress", "--steps", "4"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(CATEGORIES) <= set(summary["sceneeval"])
+    scores = [summary["sceneeval"][c] for c in CATEGORIES[:-1]]
+    assert all(0.0 <= v <= 1.0 for v in scores)
+    assert abs(summary["sceneeval"]["overall"] - sum(scores) / len(scores)) < 1e-3
+    assert {"alignment", "fd", "steps", "cfg", "images", "seconds"} <= set(summary)
+    assert summary["steps"] == 4 and summary["images"] == 18
+    assert (out / "report.md").read_text().startswith("# snapgen eval")
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 18 and all("correct" in json.loads(ln) for ln in lines)
+
+
+def test_eval_bad_inputs(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--quick"]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    bad = tmp_path / "p.jsonl"
+    bad.write_text("{not json\n")
+    assert main(["eval", "--prompts", str(bad), "--quick", "--out", str(tmp_path / "r")]) == 2
