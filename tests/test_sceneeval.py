@@ -396,7 +396,7 @@ def test_summarize_is_mean_over_categories():
 
 
 def test_failure_grids(detector, renders, ceiling_results, tmp_path):
-    images, metas, samples = renders
+    images, _, samples = renders
     a, b = 0, PER_CATEGORY * CATEGORIES.index("color_attr")
     # image a shows one object: ask for four of them; image b: swap its two objects' colours
     sa, sb = samples[a].meta["objects"], samples[b].meta["objects"]

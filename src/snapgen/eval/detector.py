@@ -49,8 +49,30 @@ Reproducing the shipped weights (``models/evaluators/scene-detector``)::
 
     OMP_NUM_THREADS=1 python -m snapgen.eval.detector --out models/evaluators/scene-detector
 
-(deterministic from ``--seed``: training runs on one thread; it then prints per-attribute accuracy on
-held-out renders, clean and degraded).
+(deterministic from ``--seed``: training runs on one thread and reproduces the shipped file bit for
+bit; about a minute of one core. It then prints :func:`accuracy_report`; ``--eval-only`` skips training.)
+
+Measured accuracy of the shipped weights (300 renders per row at 64 px, ``val`` = in-distribution,
+``heldout`` = scenes with held-out colour-shape pairs; ``count`` = images with the right number of
+detections, ``shape`` / ``color`` over the objects matched to a detection; recall was 1.000 everywhere):
+
+=========  ==============================  ==============================
+setting    val: count / shape / color      heldout: count / shape / color
+=========  ==============================  ==============================
+clean      1.000 / 1.000 / 1.000           1.000 / 1.000 / 1.000
+degraded   1.000 / 1.000 / 1.000           1.000 / 1.000 / 1.000
+random     1.000 / 0.998 / 1.000           1.000 / 1.000 / 1.000
+heavy      1.000 / 0.959 / 0.979           1.000 / 0.952 / 0.979
+=========  ==============================  ==============================
+
+(:data:`DEGRADATIONS`: degraded = Gaussian blur 1 px + noise std 8; random = the training augmentation's
+distribution; heavy = blur 1.6 px + noise 16 + JPEG quality 40 + full colour jitter.)
+
+Touching objects (:func:`evaluate_touching`, 120 pairs per cell; count = both objects found):
+different shapes and colours, boxes 8 % apart / touching / overlapping 10 %: count 0.97 / 0.95 / 0.95
+clean and 0.95 / 0.93 / 0.93 degraded, shapes and colours >= 0.995. Same shape and colour (the hard
+case): 1.00 / 0.87 / 0.83 clean, 1.00 / 0.79 / 0.71 degraded. Known limit: two same-colour squares
+touching along a side make one rectangle, which is never split (it reads as one square).
 """
 
 from __future__ import annotations
@@ -74,14 +96,14 @@ from ..models.io import ModelIOMixin
 from ..utils.config import JSONConfigMixin
 
 __all__ = [
+    "DEGRADATIONS",
     "DetectedObject",
     "DetectorConfig",
     "SceneDetector",
     "ShapeNet",
+    "accuracy_report",
     "default_detector_dir",
     "degrade_image",
-    "DEGRADATIONS",
-    "accuracy_report",
     "evaluate_detector",
     "evaluate_touching",
     "load_detector",
