@@ -249,7 +249,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 3) -> torch
     return torch.stack([xp[i, :, oy:oy + h, ox:ox + w] for i, (oy, ox) in enumerate(offs.tolist())])
 
 
-def train_image_encoder(out_dir: str | os.PathLike | None = None, steps: int = 2000, batch_size: int = 128,
+def train_image_encoder(out_dir: str | os.PathLike | None = None, steps: int = 2500, batch_size: int = 128,
                         seed: int = 0, pool_size: int = 20000, lr: float = 2e-3,
                         config: ImageEncoderConfig | None = None, text_encoder=None,
                         log_every: int = 100) -> ImageEncoder:
@@ -340,7 +340,7 @@ def evaluate_encoder(encoder: ImageEncoder, embedder: SentenceEmbedder | None = 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train the contrastive image encoder used for alignment / FD.")
     ap.add_argument("--out", default=str(default_image_encoder_dir()))
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--pool-size", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
