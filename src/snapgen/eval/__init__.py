@@ -19,6 +19,10 @@ _EXPORTS = {
     "sceneeval": ("MIN_CONFIDENCE", "POSITION_THRESHOLD", "PROMPT_SETS", "Verdict", "evaluate_images",
                   "load_prompts", "metadata_from_scene", "prompt_path", "relative_position", "save_prompts",
                   "score_image", "summarize", "validate_metadata", "write_failure_grids"),
+    "alignment": ("ImageEncoder", "ImageEncoderConfig", "alignment_score", "load_image_encoder",
+                  "train_image_encoder", "default_image_encoder_dir"),
+    "frechet": ("frechet_distance", "fd_images"),
+    "run": ("run_evaluation",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
