@@ -94,6 +94,7 @@ from scipy import ndimage
 from ..data.scenes import COLORS, SHAPES, SceneDataset
 from ..models.io import ModelIOMixin
 from ..utils.config import JSONConfigMixin
+from ..utils.paths import shipped_dir
 
 __all__ = [
     "DEGRADATIONS",
@@ -113,10 +114,7 @@ __all__ = [
 
 def default_detector_dir() -> Path:
     """The shipped detector: ``$SNAPGEN_SCENE_DETECTOR`` or ``models/evaluators/scene-detector``."""
-    env = os.environ.get("SNAPGEN_SCENE_DETECTOR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "models" / "evaluators" / "scene-detector"
+    return shipped_dir("SNAPGEN_SCENE_DETECTOR", "models", "evaluators", "scene-detector")
 
 
 @dataclass(frozen=True)

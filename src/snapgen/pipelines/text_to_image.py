@@ -29,6 +29,7 @@ from ..flow import cfg_velocity, euler_sample, few_step_sample, sampling_times
 from ..models import ThreeStageDiT
 from ..models.io import atomic_save_safetensors
 from ..utils.config import JSONConfigMixin
+from ..utils.paths import shipped_dir
 
 __all__ = ["PipelineConfig", "TextToImagePipeline", "default_model_dir"]
 
@@ -38,10 +39,7 @@ MAX_PROMPT_CHARS = 1000
 
 def default_model_dir() -> Path:
     """The shipped model: ``$SNAPGEN_MODEL`` or ``models/snapgen-micro`` in the repository."""
-    env = os.environ.get("SNAPGEN_MODEL")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "models" / "snapgen-micro"
+    return shipped_dir("SNAPGEN_MODEL", "models", "snapgen-micro")
 
 
 @dataclass(frozen=True)

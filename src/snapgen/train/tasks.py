@@ -155,8 +155,7 @@ class AutoencoderTask:
     def export(self, out_dir: Path) -> Path:
         mean, std = self.latent_stats()
         cfg = self.vae.config.replace(shift_factor=round(mean, 6), scaling_factor=round(1.0 / std, 6))
-        object.__setattr__(self.vae, "config", cfg)  # the exported config carries the normalisation
-        self.vae.config = cfg
+        self.vae.config = cfg  # the exported config carries the normalisation
         self.vae.save_pretrained(out_dir)
         report = {"latent_mean": mean, "latent_std": std, **self.evaluate()}
         (Path(out_dir) / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -187,7 +186,6 @@ class FlowTask:
         self.model.gradient_checkpointing = cfg.grad_checkpointing
         self.text_spec = cfg.text.get("encoder", "minilm")
         self.text_max_length = int(cfg.text.get("max_length", 32))
-        self.text_dim = None  # known after the cache is loaded
         self.drop_prob = float(cfg.text.get("drop_prob", 0.1))
         self.cond_kwargs = None
         self.conditioning: TextConditioning | None = None

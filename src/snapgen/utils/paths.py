@@ -1,0 +1,16 @@
+"""Where shipped weights live: an environment variable if set, else a folder of the repository."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["REPO_ROOT", "shipped_dir"]
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def shipped_dir(env_var: str, *parts: str) -> Path:
+    """``$env_var`` when set, else ``REPO_ROOT / parts`` (e.g. ``models/snapgen-micro``)."""
+    env = os.environ.get(env_var)
+    return Path(env) if env else REPO_ROOT.joinpath(*parts)
