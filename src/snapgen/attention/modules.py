@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..elastic.ops import ElasticConv2d, ElasticLinear, ElasticModule, WidthSpec
 from .bna import BNA_BACKENDS, make_geometry
 from .functional import assa_attention, attention
 from .rope import apply_rope
@@ -19,29 +20,51 @@ __all__ = ["SelfAttention", "AdaptiveSparseSelfAttention", "CrossAttention"]
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
-class _QKVProjection(nn.Module):
-    """q/k/v projections (GQA: ``kv_heads`` may be fewer than ``heads``), per-head QK LayerNorm, output projection."""
+class _QKVProjection(ElasticModule, nn.Module):
+    """q/k/v projections (GQA: ``kv_heads`` may be fewer than ``heads``), per-head QK LayerNorm, output projection.
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, kv_dim: int | None = None):
+    Width-elastic: the projections slice whole heads (constant ``head_dim``); the QK-norms are the
+    per-width "lightweight" parameters, one pair per variant. ``kv_dim`` set (cross-attention) keeps the
+    key/value *input* (the text width) unsliced."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, kv_dim: int | None = None,
+                 variants: tuple[tuple[str, float], ...] = ()):
         super().__init__()
         if heads % kv_heads != 0:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads}) for GQA")
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self_attention = kv_dim is None
         kv_dim = dim if kv_dim is None else kv_dim
-        self.to_q = nn.Linear(dim, heads * head_dim)
-        self.to_k = nn.Linear(kv_dim, kv_heads * head_dim)
-        self.to_v = nn.Linear(kv_dim, kv_heads * head_dim)
+        self.to_q = ElasticLinear(dim, heads * head_dim)
+        self.to_k = ElasticLinear(kv_dim, kv_heads * head_dim, elastic_in=self_attention)
+        self.to_v = ElasticLinear(kv_dim, kv_heads * head_dim, elastic_in=self_attention)
         self.norm_q = nn.LayerNorm(head_dim, eps=1e-6)
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
-        self.to_out = nn.Linear(heads * head_dim, dim)
+        if variants:
+            self.qk_norm_variants = nn.ModuleDict({
+                name: nn.ModuleDict({"norm_q": nn.LayerNorm(head_dim, eps=1e-6),
+                                     "norm_k": nn.LayerNorm(head_dim, eps=1e-6)}) for name, _ in variants})
+        self.to_out = ElasticLinear(heads * head_dim, dim)
+
+    def _qk_norms(self, spec: WidthSpec | None) -> tuple[nn.LayerNorm, nn.LayerNorm]:
+        if spec is None or spec.is_full:
+            return self.norm_q, self.norm_k
+        pair = self.qk_norm_variants[spec.name]
+        return pair["norm_q"], pair["norm_k"]
+
+    def active_parameters(self, spec: WidthSpec | None) -> dict[str, torch.Tensor]:
+        nq, nk = self._qk_norms(spec)
+        return {"norm_q.weight": nq.weight, "norm_q.bias": nq.bias, "norm_k.weight": nk.weight,
+                "norm_k.bias": nk.bias}
 
     def project(self, x: torch.Tensor, context: torch.Tensor | None = None):
         context = x if context is None else context
         B, N, _ = x.shape
         M = context.shape[1]
-        q = self.norm_q(self.to_q(x).view(B, N, self.heads, self.head_dim))
-        k = self.norm_k(self.to_k(context).view(B, M, self.kv_heads, self.head_dim))
-        v = self.to_v(context).view(B, M, self.kv_heads, self.head_dim)
+        norm_q, norm_k = self._qk_norms(self.active)
+        q = norm_q(self.to_q(x).view(B, N, -1, self.head_dim))
+        k = norm_k(self.to_k(context).view(B, M, -1, self.head_dim))
+        v = self.to_v(context).view(B, M, -1, self.head_dim)
         return q, k, v
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
@@ -69,14 +92,14 @@ class AdaptiveSparseSelfAttention(_QKVProjection):
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, bna_tile: tuple[int, int] = (4, 0),
-                 bna_radius: int = 1, bna_backend: str = "gather"):
-        super().__init__(dim, heads, kv_heads, head_dim)
+                 bna_radius: int = 1, bna_backend: str = "gather", variants: tuple[tuple[str, float], ...] = ()):
+        super().__init__(dim, heads, kv_heads, head_dim, variants=variants)
         if bna_backend not in BNA_BACKENDS:
             raise ValueError(f"unknown BNA backend {bna_backend!r}; choose one of {BNA_BACKENDS}")
         c = kv_heads * head_dim
-        self.compress_k = nn.Conv2d(c, c, kernel_size=2, stride=2, groups=c)  # weights used functionally
-        self.compress_v = nn.Conv2d(c, c, kernel_size=2, stride=2, groups=c)
-        self.gate = nn.Linear(dim, heads)
+        self.compress_k = ElasticConv2d(c, c, kernel_size=2, stride=2, groups=c)  # weights used functionally
+        self.compress_v = ElasticConv2d(c, c, kernel_size=2, stride=2, groups=c)
+        self.gate = ElasticLinear(dim, heads)
         self.bna_tile, self.bna_radius, self.bna_backend = tuple(bna_tile), bna_radius, bna_backend
         self._snapgen_init()
 
@@ -91,9 +114,11 @@ class AdaptiveSparseSelfAttention(_QKVProjection):
                 rope_coarse: RopeTables | None = None) -> torch.Tensor:
         q, k, v = self.project(x)
         geom = make_geometry(grid, self.bna_tile, self.bna_radius)
-        o = assa_attention(q, k, v, self.gate(x), geom, self.compress_k.weight, self.compress_v.weight,
-                           rope=rope, rope_coarse=rope_coarse, k_bias=self.compress_k.bias,
-                           v_bias=self.compress_v.bias, backend=self.bna_backend)
+        ck = self.compress_k.active_parameters(self.compress_k.active)
+        cv = self.compress_v.active_parameters(self.compress_v.active)
+        o = assa_attention(q, k, v, self.gate(x), geom, ck["weight"], cv["weight"], rope=rope,
+                           rope_coarse=rope_coarse, k_bias=ck.get("bias"), v_bias=cv.get("bias"),
+                           backend=self.bna_backend)
         return self.output(o)
 
 
@@ -104,8 +129,9 @@ class CrossAttention(_QKVProjection):
     depend on the model width only on their output side (what elastic slicing needs).
     """
 
-    def __init__(self, dim: int, text_dim: int, heads: int, head_dim: int):
-        super().__init__(dim, heads, heads, head_dim, kv_dim=text_dim)
+    def __init__(self, dim: int, text_dim: int, heads: int, head_dim: int,
+                 variants: tuple[tuple[str, float], ...] = ()):
+        super().__init__(dim, heads, heads, head_dim, kv_dim=text_dim, variants=variants)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.project(x, text)

@@ -25,6 +25,7 @@ ATTENTION_KINDS = ("assa", "dense")
 @dataclass(frozen=True)
 class ThreeStageDiTConfig(JSONConfigMixin):
     _config_kind = "ThreeStageDiT"
+    _optional_keys = ("elastic_variants",)  # configs saved before elastic training existed
 
     # --- latent interface -------------------------------------------------------------------------------
     in_channels: int = 16            # latent channels (paper: Qwen-Image VAE, 16)
@@ -52,11 +53,18 @@ class ThreeStageDiTConfig(JSONConfigMixin):
     stage_skip: bool = True          # Down -> Up skip
     # --- timestep ---------------------------------------------------------------------------------------
     time_freq_dim: int = 256         # sinusoidal features of 1000 * t
+    # --- elastic width (SnapGen++ Sec. 3.2) -----------------------------------------------------------------
+    # Sub-networks served by this supernetwork besides "full": ((name, width ratio), ...), e.g.
+    # (("tiny", 0.375), ("small", 0.5)). Empty = an ordinary model. A dict is accepted too.
+    elastic_variants: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         # JSON round trips give lists; store tuples so configs compare and hash.
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "bna_tile", tuple(int(t) for t in self.bna_tile))
+        ev = self.elastic_variants
+        ev = ev.items() if isinstance(ev, dict) else ev
+        object.__setattr__(self, "elastic_variants", tuple((str(n), float(r)) for n, r in ev))
         self.validate()
 
     # ----------------------------------------------------------------------------------------------------
@@ -95,6 +103,45 @@ class ThreeStageDiTConfig(JSONConfigMixin):
             bad(f"bna_radius must be >= 0, got {self.bna_radius}")
         if self.mlp_ratio <= 0 or self.mlp_ratio_middle <= 0:
             bad("mlp ratios must be positive")
+        names = [n for n, _ in self.elastic_variants]
+        if len(set(names)) != len(names) or "full" in names:
+            bad(f"elastic_variants names must be unique and not 'full', got {names}")
+        for name, ratio in self.elastic_variants:
+            if not name.isidentifier():
+                bad(f"elastic variant name {name!r} must be a Python identifier (it names parameters)")
+            if not 0 < ratio < 1:
+                bad(f"elastic variant {name!r}: width ratio must be in (0, 1), got {ratio}")
+            try:
+                self.variant_config(name)
+            except ValueError as e:
+                bad(f"elastic variant {name!r} at ratio {ratio}: {e}")
+
+    def variant_config(self, name: str) -> "ThreeStageDiTConfig":
+        """The standalone config of sub-network ``name``: width x ratio, heads shrink at constant head size
+        and constant GQA group. Every sliced size must stay whole, and the FFN hidden sizes of the slice must
+        equal what a standalone model of that width builds."""
+        variants = dict(self.elastic_variants)
+        if name == "full":
+            return self.replace(elastic_variants=())
+        if name not in variants:
+            raise ValueError(f"unknown variant {name!r}; known: {sorted(variants) + ['full']}")
+        r = variants[name]
+
+        def whole(n, what):
+            m = n * r
+            if abs(m - round(m)) > 1e-6:
+                raise ValueError(f"{what} {n} x {r} = {m} is not whole")
+            return int(round(m))
+
+        width = whole(self.width, "width")
+        if width % self.head_dim:
+            raise ValueError(f"width {width} is not a multiple of head_dim {self.head_dim}")
+        kv_heads = whole(self.kv_heads, "kv_heads")
+        for ratio in (self.mlp_ratio, self.mlp_ratio_middle):
+            if whole(int(round(self.width * ratio)), "FFN hidden size") != int(round(width * ratio)):
+                raise ValueError(f"FFN hidden size does not slice to round({width} x {ratio})")
+        return ThreeStageDiTConfig(**{**self.to_dict(), "width": width, "kv_heads": kv_heads,
+                                      "elastic_variants": ()})
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -120,7 +167,16 @@ PRESETS: dict[str, ThreeStageDiTConfig] = {
     # The shipped CPU-trained model (8.5M parameters): 64x64 images, a 4-channel factor-4 latent, MiniLM text (384-d).
     "micro": ThreeStageDiTConfig(in_channels=4, vae_factor=4, patch_size=2, width=256, head_dim=32, kv_heads=4,
                                  depths=(2, 3, 2), text_dim=384, bna_tile=(2, 0)),
+    # Smallest meaningful elastic supernetwork (GQA group 2 at every width), for tests.
+    "nano-elastic": ThreeStageDiTConfig(in_channels=4, vae_factor=8, patch_size=2, width=128, head_dim=8,
+                                        kv_heads=8, depths=(1, 2, 1), text_dim=32, bna_tile=(2, 0),
+                                        time_freq_dim=32, elastic_variants=(("tiny", 0.375), ("small", 0.5))),
     # Smallest meaningful model, for tests.
+    # The elastic supernetwork of the shipped model: micro's width with 16-wide heads, so that tiny (0.375 x 256
+    # = 96 = 6 heads, 3 KV heads) keeps whole GQA groups; small = 128 (8 heads, 4 KV heads).
+    "micro-elastic": ThreeStageDiTConfig(in_channels=4, vae_factor=4, patch_size=2, width=256, head_dim=16,
+                                         kv_heads=8, depths=(2, 3, 2), text_dim=384, bna_tile=(2, 0),
+                                         elastic_variants=(("tiny", 0.375), ("small", 0.5))),
     "nano": ThreeStageDiTConfig(in_channels=4, vae_factor=8, patch_size=2, width=64, head_dim=16, kv_heads=2,
                                 depths=(1, 2, 1), text_dim=32, bna_tile=(2, 0), time_freq_dim=32),
 }

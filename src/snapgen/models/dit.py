@@ -29,6 +29,7 @@ from torch import nn
 
 from ..attention import grid_positions, rope_angles
 from .config import ThreeStageDiTConfig
+from ..elastic.ops import ElasticConv2d, ElasticModule, WidthSpec
 from .io import ModelIOMixin
 from .layers import MOD_CHUNKS, AdaLNSingle, DiTBlock, FinalLayer, SkipFusion, TimestepEmbedder, TokenDownsample, TokenUpsample
 
@@ -101,14 +102,16 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
                             f"use snapgen.models.preset('small') or ThreeStageDiTConfig(...)")
         self.config = cfg = config
         D, p = cfg.width, cfg.patch_size
-        self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
+        self.patch_embed = ElasticConv2d(cfg.in_channels, D, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(D, cfg.time_freq_dim)
         self.t_block = AdaLNSingle(D)  # shared by all blocks
         self.text_norm = nn.LayerNorm(cfg.text_dim, eps=1e-6)
 
+        variants = cfg.elastic_variants  # ((name, ratio), ...) of the sub-networks; () = not elastic
+
         def block(attention: str, ratio: float) -> DiTBlock:
             return DiTBlock(D, cfg.heads, cfg.kv_heads, cfg.head_dim, ratio, cfg.text_dim, attention,
-                            cfg.bna_tile, cfg.bna_radius, cfg.bna_backend)
+                            cfg.bna_tile, cfg.bna_radius, cfg.bna_backend, variants=variants)
 
         n_down, n_mid, n_up = cfg.depths
         self.down_blocks = nn.ModuleList([block(cfg.outer_attention, cfg.mlp_ratio) for _ in range(n_down)])
@@ -119,8 +122,9 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
         self.upsample = TokenUpsample(D)
         self.stage_skip = SkipFusion(D) if cfg.stage_skip else None
         self.up_blocks = nn.ModuleList([block(cfg.outer_attention, cfg.mlp_ratio) for _ in range(n_up)])
-        self.final_layer = FinalLayer(D, p * p * cfg.in_channels)
+        self.final_layer = FinalLayer(D, p * p * cfg.in_channels, variants=variants)
         self.gradient_checkpointing = False
+        self._variant = "full"
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -140,13 +144,13 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
         cfg = self.config
         t = check_inputs(cfg, x, t, text, text_mask, cfg.downsample)
         B, _, h, w = x.shape
-        p, D = cfg.patch_size, cfg.width
+        p = cfg.patch_size
         grid = (h // p, w // p)
         coarse = (grid[0] // 2, grid[1] // 2)
 
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
         t_emb = self.t_embedder(t)  # (B, D)
-        cond = self.t_block(t_emb).view(B, MOD_CHUNKS, D)
+        cond = self.t_block(t_emb).view(B, MOD_CHUNKS, -1)  # -1: the active width
         text = self.text_norm(text)
         rope = rope_angles(grid_positions(*grid, device=x.device), cfg.head_dim, cfg.rope_theta)
         rope_coarse = rope_angles(grid_positions(*coarse, stride=2.0, offset=0.5, device=x.device), cfg.head_dim,
@@ -180,6 +184,30 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)
         return blk(*args)
+
+    # --- width-elastic sub-networks (see snapgen.elastic) ----------------------------------------------
+    @property
+    def variants(self) -> dict[str, float]:
+        """Sub-networks this model serves, name -> width ratio (``{"full": 1.0}`` for a non-elastic model)."""
+        return {**dict(self.config.elastic_variants), "full": 1.0}
+
+    @property
+    def variant(self) -> str:
+        """The active sub-network's name."""
+        return self._variant
+
+    def set_variant(self, name: str) -> "ThreeStageDiT":
+        """Compute with the sub-network ``name`` (e.g. ``"tiny"``, ``"small"``, ``"full"``) from now on."""
+        if name not in self.variants:
+            raise ValueError(f"unknown variant {name!r}; this model serves {sorted(self.variants)}"
+                             + ("" if self.config.elastic_variants else
+                                " (it is not an elastic supernetwork: train one with an elastic config)"))
+        spec = None if name == "full" else WidthSpec(name, self.variants[name])
+        for m in self.modules():
+            if isinstance(m, ElasticModule):
+                m.active = spec
+        self._variant = name
+        return self
 
     # --------------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:

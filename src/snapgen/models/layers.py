@@ -7,6 +7,11 @@ the three sub-layers (self-attention, cross-attention, FFN), and every block add
 ``(9, width)`` table. Both start at zero, so every gate is 0 and every block is the identity at init;
 the output layer is zero too, so a new model outputs exactly zero (adaLN-Zero). The per-block table is
 the "lightweight width-specific modulation" that elastic training keeps per width.
+
+Every projection is an :class:`~snapgen.elastic.ops.ElasticLinear`: at full width (the default, and any
+non-elastic model) it is a plain ``nn.Linear``; under ``ThreeStageDiT.set_variant`` it computes with the
+leading slice of its weights (see :mod:`snapgen.elastic`). ``variants`` (name -> width ratio) gives the
+modules that hold per-width parameters one copy per sub-network.
 """
 
 from __future__ import annotations
@@ -18,9 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AdaptiveSparseSelfAttention, CrossAttention, SelfAttention
+from ..elastic.ops import ElasticLayerNorm, ElasticLinear, ElasticModule, WidthSpec, active_size
 
 __all__ = ["timestep_embedding", "TimestepEmbedder", "AdaLNSingle", "Mlp", "DiTBlock", "TokenDownsample", "TokenUpsample",
-           "SkipFusion", "FinalLayer", "modulate"]
+           "SkipFusion", "FinalLayer", "modulate", "variant_tables"]
+
+Variants = tuple[tuple[str, float], ...]
+
+
+def variant_tables(shape_of, variants: Variants) -> nn.ParameterDict:
+    """One zero-initialised parameter per sub-network variant; ``shape_of(ratio)`` gives its shape."""
+    return nn.ParameterDict({name: nn.Parameter(torch.zeros(shape_of(r))) for name, r in variants})
 
 MOD_CHUNKS = 9  # (shift, scale, gate) x (self-attention, cross-attention, FFN)
 
@@ -44,7 +57,8 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, width: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.mlp = nn.Sequential(ElasticLinear(freq_dim, width, elastic_in=False), nn.SiLU(),
+                                 ElasticLinear(width, width))
         self._snapgen_init()
 
     def _snapgen_init(self) -> None:
@@ -61,7 +75,7 @@ class AdaLNSingle(nn.Sequential):
     """The shared ``SiLU -> Linear(width, 9*width)`` timestep projection, zero-initialised (adaLN-Zero)."""
 
     def __init__(self, width: int):
-        super().__init__(nn.SiLU(), nn.Linear(width, MOD_CHUNKS * width))
+        super().__init__(nn.SiLU(), ElasticLinear(width, MOD_CHUNKS * width, out_chunks=MOD_CHUNKS))
         self._snapgen_init()
 
     def _snapgen_init(self) -> None:
@@ -75,8 +89,8 @@ class Mlp(nn.Module):
     def __init__(self, width: int, ratio: float):
         super().__init__()
         hidden = int(round(width * ratio))
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = ElasticLinear(width, hidden)
+        self.fc2 = ElasticLinear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -87,33 +101,44 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x, 1 + scale)
 
 
-class DiTBlock(nn.Module):
+class DiTBlock(ElasticModule, nn.Module):
     """LN -> modulate -> self-attention (ASSA or dense) -> gate -> add; same for cross-attention to text
-    and for the FFN. ``cond`` is the shared ``(B, 9, width)`` modulation; the block adds its own table."""
+    and for the FFN. ``cond`` is the shared ``(B, 9, width)`` modulation; the block adds its own table
+    (one per width variant in an elastic model)."""
 
     def __init__(self, width: int, heads: int, kv_heads: int, head_dim: int, mlp_ratio: float, text_dim: int,
                  attention: str = "dense", bna_tile: tuple[int, int] = (4, 0), bna_radius: int = 1,
-                 bna_backend: str = "gather"):
+                 bna_backend: str = "gather", variants: Variants = ()):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm1 = ElasticLayerNorm(width)
         if attention == "assa":
             self.attn = AdaptiveSparseSelfAttention(width, heads, kv_heads, head_dim, bna_tile, bna_radius,
-                                                    bna_backend)
+                                                    bna_backend, variants=variants)
         elif attention == "dense":
-            self.attn = SelfAttention(width, heads, kv_heads, head_dim)
+            self.attn = SelfAttention(width, heads, kv_heads, head_dim, variants=variants)
         else:
             raise ValueError(f"unknown attention kind {attention!r}; use 'assa' or 'dense'")
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.cross_attn = CrossAttention(width, text_dim, heads, head_dim)
-        self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm2 = ElasticLayerNorm(width)
+        self.cross_attn = CrossAttention(width, text_dim, heads, head_dim, variants=variants)
+        self.norm3 = ElasticLayerNorm(width)
         self.mlp = Mlp(width, mlp_ratio)
         self.modulation = nn.Parameter(torch.zeros(MOD_CHUNKS, width))
+        if variants:
+            self.modulation_variants = variant_tables(lambda r: (MOD_CHUNKS, active_size(width, r)), variants)
 
     def _snapgen_init(self) -> None:
         nn.init.zeros_(self.modulation)
+        for p in getattr(self, "modulation_variants", {}).values():
+            nn.init.zeros_(p)
+
+    def active_parameters(self, spec: WidthSpec | None) -> dict[str, torch.Tensor]:
+        if spec is None or spec.is_full:
+            return {"modulation": self.modulation}
+        return {"modulation": self.modulation_variants[spec.name]}
 
     def forward(self, x, cond, grid, rope, rope_coarse, text, text_mask):
-        (sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3) = (cond + self.modulation).unbind(1)  # each (B, width)
+        table = self.active_parameters(self.active)["modulation"]
+        (sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3) = (cond + table).unbind(1)  # each (B, width)
         # x + gate * f(...) as one fused addcmul per sub-layer
         x = torch.addcmul(x, g1[:, None], self.attn(modulate(self.norm1(x), sh1[:, None], sc1[:, None]), grid,
                                                     rope, rope_coarse))
@@ -129,7 +154,7 @@ class TokenDownsample(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.proj = nn.Linear(4 * width, width)
+        self.proj = ElasticLinear(4 * width, width, in_chunks=4)
         self._snapgen_init()
 
     @torch.no_grad()
@@ -151,7 +176,7 @@ class TokenUpsample(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.proj = nn.Linear(width, 4 * width)
+        self.proj = ElasticLinear(width, 4 * width, out_chunks=4)
         self._snapgen_init()
 
     @torch.no_grad()
@@ -174,7 +199,7 @@ class SkipFusion(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.proj = nn.Linear(2 * width, width)
+        self.proj = ElasticLinear(2 * width, width, in_chunks=2)
         self._snapgen_init()
 
     @torch.no_grad()
@@ -187,22 +212,32 @@ class SkipFusion(nn.Module):
         return self.proj(torch.cat([x, skip], dim=-1))
 
 
-class FinalLayer(nn.Module):
+class FinalLayer(ElasticModule, nn.Module):
     """LN -> modulate (own table + timestep embedding, PixArt's T2IFinalLayer) -> Linear to patch values.
     The Linear is zero-initialised: a new model outputs exactly zero."""
 
-    def __init__(self, width: int, out_features: int):
+    def __init__(self, width: int, out_features: int, variants: Variants = ()):
         super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm = ElasticLayerNorm(width)
         self.modulation = nn.Parameter(torch.zeros(2, width))
-        self.linear = nn.Linear(width, out_features)
+        if variants:
+            self.modulation_variants = variant_tables(lambda r: (2, active_size(width, r)), variants)
+        self.linear = ElasticLinear(width, out_features, elastic_out=False)
         self._snapgen_init()
 
     def _snapgen_init(self) -> None:
         nn.init.zeros_(self.modulation)
+        for p in getattr(self, "modulation_variants", {}).values():
+            nn.init.zeros_(p)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
+    def active_parameters(self, spec: WidthSpec | None) -> dict[str, torch.Tensor]:
+        if spec is None or spec.is_full:
+            return {"modulation": self.modulation}
+        return {"modulation": self.modulation_variants[spec.name]}
+
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation[None] + t_emb[:, None]).unbind(1)
+        table = self.active_parameters(self.active)["modulation"]
+        shift, scale = (table[None] + t_emb[:, None]).unbind(1)
         return self.linear(modulate(self.norm(x), shift[:, None], scale[:, None]))

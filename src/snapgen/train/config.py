@@ -61,6 +61,7 @@ class TrainConfig:
     text: dict[str, Any] = field(default_factory=dict)
     vae: dict[str, Any] = field(default_factory=dict)
     flow: dict[str, Any] = field(default_factory=dict)
+    elastic: dict[str, Any] = field(default_factory=dict)      # elastic width training (flow task, elastic model)
     loss: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)

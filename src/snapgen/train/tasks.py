@@ -163,6 +163,51 @@ class AutoencoderTask:
         return Path(out_dir)
 
 
+@torch.no_grad()
+def validation_loss(model, conditioning, cache: dict, variant: str | None = None, objective=None,
+                    batch_size: int = 128, seed: int = 1234) -> float:
+    """Mean flow-matching loss of ``model`` (at ``variant``) on a latent cache, at deterministic times and
+    noise: times are the quantiles ``(i + 1/2) / N`` of the training time distribution (logit-normal +
+    shift), dealt to samples by a seeded permutation; noise is drawn from ``seed``. Two models evaluated
+    with the same cache and seed see exactly the same noised inputs, so differences are the models'."""
+    from ..flow import FlowMatchingLoss
+    from ..flow.objective import shift_time
+
+    objective = objective or FlowMatchingLoss()
+    latents = cache["latents"]
+    n = len(latents)
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    u = torch.special.ndtri(q) * objective.std + objective.mean
+    shift = objective.shift_for(latents[:1].float())
+    times = shift_time(torch.sigmoid(u), shift).float().clamp(1e-5, 1 - 1e-5)[torch.randperm(n, generator=g)]
+    noise = torch.randn(latents.shape, generator=g)
+    device = next(model.parameters()).device
+    was_training, cond_training = model.training, conditioning.training
+    previous = getattr(model, "variant", "full")
+    model.eval()
+    conditioning.eval()
+    if variant is not None:
+        model.set_variant(variant)
+    total = 0.0
+    try:
+        for i in range(0, n, batch_size):
+            sl = slice(i, min(i + batch_size, n))
+            cap = cache["caption_index"][sl]
+            feats = (cache["text_tokens"][cap].float().to(device), cache["text_mask"][cap].to(device))
+            text, mask = conditioning([feats])
+            x0 = latents[sl].float().to(device)
+            loss, per_sample, _ = objective(model, x0, t=times[sl].to(device), eps=noise[sl].to(device), text=text,
+                                            text_mask=mask)
+            total += float(per_sample.sum())
+    finally:
+        if variant is not None:
+            model.set_variant(previous)
+        model.train(was_training)
+        conditioning.train(cond_training)
+    return total / n
+
+
 # ======================================================================================================
 class FlowTask:
     """Text-to-image flow matching of a ThreeStageDiT on cached latents and caption features."""
@@ -173,13 +218,17 @@ class FlowTask:
         from ..text import TextConditioning
 
         self.cfg, self.device = cfg, device
-        _check_keys("data", cfg.data, {"spec", "num_samples", "cache", "resolution", "encode_batch"})
+        _check_keys("data", cfg.data, {"spec", "num_samples", "cache", "resolution", "encode_batch", "val_spec",
+                                       "val_samples", "val_cache"})
+        _check_keys("elastic", cfg.elastic, {"num_random", "full_weight", "subnet_weight", "distill_weight"})
         _check_keys("text", cfg.text, {"encoder", "max_length", "drop_prob"})
         _check_keys("flow", cfg.flow, {"logit_mean", "logit_std", "shift"})
         _check_keys("vae", cfg.vae, {"path"})
         _check_keys("sampling", cfg.sampling, {"prompts", "steps", "guidance", "shift"})
         _check_keys("export", cfg.export, {"dtype"})
         model_kw = dict(cfg.model)
+        # warm start from an exported pipeline folder (e.g. continue the shipped model on a new data mix)
+        self.init_from = model_kw.pop("init_from", None)
         name = model_kw.pop("preset", None)
         mcfg = preset(name, **model_kw) if name else ThreeStageDiTConfig(**model_kw)
         self.model = ThreeStageDiT(mcfg).to(device)
@@ -195,11 +244,24 @@ class FlowTask:
         self.objective = FlowMatchingLoss(mean=float(f.get("logit_mean", 0.0)), std=float(f.get("logit_std", 1.0)),
                                           shift=float(f.get("shift", 1.0)), patch_size=mcfg.patch_size)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.elastic_loss = None
+        if mcfg.elastic_variants:  # a supernetwork: train every width each step (sandwich rule)
+            from ..elastic.training import ElasticFlowLoss, WidthWeights
+
+            e = cfg.elastic
+            weights = WidthWeights(**{k: float(e[k]) for k in ("full_weight", "subnet_weight", "distill_weight")
+                                      if k in e})
+            self.elastic_loss = ElasticFlowLoss(self.objective, weights, int(e.get("num_random", 1)), cfg.seed)
+        elif cfg.elastic:
+            raise ValueError("the config has an elastic: section but the model is not elastic; set "
+                             "model.elastic_variants (e.g. preset micro-elastic) or remove the section")
         self._text_encoder = None
         self._vae = None
         # the conditioning module must exist before the trainer collects parameters: infer the encoder
         # width now (minilm = 384; a custom encoder is probed from its config when the cache is absent)
         self._init_conditioning(self._encoder_dim())
+        if self.init_from:
+            self._warm_start(Path(self.init_from))
 
     # --- components ---------------------------------------------------------------------------------
     def _encoder_dim(self) -> int:
@@ -216,6 +278,21 @@ class FlowTask:
             if key in c:
                 return int(c[key])
         raise ValueError(f"cannot tell the hidden size of the text encoder in {self.text_spec}")
+
+    def _warm_start(self, directory: Path) -> None:
+        """Load transformer + text-conditioning weights of a pipeline folder; the architecture must match."""
+        from ..pipelines.text_to_image import TextToImagePipeline
+
+        if not (directory / "pipeline.json").is_file():
+            raise FileNotFoundError(f"model.init_from={directory} is not an exported pipeline folder "
+                                    f"(no pipeline.json); point it at a run's final/ folder")
+        src = TextToImagePipeline.from_pretrained(directory)
+        if src.transformer.config != self.model.config:
+            raise ValueError(f"model.init_from={directory} holds a transformer with a different config than "
+                             f"this run's model; use the same preset/settings")
+        self.model.load_state_dict(src.transformer.state_dict())
+        self.conditioning.load_state_dict(src.conditioning.state_dict())
+        print(f"warm start from {directory}")
 
     def _init_conditioning(self, dim: int) -> None:
         from ..text import TextConditioning
@@ -264,6 +341,16 @@ class FlowTask:
                                num_samples=int(self.cfg.data.get("num_samples", 10000)),
                                batch_size=int(self.cfg.data.get("encode_batch", 64)))
         cache = load_latent_cache(path)
+        self.val = None
+        if int(self.cfg.data.get("val_samples", 0)) > 0:
+            vpath = Path(self.cfg.data.get("val_cache") or run_dir / "val_latents.safetensors")
+            if not vpath.is_file():
+                if "val_spec" not in self.cfg.data:
+                    raise ValueError("data.val_samples is set but there is no data.val_spec to build it from")
+                build_latent_cache(vpath, self.cfg.data["val_spec"], self.vae, self.text_encoder,
+                                   num_samples=int(self.cfg.data["val_samples"]),
+                                   batch_size=int(self.cfg.data.get("encode_batch", 64)))
+            self.val = load_latent_cache(vpath)
         self.latents = cache["latents"]
         self.text_tokens, self.text_mask = cache["text_tokens"], cache["text_mask"]
         self.caption_index = cache["caption_index"]
@@ -283,10 +370,23 @@ class FlowTask:
         cap = self.caption_index[idx]
         feats = (self.text_tokens[cap].float().to(self.device), self.text_mask[cap].to(self.device))
         text, mask = self.conditioning([feats])
-        loss, per_sample, t = self.objective(self.model, x0, generator=self.generator, text=text, text_mask=mask)
         from ..flow import loss_per_time_bin
 
+        if self.elastic_loss is not None:
+            loss, per_sample, t, logs = self.elastic_loss(self.model, x0, step, generator=self.generator, text=text,
+                                                          text_mask=mask)
+            return loss, {"bins": loss_per_time_bin(per_sample, t, self.cfg.time_bins), **logs}
+        loss, per_sample, t = self.objective(self.model, x0, generator=self.generator, text=text, text_mask=mask)
         return loss, {"bins": loss_per_time_bin(per_sample, t, self.cfg.time_bins)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation flow loss of every width on the validation cache (fixed times and noise)."""
+        if self.val is None:
+            return {}
+        return {f"val_loss_{name}": round(validation_loss(self.model, self.conditioning, self.val, variant=name,
+                                                          objective=self.objective), 6)
+                for name in self.model.variants}
 
     # --- samples / export ---------------------------------------------------------------------------
     def pipeline(self):
@@ -326,7 +426,10 @@ class FlowTask:
         if Path(out_dir).exists():
             shutil.rmtree(out_dir)
         pipe.save_pretrained(out_dir, dtype=dtype)
-        print(f"pipeline exported to {out_dir}")
+        report = self.evaluate()
+        if report:
+            (Path(out_dir) / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"pipeline exported to {out_dir}" + (f": {report}" if report else ""))
         return Path(out_dir)
 
 

@@ -99,6 +99,9 @@ class Trainer:
         now = self.cfg.to_dict()
         if saved.is_file():
             before = yaml.safe_load(saved.read_text())
+            # a key added to TrainConfig after the run started is unchanged if it still has its default
+            defaults = TrainConfig(task=self.cfg.task).to_dict()
+            before = {**{k: v for k, v in defaults.items() if k not in before}, **before}
             changed = sorted(k for k in set(before) | set(now)
                              if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k))
             if changed:

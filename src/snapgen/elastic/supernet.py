@@ -1,0 +1,103 @@
+"""The supernetwork side of elastic width: selecting, extracting and creating sub-networks.
+
+Extraction is *exact* by construction: every elastic module reports, through ``active_parameters(spec)``,
+the tensors its forward pass uses at that width, under the names a standalone model of that width has.
+:func:`variant_parameters` collects them and copies every other (width-independent) tensor unchanged; a
+standalone ``ThreeStageDiT`` built from ``config.variant_config(name)`` then loads them strictly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from ..models import ThreeStageDiT, ThreeStageDiTConfig
+from .ops import ElasticModule, WidthSpec
+
+__all__ = ["DEFAULT_VARIANTS", "make_elastic", "variant_parameters", "extract_variant", "using_variant",
+           "load_variant"]
+
+DEFAULT_VARIANTS = (("tiny", 0.375), ("small", 0.5))  # SnapGen++: 0.3B / 0.4B / 1.6B at 0.375x / 0.5x / 1x
+
+
+@contextlib.contextmanager
+def using_variant(model: ThreeStageDiT, name: str):
+    """Temporarily compute with sub-network ``name``; restores the previous variant afterwards."""
+    previous = model.variant
+    model.set_variant(name)
+    try:
+        yield model
+    finally:
+        model.set_variant(previous)
+
+
+def variant_parameters(model: ThreeStageDiT, name: str) -> dict[str, torch.Tensor]:
+    """The state dict of sub-network ``name`` as a standalone model (tensors are views of the supernet's)."""
+    if name not in model.variants:
+        raise ValueError(f"unknown variant {name!r}; this model serves {sorted(model.variants)}")
+    spec = None if name == "full" else WidthSpec(name, model.variants[name])
+    with torch.device("meta"):
+        target = ThreeStageDiT(model.config.variant_config(name))
+    wanted = target.state_dict()
+    resolved: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, ElasticModule):
+            for local, tensor in module.active_parameters(spec).items():
+                resolved[f"{prefix}.{local}" if prefix else local] = tensor
+    full_state = model.state_dict()
+    out = {}
+    for key, ref in wanted.items():
+        src = resolved.get(key, full_state.get(key))
+        if src is None:
+            raise KeyError(f"extraction found no source for {key}: the supernet and the standalone "
+                           f"architecture disagree (a layer that is not width-elastic?)")
+        if tuple(src.shape) != tuple(ref.shape):
+            raise ValueError(f"extraction of {name!r}: {key} has shape {tuple(src.shape)} in the supernet "
+                             f"but {tuple(ref.shape)} in the standalone model (a layer missing its slicing rule)")
+        out[key] = src
+    return out
+
+
+@torch.no_grad()
+def extract_variant(model: ThreeStageDiT, name: str) -> ThreeStageDiT:
+    """A standalone ``ThreeStageDiT`` holding only sub-network ``name``'s weights (copies, same dtype/device)."""
+    state = variant_parameters(model, name)
+    ref = next(model.parameters())
+    sub = ThreeStageDiT(model.config.variant_config(name)).to(device=ref.device, dtype=ref.dtype)
+    sub.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    sub.gradient_checkpointing = model.gradient_checkpointing
+    return sub.train(model.training)
+
+
+@torch.no_grad()
+def make_elastic(model: ThreeStageDiT, variants=DEFAULT_VARIANTS) -> ThreeStageDiT:
+    """An elastic supernetwork initialised from an ordinary (full-width) model: shared weights copied, each
+    variant's own tables/norms initialised from the full model's (sliced) ones. Every variant of the result
+    starts as the leading-channel slice of ``model``; elastic training then teaches the slices to work alone.
+    """
+    if model.config.elastic_variants:
+        raise ValueError("model is already elastic")
+    cfg = model.config.replace(elastic_variants=tuple(variants))
+    ref = next(model.parameters())
+    sup = ThreeStageDiT(cfg).to(device=ref.device, dtype=ref.dtype)
+    missing, unexpected = sup.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any("_variants." not in k for k in missing):
+        raise RuntimeError(f"cannot map weights: missing {missing}, unexpected {unexpected}")
+    for module in sup.modules():
+        for name, table in getattr(module, "modulation_variants", {}).items():  # (chunks, width) tables
+            table.copy_(module.modulation[:, :table.shape[1]])
+        for pair in getattr(module, "qk_norm_variants", {}).values():  # head_dim-wide: copied whole
+            pair["norm_q"].load_state_dict(module.norm_q.state_dict())
+            pair["norm_k"].load_state_dict(module.norm_k.state_dict())
+    return sup
+
+
+def load_variant(directory: str | os.PathLike, variant: str | None = None) -> ThreeStageDiT:
+    """Load a saved transformer; with ``variant``, return it computing as that sub-network."""
+    model = ThreeStageDiT.from_pretrained(Path(directory))
+    if variant is not None:
+        model.set_variant(variant)
+    return model
