@@ -228,3 +228,64 @@ def test_elastic_loss_refuses_a_plain_model():
     x0, text = _batch(model.config)
     with pytest.raises(ValueError, match="elastic model"):
         ElasticFlowLoss()(model, x0, 0, text=text)
+
+
+# ----------------------------------------------------------------------------------------- trainer integration
+def test_elastic_training_run_logs_every_width_resumes_exactly_and_reports_val_loss(tmp_path):
+    from test_train import flow_config, losses, make_cache
+
+    from snapgen.train import Trainer
+    from snapgen.train.config import TrainConfig
+
+    val = make_cache(tmp_path / "val.safetensors", n=16, seed=9)
+
+    def cfg(run, steps):
+        c = flow_config(tmp_path, run, steps, model={"preset": "nano-elastic"}, elastic={"num_random": 1})
+        c["data"].update(val_samples=16, val_cache=str(val))
+        return TrainConfig.from_dict(c)
+
+    Trainer(cfg("whole", 8), progress=False).fit()
+    Trainer(cfg("split", 4), progress=False).fit()
+    Trainer(cfg("split", 8), progress=False).fit()
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    recs = [json.loads(ln) for ln in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"fm_full", "fm_tiny", "kd_tiny"} <= set(r) for r in recs)
+    # the supernetwork is saved whole and reports a validation loss per width
+    report = json.loads((tmp_path / "whole" / "final" / "eval.json").read_text())
+    assert set(report) == {"val_loss_tiny", "val_loss_small", "val_loss_full"}
+    sup = ThreeStageDiT.from_pretrained(tmp_path / "whole" / "final" / "transformer")
+    assert sup.variants == {"tiny": 0.375, "small": 0.5, "full": 1.0}
+
+
+def test_validation_loss_is_deterministic_and_width_specific():
+    from test_train import make_cache
+
+    from snapgen.data.latent_cache import load_latent_cache
+    from snapgen.text import TextConditioning
+    from snapgen.train.tasks import validation_loss
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        cache = load_latent_cache(make_cache(Path(d) / "c.safetensors", n=20))
+    torch.manual_seed(0)
+    model = perturb_(ThreeStageDiT(preset("nano-elastic")))
+    cond = TextConditioning([32], 32)
+    a = validation_loss(model, cond, cache, variant="tiny", batch_size=7)
+    assert a == pytest.approx(validation_loss(model, cond, cache, variant="tiny", batch_size=20), rel=1e-6)
+    assert a != validation_loss(model, cond, cache, variant="full")
+    assert model.variant == "full" and model.training
+
+
+def test_elastic_section_needs_an_elastic_model(tmp_path):
+    from test_train import flow_config
+
+    from snapgen.train import Trainer
+    from snapgen.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="not elastic"):
+        Trainer(TrainConfig.from_dict(flow_config(tmp_path, "bad", 2, elastic={"num_random": 1})), progress=False)
+    with pytest.raises(ValueError, match="elastic"):
+        Trainer(TrainConfig.from_dict(flow_config(tmp_path, "bad2", 2, model={"preset": "nano-elastic"},
+                                                  elastic={"num_randm": 1})), progress=False)

@@ -114,7 +114,7 @@ def cmd_generate(args) -> int:
     height, width = args.size if args.size else (None, None)
     model_dir = Path(args.model) if args.model else default_model_dir()
     t0 = time.perf_counter()
-    pipe = TextToImagePipeline.from_pretrained(model_dir)
+    pipe = TextToImagePipeline.from_pretrained(model_dir, variant=args.variant)
     _ = pipe.text_encoder  # load now, so the timing below is generation only
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -141,7 +141,8 @@ def cmd_generate(args) -> int:
             written.append(out / "grid.png")
     for w in written:
         print(w)
-    print(f"generated {len(images)} image(s) of {images[0].size[1]}x{images[0].size[0]} in {t_gen:.2f} s "
+    print(f"generated {len(images)} image(s) of {images[0].size[1]}x{images[0].size[0]} "
+          f"{'with the ' + pipe.variant + ' variant ' if pipe.variant != 'full' else ''}in {t_gen:.2f} s "
           f"({t_gen / len(images):.2f} s per image; model load {t_load:.1f} s)")
     return 0
 
@@ -150,13 +151,90 @@ def cmd_eval(args) -> int:
     from .eval.run import format_report, run_evaluation
 
     summary = run_evaluation(args.model, args.prompts, seeds=args.seeds, steps=args.steps, guidance=args.cfg,
-                             quick=args.quick, out_dir=args.out, progress=not args.no_progress)
+                             quick=args.quick, out_dir=args.out, progress=not args.no_progress,
+                             variant=args.variant)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(format_report(summary))
         print(f"report: {args.out}/report.md")
     return 0
+
+
+def cmd_extract(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .pipelines import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(args.model)
+    if args.variant not in pipe.variants:
+        raise ValueError(f"{args.model or 'the shipped model'} serves variants {pipe.variants}, not {args.variant!r}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise ValueError(f"{out} exists and is not empty; choose another --out or pass --force")
+    sub = pipe.extract(args.variant)
+    sub.save_pretrained(out, dtype=getattr(torch, args.dtype))
+    n_sup, n_sub = pipe.transformer.num_parameters(), sub.transformer.num_parameters()
+    print(f"extracted {args.variant!r}: {n_sub / 1e6:.2f}M transformer parameters (the supernetwork file holds "
+          f"{n_sup / 1e6:.2f}M) -> {out}")
+    return 0
+
+
+def _parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(v) for v in str(text).lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise ValueError(f"resolution must be N or HxW in pixels, e.g. 64 or 64x96; got {text!r}")
+    return parts[0], parts[1]
+
+
+def cmd_select(args) -> int:
+    import torch
+
+    from .elastic.select import measure_step_latency, select_variant
+    from .models.dit import check_latent_size
+    from .pipelines import TextToImagePipeline
+
+    if args.budget_ms <= 0:
+        raise ValueError(f"--budget-ms must be positive, got {args.budget_ms}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = TextToImagePipeline.from_pretrained(args.model)
+    H, W = _parse_resolution(args.resolution)
+    f = pipe.vae_factor
+    if H % f or W % f:
+        raise ValueError(f"resolution {H}x{W} is not a multiple of the VAE factor {f}")
+    cfg = pipe.transformer.config
+    check_latent_size(H // f, W // f, cfg.downsample, cfg.vae_factor)
+    rows = {}
+    for name in pipe.variants:
+        m = measure_step_latency(pipe.transformer, name, (H // f, W // f), text_len=pipe.config.text_max_length,
+                                 repeats=args.repeats)
+        rows[name] = {"ratio": pipe.transformer.variants[name],
+                      "params": pipe.extract(name).transformer.num_parameters(), **m}
+    chosen = select_variant({n: r["median_ms"] for n, r in rows.items()}, pipe.transformer.variants,
+                            args.budget_ms)
+    result = {"budget_ms": args.budget_ms, "resolution": [H, W], "threads": torch.get_num_threads(),
+              "selected": chosen, "variants": rows,
+              "latency": "one denoiser call on 1 image with CFG (batch 2), median over repeats"}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"per-step latency at {H}x{W} on this machine ({torch.get_num_threads()} threads, CFG batch 2):")
+        print(f"{'variant':8s} {'width':>6s} {'params':>9s} {'median ms':>10s}")
+        for name, r in rows.items():
+            mark = "  <- selected" if name == chosen else ""
+            print(f"{name:8s} {r['ratio']:6.3f} {r['params'] / 1e6:8.2f}M {r['median_ms']:10.2f}{mark}")
+        if chosen is None:
+            print(f"no variant fits {args.budget_ms} ms per step; the smallest takes "
+                  f"{min(r['median_ms'] for r in rows.values()):.2f} ms")
+    return 0 if chosen is not None else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size in pixels")
     p.add_argument("--grid", action="store_true", help="also write a grid image with the prompts under the images")
     p.add_argument("--scale", type=int, default=2, help="pixel upscale of grid cells (default 2)")
+    p.add_argument("--variant", help="elastic sub-network: tiny | small | full (default full)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -207,8 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="3 prompts per category, 1 seed")
     p.add_argument("--out", default="eval_report", help="report folder (default eval_report/)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--variant", help="elastic sub-network: tiny | small | full (default full)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("extract", help="write one elastic sub-network as a standalone pipeline folder")
+    p.add_argument("--model", help="elastic pipeline folder (default: the shipped model)")
+    p.add_argument("--variant", required=True, help="tiny | small | full")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="saved weight dtype")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("select", help="measure each variant's per-step latency here; pick the widest within a budget")
+    p.add_argument("--budget-ms", type=float, required=True, help="latency budget per sampling step, ms")
+    p.add_argument("--resolution", default="64", help="image size in pixels, N or HxW (default 64)")
+    p.add_argument("--model", help="elastic pipeline folder (default: the shipped model)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (median is used)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_select)
     return parser
 
 

@@ -21,14 +21,14 @@ __all__ = ["run_evaluation", "format_report"]
 
 def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int | None = None,
                    guidance: float | None = None, quick: bool = False, out_dir: str | Path = "eval_report",
-                   batch_size: int = 36, progress: bool = True) -> dict:
+                   batch_size: int = 36, progress: bool = True, variant: str | None = None) -> dict:
     from ..data.scenes import SceneDataset
     from ..pipelines import TextToImagePipeline
     from .detector import load_detector
     from .sceneeval import evaluate_images, load_prompts, prompt_path, summarize, write_failure_grids
 
     t0 = time.perf_counter()
-    pipe = TextToImagePipeline.from_pretrained(model_dir)
+    pipe = TextToImagePipeline.from_pretrained(model_dir, variant=variant)
     detector = load_detector()
     prompts = load_prompts(prompts_path or prompt_path("sceneeval"))
     if quick:  # 3 prompts per category, one seed: a couple of minutes on 2 cores
@@ -72,6 +72,7 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
     summary = {"sceneeval": scene, "alignment": alignment, "fd": fd, "steps": steps, "cfg": guidance,
                "images": len(images), "prompts": len(prompts), "seeds": seeds,
                "seconds": round(time.perf_counter() - t0, 1), "model": str(model_dir or "models/snapgen-micro"),
+               "variant": pipe.variant,
                "notes": notes}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out_dir / "results.jsonl", "w") as f:
@@ -86,7 +87,8 @@ def format_report(summary: dict, grids: dict | None = None) -> str:
     cats = [k for k in s if k != "overall"]
     lines = ["# snapgen eval", "",
              f"{summary['images']} images ({summary['prompts']} prompts x {summary['seeds']} seeds), "
-             f"{summary['steps']} steps, CFG {summary['cfg']}, {summary['seconds']} s", "",
+             f"{summary['steps']} steps, CFG {summary['cfg']}, {summary['seconds']} s"
+             + (f", variant {summary['variant']}" if summary.get("variant", "full") != "full" else ""), "",
              "| " + " | ".join(cats + ["overall", "alignment", "FD"]) + " |",
              "|" + "---|" * (len(cats) + 3),
              "| " + " | ".join(f"{s[c]:.3f}" for c in cats) + f" | **{s['overall']:.3f}** | "

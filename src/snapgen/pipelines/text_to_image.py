@@ -82,6 +82,28 @@ class TextToImagePipeline:
     def vae_factor(self) -> int:
         return int(self.vae.factor)
 
+    # --- elastic sub-networks -----------------------------------------------------------------------
+    @property
+    def variants(self) -> list[str]:
+        """Sub-networks the transformer serves, smallest first (``["full"]`` for a non-elastic model)."""
+        return sorted(self.transformer.variants, key=self.transformer.variants.get)
+
+    @property
+    def variant(self) -> str:
+        return self.transformer.variant
+
+    def set_variant(self, name: str) -> "TextToImagePipeline":
+        """Generate with sub-network ``name`` ("tiny" / "small" / "full" for the shipped supernetwork)."""
+        self.transformer.set_variant(name)
+        return self
+
+    def extract(self, name: str) -> "TextToImagePipeline":
+        """A standalone pipeline whose transformer holds only sub-network ``name``'s weights."""
+        from ..elastic.supernet import extract_variant
+
+        sub = extract_variant(self.transformer, name)
+        return TextToImagePipeline(sub, self.conditioning, self.vae, self.config, self._text_encoder)
+
     # --- io -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
         directory = Path(directory)
@@ -97,7 +119,9 @@ class TextToImagePipeline:
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike | None = None, text_encoder=None) -> "TextToImagePipeline":
+    def from_pretrained(cls, directory: str | os.PathLike | None = None, text_encoder=None,
+                        variant: str | None = None) -> "TextToImagePipeline":
+        """Load a pipeline folder; ``variant`` selects an elastic sub-network (default: full width)."""
         from ..text import TextConditioning
         from ..vae import load_autoencoder
 
@@ -123,7 +147,8 @@ class TextToImagePipeline:
             conditioning.load_state_dict({k: v.float() for k, v in state.items()})
         except RuntimeError as e:
             raise ValueError(f"{cond_path} does not match pipeline.json's conditioning settings: {e}") from None
-        return cls(transformer, conditioning, vae, config, text_encoder)
+        pipe = cls(transformer, conditioning, vae, config, text_encoder)
+        return pipe.set_variant(variant) if variant is not None else pipe
 
     # --- generation ---------------------------------------------------------------------------------
     def check_inputs(self, prompts, height: int, width: int, steps: int, guidance: float) -> list[str]:

@@ -420,16 +420,21 @@ class FlowTask:
         if self.text_spec == "cache" or not self.cfg.vae.get("path"):
             # tests: no autoencoder/text encoder; save the transformer alone
             self.model.save_pretrained(Path(out_dir) / "transformer")
+            self._write_eval(Path(out_dir))
             return Path(out_dir)
         dtype = {"float32": torch.float32, "float16": torch.float16}[self.cfg.export.get("dtype", "float32")]
         pipe = self.pipeline()
         if Path(out_dir).exists():
             shutil.rmtree(out_dir)
         pipe.save_pretrained(out_dir, dtype=dtype)
+        self._write_eval(Path(out_dir))
+        print(f"pipeline exported to {out_dir}")
+        return Path(out_dir)
+
+    def _write_eval(self, out_dir: Path) -> None:
         report = self.evaluate()
         if report:
-            (Path(out_dir) / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"pipeline exported to {out_dir}" + (f": {report}" if report else ""))
-        return Path(out_dir)
+            (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            print(f"validation: {report}")
 
 

@@ -1,0 +1,122 @@
+"""Elastic sub-networks through the pipeline and the CLI: --variant, snapgen extract, snapgen select."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import perturb_
+from test_pipeline import ENC_DIM, TEXT_DIM, FakeEncoder
+
+from snapgen.cli import main
+from snapgen.elastic.select import select_variant
+from snapgen.models import ThreeStageDiT, preset
+from snapgen.pipelines import PipelineConfig, TextToImagePipeline
+from snapgen.text import TextConditioning, minilm_path
+from snapgen.vae import Autoencoder, AutoencoderConfig
+
+
+def build_elastic_pipeline(text_encoder_spec="minilm", text_encoder=None):
+    torch.manual_seed(0)
+    cfg = preset("nano-elastic", vae_factor=2, text_dim=TEXT_DIM)
+    transformer = perturb_(ThreeStageDiT(cfg), std=0.05)
+    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
+    cond_kw = {"encoder_dims": [ENC_DIM], "out_dim": TEXT_DIM}
+    config = PipelineConfig(text_encoder=text_encoder_spec, text_max_length=16, conditioning=cond_kw,
+                            resolution=(16, 16), steps=3, guidance=3.0)
+    return TextToImagePipeline(transformer, TextConditioning(**cond_kw), vae, config, text_encoder=text_encoder)
+
+
+def arr(images):
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    bert_dir = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=ENC_DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=30522)).save_pretrained(bert_dir)
+    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(bert_dir)
+    out = tmp_path_factory.mktemp("elastic_pipe")
+    build_elastic_pipeline(text_encoder_spec=str(bert_dir)).save_pretrained(out)
+    return out
+
+
+def test_pipeline_variants_generate_different_images_and_load_by_name(tmp_path):
+    pipe = build_elastic_pipeline(text_encoder=FakeEncoder())
+    assert pipe.variants == ["tiny", "small", "full"]
+    prompts = ["a red circle", "two blue stars"]
+    by_variant = {v: arr(pipe.set_variant(v)(prompts, seed=3)) for v in pipe.variants}
+    assert pipe.variant == "full"
+    assert np.abs(by_variant["tiny"] - by_variant["full"]).max() > 10
+    pipe.save_pretrained(tmp_path)
+    again = TextToImagePipeline.from_pretrained(tmp_path, text_encoder=FakeEncoder(), variant="small")
+    assert again.variant == "small"
+    assert np.array_equal(arr(again(prompts, seed=3)), by_variant["small"])
+
+
+def test_extracted_pipeline_generates_what_the_supernet_generates(tmp_path):
+    pipe = build_elastic_pipeline(text_encoder=FakeEncoder())
+    prompts = ["a green heart above a yellow square"]
+    for v in ("tiny", "small"):
+        sub = pipe.extract(v)
+        assert sub.variants == ["full"]
+        assert sub.transformer.config.width == int(128 * pipe.transformer.variants[v])
+        # fp32 extraction is exact to ~1e-6 in the velocity; images may differ by one rounding step
+        assert np.abs(arr(sub(prompts, seed=1)) - arr(pipe.set_variant(v)(prompts, seed=1))).max() <= 1
+    pipe.set_variant("full")
+
+
+def test_cli_generate_and_extract_with_variants(folder, tmp_path, capsys):
+    assert main(["generate", "a red circle", "--model", str(folder), "--variant", "tiny", "--steps", "2",
+                 "--out", str(tmp_path / "tiny.png"), "--no-progress"]) == 0
+    assert "with the tiny variant" in capsys.readouterr().out
+    assert main(["generate", "a red circle", "--model", str(folder), "--variant", "huge",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown variant 'huge'" in err and "tiny" in err
+    out = tmp_path / "small"
+    assert main(["extract", "--model", str(folder), "--variant", "small", "--out", str(out)]) == 0
+    assert "extracted 'small'" in capsys.readouterr().out
+    cfg = json.loads((out / "transformer" / "config.json").read_text())
+    assert cfg["width"] == 64 and cfg["elastic_variants"] == []
+    # generate from the extracted folder == generate --variant small from the supernet folder
+    assert main(["generate", "a blue star", "--model", str(out), "--steps", "2", "--out",
+                 str(tmp_path / "a.png"), "--no-progress"]) == 0
+    assert main(["generate", "a blue star", "--model", str(folder), "--variant", "small", "--steps", "2",
+                 "--out", str(tmp_path / "b.png"), "--no-progress"]) == 0
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(tmp_path / n), dtype=np.int16) for n in ("a.png", "b.png"))
+    assert np.abs(a - b).max() <= 1
+    # refuses to overwrite, and names the fix
+    assert main(["extract", "--model", str(folder), "--variant", "small", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_cli_select_picks_the_widest_variant_within_budget(folder, capsys):
+    assert main(["select", "--model", str(folder), "--budget-ms", "100000", "--resolution", "16", "--repeats", "2",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["selected"] == "full" and set(res["variants"]) == {"tiny", "small", "full"}
+    params = [res["variants"][v]["params"] for v in ("tiny", "small", "full")]
+    assert params[0] < params[1] < params[2]
+    assert main(["select", "--model", str(folder), "--budget-ms", "0.0001", "--resolution", "16", "--repeats",
+                 "2", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["selected"] is None
+    assert main(["select", "--model", str(folder), "--budget-ms", "5", "--resolution", "15"]) == 2
+    assert "multiple" in capsys.readouterr().err
+
+
+def test_select_variant_rule():
+    ratios = {"tiny": 0.375, "small": 0.5, "full": 1.0}
+    assert select_variant({"tiny": 5, "small": 9, "full": 30}, ratios, 10) == "small"
+    assert select_variant({"tiny": 5, "small": 9, "full": 30}, ratios, 30) == "full"
+    assert select_variant({"tiny": 5, "small": 9, "full": 30}, ratios, 4.9) is None
+    # a noisy measurement where small came out slower than full still picks the widest that fits
+    assert select_variant({"tiny": 5, "small": 40, "full": 30}, ratios, 35) == "full"
+    with pytest.raises(ValueError):
+        select_variant({"tiny": 1}, ratios, 0)
