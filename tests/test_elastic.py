@@ -289,3 +289,45 @@ def test_elastic_section_needs_an_elastic_model(tmp_path):
     with pytest.raises(ValueError, match="elastic"):
         Trainer(TrainConfig.from_dict(flow_config(tmp_path, "bad2", 2, model={"preset": "nano-elastic"},
                                                   elastic={"num_randm": 1})), progress=False)
+
+
+def test_repeat_kv_heads_is_exact_and_enables_a_narrow_variant():
+    from snapgen.elastic import repeat_kv_heads
+
+    torch.manual_seed(2)
+    gqa = perturb_(ThreeStageDiT(preset("nano-elastic").variant_config("full").replace(kv_heads=4)))  # group 4
+    mha = repeat_kv_heads(gqa, 16)
+    x, t, text, mask = dummy_inputs(gqa.config)
+    torch.testing.assert_close(mha(x, t, text, mask), gqa(x, t, text, mask), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple"):
+        repeat_kv_heads(gqa, 6)
+    # 4 KV heads cannot serve the 0.375x variant (1.5 KV heads); 8 can, and make_elastic accepts the result
+    sup = make_elastic(repeat_kv_heads(gqa, 8))
+    torch.testing.assert_close(sup(x, t, text, mask), gqa(x, t, text, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_flow_task_warm_starts_a_supernetwork_from_a_plain_pipeline(tmp_path):
+    """model.init_from = an ordinary trained pipeline: the elastic run starts as that exact function."""
+    from test_train import flow_config
+
+    from snapgen.pipelines import PipelineConfig, TextToImagePipeline
+    from snapgen.text import TextConditioning
+    from snapgen.train import Trainer
+    from snapgen.train.config import TrainConfig
+    from snapgen.vae import Autoencoder, AutoencoderConfig
+
+    torch.manual_seed(3)
+    plain = perturb_(ThreeStageDiT(preset("nano-elastic").variant_config("full").replace(kv_heads=4)))
+    cond_kw = {"encoder_dims": [32], "out_dim": 32, "drop_probs": [0.2], "null_length": 1}
+    cond = perturb_(TextConditioning(**cond_kw))
+    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
+    TextToImagePipeline(plain, cond, vae, PipelineConfig(conditioning=cond_kw)).save_pretrained(tmp_path / "src")
+    cfg = flow_config(tmp_path, "warm", 2, model={"preset": "nano-elastic", "init_from": str(tmp_path / "src")})
+    trainer = Trainer(TrainConfig.from_dict(cfg), progress=False)
+    sup = trainer.task.model
+    x, t, text, mask = dummy_inputs(sup.config)
+    torch.testing.assert_close(sup(x, t, text, mask), plain(x, t, text, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trainer.task.conditioning.null_embeddings[0], cond.null_embeddings[0])
+    bad = flow_config(tmp_path, "bad", 2, model={"preset": "nano", "init_from": str(tmp_path / "src")})
+    with pytest.raises(ValueError, match="different config"):
+        Trainer(TrainConfig.from_dict(bad), progress=False)

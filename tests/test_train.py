@@ -162,7 +162,9 @@ def test_config_errors(tmp_path):
 
 
 def test_shipped_configs_parse():
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+    paths = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(paths) >= 7
+    for path in paths:
         cfg = load_config(path)
         assert cfg.steps > 0, path
 

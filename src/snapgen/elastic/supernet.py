@@ -17,7 +17,7 @@ import torch
 from ..models import ThreeStageDiT, ThreeStageDiTConfig
 from .ops import ElasticModule, WidthSpec
 
-__all__ = ["DEFAULT_VARIANTS", "make_elastic", "variant_parameters", "extract_variant", "using_variant",
+__all__ = ["DEFAULT_VARIANTS", "make_elastic", "repeat_kv_heads", "variant_parameters", "extract_variant", "using_variant",
            "load_variant"]
 
 DEFAULT_VARIANTS = (("tiny", 0.375), ("small", 0.5))  # SnapGen++: 0.3B / 0.4B / 1.6B at 0.375x / 0.5x / 1x
@@ -93,6 +93,36 @@ def make_elastic(model: ThreeStageDiT, variants=DEFAULT_VARIANTS) -> ThreeStageD
             pair["norm_q"].load_state_dict(module.norm_q.state_dict())
             pair["norm_k"].load_state_dict(module.norm_k.state_dict())
     return sup
+
+
+@torch.no_grad()
+def repeat_kv_heads(model: ThreeStageDiT, kv_heads: int) -> ThreeStageDiT:
+    """An equivalent model with more self-attention key/value heads (GQA -> fewer query heads per KV head).
+
+    GQA lets query head ``i`` read KV head ``i // group``; duplicating each KV head ``group_old/group_new``
+    times in place (k/v projections and ASSA's per-channel compression) computes exactly the same function.
+    Used to warm-start an elastic supernetwork whose narrow variants need whole KV groups (e.g. ``micro``'s
+    4 KV heads for 8 query heads cannot slice to 0.375x = 3 query heads; 8 KV heads can)."""
+    cfg = model.config
+    if kv_heads == cfg.kv_heads:
+        return model
+    if kv_heads % cfg.kv_heads or cfg.heads % kv_heads:
+        raise ValueError(f"kv_heads {kv_heads} must be a multiple of the model's {cfg.kv_heads} and divide its "
+                         f"{cfg.heads} query heads")
+    rep = kv_heads // cfg.kv_heads
+    state = {}
+    for key, t in model.state_dict().items():
+        parts = key.split(".")
+        is_self_kv = (len(parts) >= 3 and parts[-3] == "attn"
+                      and parts[-2] in ("to_k", "to_v", "compress_k", "compress_v"))
+        if is_self_kv:
+            t = t.reshape(cfg.kv_heads, cfg.head_dim, *t.shape[1:]).repeat_interleave(rep, dim=0)
+            t = t.reshape(kv_heads * cfg.head_dim, *t.shape[2:])
+        state[key] = t.clone()
+    ref = next(model.parameters())
+    out = ThreeStageDiT(cfg.replace(kv_heads=kv_heads)).to(device=ref.device, dtype=ref.dtype)
+    out.load_state_dict(state, strict=True)
+    return out
 
 
 def load_variant(directory: str | os.PathLike, variant: str | None = None) -> ThreeStageDiT:

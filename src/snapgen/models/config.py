@@ -171,12 +171,13 @@ PRESETS: dict[str, ThreeStageDiTConfig] = {
     "nano-elastic": ThreeStageDiTConfig(in_channels=4, vae_factor=8, patch_size=2, width=128, head_dim=8,
                                         kv_heads=8, depths=(1, 2, 1), text_dim=32, bna_tile=(2, 0),
                                         time_freq_dim=32, elastic_variants=(("tiny", 0.375), ("small", 0.5))),
-    # Smallest meaningful model, for tests.
-    # The elastic supernetwork of the shipped model: micro's width with 16-wide heads, so that tiny (0.375 x 256
-    # = 96 = 6 heads, 3 KV heads) keeps whole GQA groups; small = 128 (8 heads, 4 KV heads).
-    "micro-elastic": ThreeStageDiTConfig(in_channels=4, vae_factor=4, patch_size=2, width=256, head_dim=16,
+    # The elastic supernetwork of the shipped model: micro with 8 KV heads (GQA group 1), so that tiny (0.375 x 256
+    # = 96 = 3 heads of 32) keeps whole KV groups; small = 128 (4 heads). A trained micro converts to it exactly
+    # (snapgen.elastic.repeat_kv_heads + make_elastic).
+    "micro-elastic": ThreeStageDiTConfig(in_channels=4, vae_factor=4, patch_size=2, width=256, head_dim=32,
                                          kv_heads=8, depths=(2, 3, 2), text_dim=384, bna_tile=(2, 0),
                                          elastic_variants=(("tiny", 0.375), ("small", 0.5))),
+    # Smallest meaningful model, for tests.
     "nano": ThreeStageDiTConfig(in_channels=4, vae_factor=8, patch_size=2, width=64, head_dim=16, kv_heads=2,
                                 depths=(1, 2, 1), text_dim=32, bna_tile=(2, 0), time_freq_dim=32),
 }

@@ -280,17 +280,26 @@ class FlowTask:
         raise ValueError(f"cannot tell the hidden size of the text encoder in {self.text_spec}")
 
     def _warm_start(self, directory: Path) -> None:
-        """Load transformer + text-conditioning weights of a pipeline folder; the architecture must match."""
+        """Load transformer + text-conditioning weights of a pipeline folder; the architecture must match, or
+        the run's model must be the elastic version of it (then it is converted exactly: see make_elastic)."""
         from ..pipelines.text_to_image import TextToImagePipeline
 
         if not (directory / "pipeline.json").is_file():
             raise FileNotFoundError(f"model.init_from={directory} is not an exported pipeline folder "
                                     f"(no pipeline.json); point it at a run's final/ folder")
         src = TextToImagePipeline.from_pretrained(directory)
-        if src.transformer.config != self.model.config:
+        source, target = src.transformer, self.model.config
+        if target.elastic_variants and not source.config.elastic_variants:
+            # ordinary model -> supernetwork: every width starts as the leading slice of the trained model
+            from ..elastic.supernet import make_elastic, repeat_kv_heads
+
+            if source.config.kv_heads != target.kv_heads:
+                source = repeat_kv_heads(source, target.kv_heads)
+            source = make_elastic(source, target.elastic_variants)
+        if source.config != target:
             raise ValueError(f"model.init_from={directory} holds a transformer with a different config than "
                              f"this run's model; use the same preset/settings")
-        self.model.load_state_dict(src.transformer.state_dict())
+        self.model.load_state_dict(source.state_dict())
         self.conditioning.load_state_dict(src.conditioning.state_dict())
         print(f"warm start from {directory}")
 
