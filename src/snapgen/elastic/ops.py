@@ -70,8 +70,29 @@ class ElasticModule:
         raise NotImplementedError
 
 
+class LoRA(nn.Module):
+    """A low-rank update ``scale * B @ A`` of a Linear's weight (``A (rank, in)``, ``B (out, rank)``); ``B``
+    starts at zero so a new adapter changes nothing. Sliced with the host layer's width rule."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.A, a=5 ** 0.5)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 class ElasticLinear(ElasticModule, nn.Linear):
-    """``nn.Linear`` whose input and/or output axis is sliced with the active width (per chunk)."""
+    """``nn.Linear`` whose input and/or output axis is sliced with the active width (per chunk), with
+    optional named LoRA adapters (``add_adapter``; the active one is ``active_adapter``)."""
+
+    active_adapter: str | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, in_chunks: int = 1,
                  out_chunks: int = 1, elastic_in: bool = True, elastic_out: bool = True):
@@ -94,11 +115,41 @@ class ElasticLinear(ElasticModule, nn.Linear):
             w = slice_chunks(w, 1, self.in_chunks, keep)
         return {"weight": w, "bias": b} if b is not None else {"weight": w}
 
+    # --- LoRA ------------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int, alpha: float) -> LoRA:
+        if "lora" not in self._modules:
+            self.lora = nn.ModuleDict()
+        if name in self.lora:
+            raise ValueError(f"adapter {name!r} already exists")
+        ref = self.weight
+        self.lora[name] = LoRA(self.in_features, self.out_features, rank, alpha).to(ref.device, ref.dtype)
+        return self.lora[name]
+
+    def adapter_delta(self, name: str, spec: WidthSpec | None = None) -> torch.Tensor:
+        """The adapter's weight update ``scale * B @ A`` at width ``spec``."""
+        a, b = self._adapter_factors(self.lora[name], spec)
+        return self.lora[name].scale * (b @ a)
+
+    def _adapter_factors(self, lora: LoRA, spec: WidthSpec | None):
+        a, b = lora.A, lora.B
+        if spec is not None and not spec.is_full:
+            if self.elastic_in:
+                a = slice_chunks(a, 1, self.in_chunks, active_size(self.in_features // self.in_chunks, spec.ratio))
+            if self.elastic_out:
+                b = slice_chunks(b, 0, self.out_chunks, active_size(self.out_features // self.out_chunks, spec.ratio))
+        return a, b
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active is None or self.active.is_full:
-            return F.linear(x, self.weight, self.bias)
-        p = self.active_parameters(self.active)
-        return F.linear(x, p["weight"], p.get("bias"))
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            p = self.active_parameters(self.active)
+            y = F.linear(x, p["weight"], p.get("bias"))
+        if self.active_adapter is not None and "lora" in self._modules and self.active_adapter in self.lora:
+            lora = self.lora[self.active_adapter]
+            a, b = self._adapter_factors(lora, self.active)
+            y = y + lora.scale * F.linear(F.linear(x, a), b)
+        return y
 
 
 class ElasticConv2d(ElasticModule, nn.Conv2d):

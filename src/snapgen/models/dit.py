@@ -135,11 +135,13 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
 
     # --------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, text: torch.Tensor,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, return_features: bool = False):
         """Predict the velocity ``v = eps - x0``.
 
         x: ``(B, C, h, w)`` latent at flow time ``t``; t: ``(B,)`` or scalar in [0, 1] (1 = noise);
         text: ``(B, L, text_dim)`` encoder features; text_mask: ``(B, L)`` bool, True for real tokens.
+        ``return_features``: also return the last block's output tokens ``(B, N, width)`` (feature-level
+        knowledge distillation reads them).
         """
         cfg = self.config
         t = check_inputs(cfg, x, t, text, text_mask, cfg.downsample)
@@ -176,8 +178,8 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
 
         for blk in self.up_blocks:
             xs = self._run_block(blk, xs, cond, grid, rope, rope_coarse, text, text_mask)
-        out = self.final_layer(xs, t_emb)
-        return unpatchify(out, grid, p, cfg.in_channels)
+        out = unpatchify(self.final_layer(xs, t_emb), grid, p, cfg.in_channels)
+        return (out, xs) if return_features else out
 
     def _run_block(self, blk, *args):
         # Gradient checkpointing trades one extra block forward for not keeping its activations.

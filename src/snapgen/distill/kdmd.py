@@ -1,0 +1,112 @@
+"""K-DMD (SnapGen++ Sec. 3.2): distribution matching distillation to a few-step generator, guided by the
+knowledge of a few-step teacher.
+
+One training iteration (``KDMDLoss.__call__``), for a batch of captions:
+
+1. pick the generator step ``k`` of the ``steps``-step schedule (``sampling_times(steps, shift)``) with an
+   RNG seeded by ``(seed, step)`` (identical on every rank); build the student's input ``x_t`` at ``t_k`` by
+   backward simulation (the student rolled out without gradients from noise, re-noising with fresh noise);
+2. the student predicts ``v``; ``x0_hat = x_t - t_k v``;
+3. generator turn (every ``gen_every`` iterations):
+   * DMD: re-noise ``x0_hat`` to ``tau ~ U[tau_low, tau_high]`` (shifted); real x0 from the teacher with
+     CFG ``guidance``, fake x0 from the critic (no CFG), both without gradient;
+     ``L_DMD = 0.5 || x0_hat - sg(x0_hat - (x0_fake - x0_real) / mean|x0_hat - x0_real|) ||^2``;
+   * knowledge: the few-step teacher on the *same* ``x_t, t_k``: ``L_out = ||v - v_T'||^2`` and
+     ``L_feat = ||phi(f) - f_T'||^2`` on the last block's tokens through the learned projector ``phi``;
+   * ``L_gen = w_dmd L_DMD + w_out L_out + w_feat L_feat`` (paper: all weights 1);
+4. critic turn (every iteration): flow matching of the critic on ``sg(x0_hat)``.
+
+The returned loss is ``L_gen + L_critic``; their gradients touch disjoint parameters (the scores in L_DMD are
+computed without gradient, the critic's loss sees detached samples), so one optimizer over both parameter
+groups equals DMD2's two optimizers (the generator's parameters simply get no gradient off-turn).
+Plain DMD is the same with no few-step teacher.
+
+Models are called as ``model(x, t, **cond)`` (velocity) and ``model(x, t, return_features=True, **cond)``
+(velocity, last-block features); ``cond``/``uncond`` are keyword dicts of batch tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..flow.sampling import cfg_velocity, sampling_times
+from .dmd import backward_simulate, critic_loss, dmd_loss, sample_tau
+
+__all__ = ["KDMDConfig", "KDMDLoss"]
+
+
+@dataclass(frozen=True)
+class KDMDConfig:
+    steps: int = 4                 # generator steps
+    shift: float = 3.0             # time shift of the generator schedule (paper: 3)
+    guidance: float = 4.0          # teacher CFG in the DMD term (paper: 4)
+    tau_low: float = 0.02          # re-noising range of the DMD term (DMD2)
+    tau_high: float = 0.98
+    gen_every: int = 5             # generator updated every N iterations, critic every iteration (paper: 5)
+    dmd_weight: float = 1.0
+    out_weight: float = 1.0        # knowledge terms (used when a few-step teacher is given)
+    feat_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.gen_every < 1:
+            raise ValueError("steps and gen_every must be >= 1")
+
+
+class KDMDLoss:
+    def __init__(self, cfg: KDMDConfig, student, critic, teacher, few_step_teacher=None, projector=None):
+        self.cfg, self.student, self.critic, self.teacher = cfg, student, critic, teacher
+        self.few_step_teacher, self.projector = few_step_teacher, projector
+        self.times = sampling_times(cfg.steps, cfg.shift)
+
+    def step_index(self, step: int) -> int:
+        return int(np.random.default_rng([self.cfg.seed, 4099, int(step)]).integers(self.cfg.steps))
+
+    def is_generator_step(self, step: int) -> bool:
+        return step % self.cfg.gen_every == 0
+
+    def _student_velocity(self, cond):
+        return lambda x, t: self.student(x, t, **cond)
+
+    def __call__(self, step: int, cond: dict, uncond: dict | None, shape: tuple, generator=None,
+                 device=None) -> tuple[torch.Tensor, dict]:
+        c = self.cfg
+        B = shape[0]
+        k = self.step_index(step)
+        noise = torch.randn(shape, generator=generator, device=device)
+        x_t = backward_simulate(self._student_velocity(cond), noise, self.times.to(noise.device), k, generator)
+        t_k = torch.full((B,), float(self.times[k]), device=noise.device)
+        gen_turn = self.is_generator_step(step)
+        metrics = {"k": k}
+        with torch.set_grad_enabled(gen_turn):
+            v, feats = self.student(x_t, t_k, return_features=True, **cond)
+            x0_hat = x_t - t_k.view(-1, *([1] * (x_t.dim() - 1))) * v
+        loss = x0_hat.new_zeros(())
+        if gen_turn:
+            tau = sample_tau(B, c.tau_low, c.tau_high, c.shift, generator, noise.device)
+            tau_b = tau.view(-1, *([1] * (x_t.dim() - 1)))
+            with torch.no_grad():
+                eps = torch.randn(shape, generator=generator, device=noise.device)
+                x_tau = (1 - tau_b) * x0_hat.detach() + tau_b * eps
+                v_real = cfg_velocity(self.teacher, x_tau, tau, cond, uncond, c.guidance)
+                v_fake = self.critic(x_tau, tau, **cond)
+                x0_real, x0_fake = x_tau - tau_b * v_real, x_tau - tau_b * v_fake
+            l_dmd, grad = dmd_loss(x0_hat, x0_real, x0_fake)
+            loss = loss + c.dmd_weight * l_dmd
+            metrics.update(loss_dmd=float(l_dmd.detach()), dmd_grad=float(grad.abs().mean()))
+            if self.few_step_teacher is not None:
+                with torch.no_grad():
+                    v_t, f_t = self.few_step_teacher(x_t, t_k, return_features=True, **cond)
+                l_out = F.mse_loss(v.float(), v_t.float())
+                f_s = self.projector(feats) if self.projector is not None else feats
+                l_feat = F.mse_loss(f_s.float(), f_t.float())
+                loss = loss + c.out_weight * l_out + c.feat_weight * l_feat
+                metrics.update(loss_out=float(l_out.detach()), loss_feat=float(l_feat.detach()))
+        l_critic = critic_loss(self.critic, x0_hat, cond, generator)
+        metrics["loss_critic"] = float(l_critic.detach())
+        self.last_parts = {"generator": loss, "critic": l_critic}  # for inspection (tests)
+        return loss + l_critic, metrics
