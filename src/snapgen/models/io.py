@@ -47,7 +47,8 @@ class ModelIOMixin:
         tensors for a smaller file; ``from_pretrained`` always loads into the model's own dtype."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
+        # LoRA adapters are not part of the model: they are saved beside it (snapgen.distill.lora.save_lora)
+        state = {k: v for k, v in self.state_dict().items() if ".lora." not in k}
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         # Tied/shared tensors are not expected here; safetensors refuses them, which is what we want.

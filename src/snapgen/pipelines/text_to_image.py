@@ -45,7 +45,7 @@ def default_model_dir() -> Path:
 @dataclass(frozen=True)
 class PipelineConfig(JSONConfigMixin):
     _config_kind = "TextToImagePipeline"
-    _optional_keys = ("sampler", "few_step_times")
+    _optional_keys = ("sampler", "few_step_times", "adapters", "base_sampling")
 
     text_encoder: str = "minilm"             # "minilm" or a local transformers folder
     text_max_length: int = 32
@@ -56,6 +56,10 @@ class PipelineConfig(JSONConfigMixin):
     shift: float = 1.0
     sampler: str = "euler"                   # "euler" or "few_step" (distilled generators)
     few_step_times: tuple[float, ...] = ()   # times for the few-step sampler (ends with 0)
+    # distilled pipelines: variant -> LoRA adapter (adapters/<name>.safetensors) switched on with that variant,
+    # and the sampling settings of the base (teacher) model, used when the adapters are off (use_base)
+    adapters: dict = dataclasses.field(default_factory=dict)
+    base_sampling: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "resolution", tuple(int(v) for v in self.resolution))
@@ -70,6 +74,7 @@ class TextToImagePipeline:
         self.vae = vae.eval() if hasattr(vae, "eval") else vae
         self.config = config
         self._text_encoder = text_encoder
+        self._base_mode = False
 
     # --- components ---------------------------------------------------------------------------------
     @property
@@ -93,9 +98,44 @@ class TextToImagePipeline:
         return self.transformer.variant
 
     def set_variant(self, name: str) -> "TextToImagePipeline":
-        """Generate with sub-network ``name`` ("tiny" / "small" / "full" for the shipped supernetwork)."""
+        """Generate with sub-network ``name`` ("tiny" / "small" / "full" for the shipped supernetwork); a
+        distilled pipeline switches on that variant's few-step adapter."""
         self.transformer.set_variant(name)
+        self._activate_adapter()
         return self
+
+    @property
+    def distilled(self) -> bool:
+        return bool(self.config.adapters)
+
+    def use_base(self, on: bool = True) -> "TextToImagePipeline":
+        """Distilled pipelines: generate with the base (teacher) model -- adapters off, its own sampler,
+        steps and guidance -- instead of the few-step generator."""
+        if on and not self.distilled:
+            raise ValueError("this pipeline is not distilled: it has no few-step adapters to switch off")
+        self._base_mode = bool(on)
+        self._activate_adapter()
+        return self
+
+    def _activate_adapter(self) -> None:
+        if not self.distilled:
+            return
+        from ..distill.lora import set_adapter
+
+        name = None if self._base_mode else self.config.adapters.get(self.transformer.variant)
+        if name is None and not self._base_mode:
+            raise ValueError(f"this distilled pipeline has few-step adapters for {sorted(self.config.adapters)}, "
+                             f"not for {self.transformer.variant!r}; pick one of those, or use_base()")
+        set_adapter(self.transformer, name)
+
+    def sampling_settings(self) -> dict:
+        """The sampler, steps, guidance and shift used by default now."""
+        c = self.config
+        if self._base_mode:
+            b = c.base_sampling
+            return {"sampler": b.get("sampler", "euler"), "steps": int(b.get("steps", 28)),
+                    "guidance": float(b.get("guidance", 4.0)), "shift": float(b.get("shift", 1.0))}
+        return {"sampler": c.sampler, "steps": c.steps, "guidance": c.guidance, "shift": c.shift}
 
     def extract(self, name: str) -> "TextToImagePipeline":
         """A standalone pipeline whose transformer holds only sub-network ``name``'s weights."""
@@ -113,6 +153,11 @@ class TextToImagePipeline:
         atomic_save_safetensors({k: v.to(dtype) if v.is_floating_point() else v
                                  for k, v in self.conditioning.state_dict().items()},
                                 directory / "text_conditioning.safetensors")
+        if self.config.adapters:
+            from ..distill.lora import save_lora
+
+            for name in sorted(set(self.config.adapters.values())):
+                save_lora(self.transformer, name, directory / "adapters" / f"{name}.safetensors")
         tmp = directory / ".pipeline.json.tmp"
         self.config.to_json(tmp)
         os.replace(tmp, directory / "pipeline.json")
@@ -147,8 +192,20 @@ class TextToImagePipeline:
             conditioning.load_state_dict({k: v.float() for k, v in state.items()})
         except RuntimeError as e:
             raise ValueError(f"{cond_path} does not match pipeline.json's conditioning settings: {e}") from None
+        for name in sorted(set(config.adapters.values())):
+            from ..distill.lora import load_lora
+
+            path = directory / "adapters" / f"{name}.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: pipeline.json lists adapter {name!r}; the pipeline "
+                                        f"folder is incomplete")
+            load_lora(transformer, path, name=name)
         pipe = cls(transformer, conditioning, vae, config, text_encoder)
-        return pipe.set_variant(variant) if variant is not None else pipe
+        if variant is None:  # default: full width, or the widest variant that has a few-step adapter
+            variant = transformer.variant
+            if config.adapters and variant not in config.adapters:
+                variant = max(config.adapters, key=lambda v: transformer.variants.get(v, 0))
+        return pipe.set_variant(variant)
 
     # --- generation ---------------------------------------------------------------------------------
     def check_inputs(self, prompts, height: int, width: int, steps: int, guidance: float) -> list[str]:
@@ -199,8 +256,9 @@ class TextToImagePipeline:
                  seed: int | None = 0, height: int | None = None, width: int | None = None,
                  shift: float | None = None, progress: bool = False, return_latents: bool = False):
         cfg = self.config
-        steps = cfg.steps if steps is None else steps
-        guidance = cfg.guidance if guidance is None else guidance
+        settings = self.sampling_settings()
+        steps = settings["steps"] if steps is None else steps
+        guidance = settings["guidance"] if guidance is None else guidance
         height = cfg.resolution[0] if height is None else height
         width = cfg.resolution[1] if width is None else width
         prompts = self.check_inputs(prompts, height, width, steps, guidance)
@@ -220,10 +278,13 @@ class TextToImagePipeline:
             return cfg_velocity(self.transformer, x, t, {"text": text, "text_mask": mask},
                                 {"text": null_text, "text_mask": null_mask}, guidance)
 
-        if cfg.sampler == "few_step" and cfg.few_step_times:
+        if settings["sampler"] == "few_step" and cfg.few_step_times and steps == len(cfg.few_step_times) - 1:
             latents = few_step_sample(velocity, noise, torch.tensor(cfg.few_step_times), generator=gen)
+        elif settings["sampler"] == "few_step":  # another step count: the same sampler on a shifted grid
+            latents = few_step_sample(velocity, noise, sampling_times(steps, settings["shift"] if shift is None
+                                                                      else shift), generator=gen)
         else:
-            times = sampling_times(steps, cfg.shift if shift is None else shift)
+            times = sampling_times(steps, settings["shift"] if shift is None else shift)
             latents = euler_sample(velocity, noise, times, progress=progress)
         if return_latents:
             return latents

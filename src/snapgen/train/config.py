@@ -36,9 +36,12 @@ class OptimConfig:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
 
 
+TASKS = ("autoencoder", "flow", "dmd", "kdmd")
+
+
 @dataclass
 class TrainConfig:
-    task: str                                    # "autoencoder" | "flow"
+    task: str                                    # "autoencoder" | "flow" | "dmd" | "kdmd"
     run_dir: str = "runs/default"
     seed: int = 0
     steps: int = 1000
@@ -62,6 +65,7 @@ class TrainConfig:
     vae: dict[str, Any] = field(default_factory=dict)
     flow: dict[str, Any] = field(default_factory=dict)
     elastic: dict[str, Any] = field(default_factory=dict)      # elastic width training (flow task, elastic model)
+    distill: dict[str, Any] = field(default_factory=dict)      # step distillation (tasks dmd / kdmd)
     loss: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
@@ -73,8 +77,8 @@ class TrainConfig:
             if bad:
                 raise ValueError(f"unknown optim keys {bad}; valid: {sorted(names)}")
             self.optim = OptimConfig(**self.optim)
-        if self.task not in ("autoencoder", "flow"):
-            raise ValueError(f"task must be 'autoencoder' or 'flow', got {self.task!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         for name in ("steps", "batch_size"):
@@ -95,7 +99,7 @@ class TrainConfig:
         if bad:
             raise ValueError(f"unknown config keys {bad}; valid top-level keys: {sorted(names)}")
         if "task" not in d:
-            raise ValueError("config needs a 'task' key ('autoencoder' or 'flow')")
+            raise ValueError(f"config needs a 'task' key (one of {', '.join(TASKS)})")
         return cls(**d)
 
 

@@ -53,6 +53,10 @@ def build_task(cfg: TrainConfig, device: torch.device):
         return AutoencoderTask(cfg, device)
     if cfg.task == "flow":
         return FlowTask(cfg, device)
+    if cfg.task in ("dmd", "kdmd"):
+        from ..distill.task import DistillTask
+
+        return DistillTask(cfg, device)
     raise ValueError(f"unknown task {cfg.task!r}")
 
 

@@ -1,0 +1,227 @@
+"""Trainer tasks for step distillation: ``dmd`` (plain DMD2) and ``kdmd`` (K-DMD, SnapGen++ Sec. 3.2).
+
+One frozen base model serves every role that the paper gives to one backbone, switched by width and LoRA:
+
+* teacher (real score): the base transformer at full width, no adapter, with CFG ``teacher_guidance``;
+* few-step teacher (``kdmd`` only): the base at full width with the few-step LoRA of a previous ``dmd``
+  run switched on (the paper's Qwen-Image-Lightning = Qwen-Image + Lightning LoRA; no extra copy);
+* student: the base at the student's width with its own LoRA ``<prefix>_<variant>`` (or a full copy when
+  ``student_lora`` is null);
+* critic (fake score): a copy of the student (same width), with its own LoRA or fully trained.
+
+``distill.variants`` lists the widths distilled in this one run (each step trains every listed width; their
+LoRAs, critics and projectors are separate, so the widths do not interfere and share all settings -- the
+paper's "no per-capacity tuning"). Only captions are read from the data cache: DMD is data-free.
+
+Export: the base pipeline folder plus ``adapters/<name>.safetensors`` and a ``pipeline.json`` whose default
+sampler is the few-step one (``few_step_times``, guidance 1) with ``adapters`` mapping variant -> adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..train.config import TrainConfig
+from .kdmd import KDMDConfig, KDMDLoss
+from .lora import add_lora, load_lora, save_lora, set_adapter
+
+__all__ = ["DistillTask"]
+
+_DISTILL_KEYS = {"variants", "student_lora", "critic_lora", "teacher_guidance", "few_step_teacher", "steps",
+                 "shift", "gen_every", "weights", "tau", "adapter_prefix"}
+
+
+class _Role(nn.Module):
+    """Calls a shared transformer as one role: a width and an adapter (``None`` = base weights)."""
+
+    def __init__(self, model, variant: str, adapter: str | None):
+        super().__init__()
+        self.model, self.variant, self.adapter = model, variant, adapter
+
+    def forward(self, x, t, return_features: bool = False, **cond):
+        self.model.set_variant(self.variant)
+        set_adapter(self.model, self.adapter)
+        return self.model(x, t, return_features=return_features, **cond)
+
+
+class DistillTask:
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from ..pipelines import TextToImagePipeline
+        from ..train.tasks import _check_keys
+
+        self.cfg, self.device = cfg, device
+        d = dict(cfg.distill)
+        _check_keys("distill", d, _DISTILL_KEYS)
+        _check_keys("model", cfg.model, {"init_from"})
+        _check_keys("data", cfg.data, {"cache", "resolution"})
+        _check_keys("export", cfg.export, {"dtype"})
+        if "init_from" not in cfg.model:
+            raise ValueError("a distillation config needs model.init_from: the trained pipeline folder to distil")
+        self.base_dir = Path(cfg.model["init_from"])
+        pipe = TextToImagePipeline.from_pretrained(self.base_dir)
+        self.pipe = pipe
+        self.base = pipe.transformer.to(device)
+        self.base.requires_grad_(False)
+        clean = copy.deepcopy(self.base)  # critics start from the base weights, without any adapter
+        self.conditioning = pipe.conditioning.to(device).eval().requires_grad_(False)
+        self.variants = list(d.get("variants", ["full"]))
+        for v in self.variants:
+            if v not in self.base.variants:
+                raise ValueError(f"distill.variants: {v!r} is not served by {self.base_dir} "
+                                 f"(it serves {sorted(self.base.variants)})")
+        w = d.get("weights", {})
+        _check_keys("distill.weights", w, {"dmd", "out", "feat"})
+        tau = d.get("tau", [0.02, 0.98])
+        self.kcfg = KDMDConfig(steps=int(d.get("steps", 4)), shift=float(d.get("shift", 3.0)),
+                               guidance=float(d.get("teacher_guidance", 4.0)), tau_low=float(tau[0]),
+                               tau_high=float(tau[1]), gen_every=int(d.get("gen_every", 5)),
+                               dmd_weight=float(w.get("dmd", 1.0)), out_weight=float(w.get("out", 1.0)),
+                               feat_weight=float(w.get("feat", 1.0)), seed=cfg.seed)
+        self.prefix = d.get("adapter_prefix", cfg.task)
+        # few-step teacher: the base with a LoRA from a previous dmd run (K-DMD only)
+        self.few_step = None
+        if cfg.task == "kdmd":
+            src = d.get("few_step_teacher")
+            if not src:
+                raise ValueError("task kdmd needs distill.few_step_teacher: a pipeline folder from a dmd run "
+                                 "(its full-width adapter is the few-step teacher); use task dmd for plain DMD")
+            adapter_file = self._few_step_adapter_file(Path(src))
+            load_lora(self.base, adapter_file, name="few_step_teacher")
+            self.base.requires_grad_(False)
+            self.few_step = _Role(self.base, "full", "few_step_teacher")
+        self.teacher = _Role(self.base, "full", None)
+        s_lora, c_lora = d.get("student_lora", {"rank": 64, "alpha": 128}), d.get("critic_lora", {"rank": 64, "alpha": 128})
+        self.students, self.critics, self.projectors, self.losses = {}, nn.ModuleDict(), nn.ModuleDict(), {}
+        self.student_copies = nn.ModuleDict()
+        for v in self.variants:
+            name = f"{self.prefix}_{v}"
+            if s_lora:
+                add_lora(self.base, name, int(s_lora["rank"]), float(s_lora["alpha"]))
+                student = _Role(self.base, v, name)
+            else:  # full fine-tuning: an own copy of the weights
+                copy_ = copy.deepcopy(self.base).requires_grad_(True)
+                self.student_copies[v] = copy_
+                student = _Role(copy_, v, None)
+            critic_model = copy.deepcopy(clean)
+            critic_model.requires_grad_(c_lora is None or not c_lora)
+            if c_lora:
+                add_lora(critic_model, "critic", int(c_lora["rank"]), float(c_lora["alpha"]))
+            self.critics[v] = critic_model
+            critic = _Role(critic_model, v, "critic" if c_lora else None)
+            projector = None
+            if self.few_step is not None:
+                width = int(self.base.config.width * self.base.variants[v])
+                projector = nn.Linear(width, self.base.config.width)
+                self.projectors[v] = projector
+            self.students[v] = student
+            self.losses[v] = KDMDLoss(self.kcfg, student, critic, self.teacher, self.few_step, projector)
+        self.critics.to(device)
+        self.projectors.to(device)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    @staticmethod
+    def _few_step_adapter_file(folder: Path) -> Path:
+        meta = folder / "pipeline.json"
+        if not meta.is_file():
+            raise FileNotFoundError(f"few-step teacher {folder} is not a pipeline folder (no pipeline.json)")
+        adapters = json.loads(meta.read_text()).get("adapters") or {}
+        if "full" not in adapters:
+            raise ValueError(f"few-step teacher {folder} has no full-width adapter (adapters: {adapters}); "
+                             f"distil it with task dmd and variants [full]")
+        return folder / "adapters" / f"{adapters['full']}.safetensors"
+
+    # --- trainer interface ----------------------------------------------------------------------------
+    def trainable_modules(self) -> dict:
+        mods = {"transformer": self.base, "critics": self.critics, "projectors": self.projectors}
+        if len(self.student_copies):
+            mods["students"] = self.student_copies
+        return mods
+
+    def prepare(self, run_dir: Path) -> None:
+        from ..data.latent_cache import load_latent_cache
+
+        path = self.cfg.data.get("cache")
+        if not path or not Path(path).is_file():
+            raise FileNotFoundError(f"data.cache {path!r} not found: distillation reads the captions of a flow "
+                                    f"run's latent cache (train the base model first, or point data.cache at it)")
+        cache = load_latent_cache(path)
+        self.text_tokens, self.text_mask = cache["text_tokens"], cache["text_mask"]
+        self.caption_index = cache["caption_index"]
+        res = self.cfg.data.get("resolution", self.pipe.config.resolution[0])
+        f = self.pipe.vae_factor
+        self.latent_shape = (self.base.config.in_channels, res // f, res // f)
+
+    def _condition(self, step: int):
+        from ..train.tasks import batch_indices
+
+        idx = torch.from_numpy(batch_indices(self.cfg.seed, step, len(self.caption_index), self.cfg.batch_size))
+        cap = self.caption_index[idx]
+        feats = (self.text_tokens[cap].float().to(self.device), self.text_mask[cap].to(self.device))
+        B = len(idx)
+        with torch.no_grad():
+            text, mask = self.conditioning([feats], drop=[torch.zeros(B, dtype=torch.bool)])
+            null, null_mask = self.conditioning.null(B, lengths=[text.shape[1]])
+        return {"text": text, "text_mask": mask}, {"text": null, "text_mask": null_mask}
+
+    def loss(self, step: int):
+        cond, uncond = self._condition(step)
+        total, logs = 0.0, {}
+        for v, objective in self.losses.items():
+            loss, metrics = objective(step, cond, uncond, (len(cond["text"]), *self.latent_shape), self.generator,
+                                      self.device)
+            total = total + loss
+            logs.update({f"{k}_{v}": val for k, val in metrics.items() if k != "k"})
+        self.base.set_variant("full")
+        set_adapter(self.base, None)
+        return total, logs
+
+    # --- samples / export -----------------------------------------------------------------------------
+    def adapter_names(self) -> dict[str, str]:
+        return {v: f"{self.prefix}_{v}" for v in self.variants}
+
+    @torch.no_grad()
+    def sample(self, path: Path, step: int) -> None:
+        from ..pipelines.text_to_image import make_grid
+
+        prompts = (self.cfg.sampling or {}).get("prompts") or []
+        if not prompts or len(self.student_copies):
+            return
+        pipe = self._export_pipeline()
+        images, captions = [], []
+        for v in self.variants:
+            images += pipe.set_variant(v)(prompts, seed=0)
+            captions += [f"{v}: {p}" for p in prompts]
+        pipe.set_variant("full")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, captions, cols=len(prompts), scale=2).save(path)
+
+    def _export_pipeline(self):
+        from ..pipelines import TextToImagePipeline
+
+        times = tuple(float(t) for t in self.losses[self.variants[0]].times)
+        config = self.pipe.config.replace(sampler="few_step", few_step_times=times, steps=self.kcfg.steps,
+                                          guidance=1.0, shift=self.kcfg.shift, adapters=self.adapter_names(),
+                                          base_sampling={"sampler": self.pipe.config.sampler,
+                                                         "steps": self.pipe.config.steps,
+                                                         "guidance": self.pipe.config.guidance,
+                                                         "shift": self.pipe.config.shift})
+        return TextToImagePipeline(self.base, self.conditioning, self.pipe.vae, config,
+                                   text_encoder=self.pipe._text_encoder)
+
+    def export(self, out_dir: Path) -> Path:
+        if len(self.student_copies):
+            raise NotImplementedError("export of fully fine-tuned students: use LoRA students (student_lora)")
+        out_dir = Path(out_dir)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        dtype = {"float32": torch.float32, "float16": torch.float16}[self.cfg.export.get("dtype", "float32")]
+        # base weights (adapters are never part of the transformer file) + the students' adapters beside them
+        self._export_pipeline().save_pretrained(out_dir, dtype=dtype)
+        print(f"distilled pipeline exported to {out_dir} (adapters: {self.adapter_names()})")
+        return out_dir

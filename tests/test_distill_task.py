@@ -1,0 +1,99 @@
+"""The dmd / kdmd trainer tasks on a tiny elastic pipeline: a few-step LoRA teacher, K-DMD students for two
+widths in one run, exact resume, and the exported distilled pipeline (adapters per variant, base mode)."""
+
+import json
+
+import pytest
+import torch
+from conftest import perturb_
+from test_pipeline import FakeEncoder
+from test_train import losses, make_cache
+
+from snapgen.models import ThreeStageDiT, preset
+from snapgen.pipelines import PipelineConfig, TextToImagePipeline
+from snapgen.text import TextConditioning
+from snapgen.train import Trainer
+from snapgen.train.config import TrainConfig
+from snapgen.vae import Autoencoder, AutoencoderConfig
+
+
+class Encoder32(FakeEncoder):
+    dim = 32
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    model = perturb_(ThreeStageDiT(preset("nano-elastic", vae_factor=2)), std=0.05)
+    kw = {"encoder_dims": [32], "out_dim": 32}
+    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
+    TextToImagePipeline(model, TextConditioning(**kw), vae,
+                        PipelineConfig(conditioning=kw, resolution=(16, 16), steps=6, guidance=3.0)).save_pretrained(d)
+    make_cache(d / "cache.safetensors")
+    return d
+
+
+def distill_config(tmp_path, base, task, run, steps, **distill):
+    return TrainConfig.from_dict({
+        "task": task, "run_dir": str(tmp_path / run), "seed": 1, "steps": steps, "batch_size": 4, "threads": 1,
+        "model": {"init_from": str(base)}, "data": {"cache": str(base / "cache.safetensors"), "resolution": 16},
+        "optim": {"lr": 1e-3, "betas": [0.0, 0.99], "weight_decay": 0.0, "warmup": 0, "schedule": "constant",
+                  "grad_clip": 10.0},
+        "distill": {"student_lora": {"rank": 2, "alpha": 4}, "critic_lora": {"rank": 2, "alpha": 4},
+                    "gen_every": 2, "teacher_guidance": 2.0, **distill},
+        "log_every": 1, "ckpt_every": 2, "sample_every": 0})
+
+
+def test_dmd_then_kdmd_for_two_widths_and_the_distilled_pipeline(tmp_path, base):
+    Trainer(distill_config(tmp_path, base, "dmd", "dmd", 4, variants=["full"]), progress=False).fit()
+    fewstep = tmp_path / "dmd" / "final"
+    assert (fewstep / "adapters" / "dmd_full.safetensors").is_file()
+    meta = json.loads((fewstep / "pipeline.json").read_text())
+    assert meta["adapters"] == {"full": "dmd_full"} and meta["sampler"] == "few_step" and meta["guidance"] == 1.0
+    assert meta["few_step_times"] == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
+
+    cfg = distill_config(tmp_path, base, "kdmd", "kdmd", 4, variants=["tiny", "small"],
+                         few_step_teacher=str(fewstep))
+    trainer = Trainer(cfg, progress=False)
+    # trainable: the students' LoRAs, the critics' LoRAs and the projectors -- never the base weights
+    names = list(trainer.params)
+    assert names and all(".lora.kdmd_" in n or ".lora.critic." in n or n.startswith("projectors.") for n in names)
+    trainer.fit()
+    recs = [json.loads(ln) for ln in (tmp_path / "kdmd" / "metrics.jsonl").read_text().splitlines()]
+    gen = [r for r in recs if "loss_dmd_tiny" in r]
+    assert gen and all({"loss_out_small", "loss_feat_small", "loss_critic_tiny"} <= set(r) for r in gen)
+
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "kdmd" / "final", text_encoder=Encoder32())
+    assert pipe.distilled and pipe.variant == "small"  # the widest width with an adapter
+    few = [pipe.set_variant(v)(["a red circle"], seed=0, return_latents=True) for v in ("tiny", "small")]
+    assert (few[0] - few[1]).abs().max() > 1e-3
+    pipe.use_base()
+    assert pipe.sampling_settings() == {"sampler": "euler", "steps": 6, "guidance": 3.0, "shift": 1.0}
+    base_out = pipe(["a red circle"], seed=0, return_latents=True)
+    ref = TextToImagePipeline.from_pretrained(base, text_encoder=Encoder32(), variant="small")(
+        ["a red circle"], seed=0, return_latents=True)
+    torch.testing.assert_close(base_out, ref, atol=1e-3, rtol=0)  # adapters off = the base model (fp16 file)
+    with pytest.raises(ValueError, match="few-step adapters for"):
+        pipe.use_base(False).set_variant("full")
+
+
+def test_kdmd_resume_is_exact(tmp_path, base):
+    Trainer(distill_config(tmp_path, base, "dmd", "dmd", 2, variants=["full"]), progress=False).fit()
+    fs = str(tmp_path / "dmd" / "final")
+    Trainer(distill_config(tmp_path, base, "kdmd", "whole", 6, variants=["tiny"], few_step_teacher=fs),
+            progress=False).fit()
+    Trainer(distill_config(tmp_path, base, "kdmd", "split", 3, variants=["tiny"], few_step_teacher=fs),
+            progress=False).fit()
+    Trainer(distill_config(tmp_path, base, "kdmd", "split", 6, variants=["tiny"], few_step_teacher=fs),
+            progress=False).fit()
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
+def test_distill_config_errors(tmp_path, base):
+    with pytest.raises(ValueError, match="few_step_teacher"):
+        Trainer(distill_config(tmp_path, base, "kdmd", "x", 2, variants=["tiny"]), progress=False)
+    with pytest.raises(ValueError, match="not served"):
+        Trainer(distill_config(tmp_path, base, "dmd", "y", 2, variants=["huge"]), progress=False)
+    with pytest.raises(ValueError, match="unknown keys in 'distill'"):
+        Trainer(distill_config(tmp_path, base, "dmd", "z", 2, variants=["full"], gen_evry=3), progress=False)
