@@ -220,3 +220,52 @@ def test_kdmd_turns_a_many_step_flow_model_into_a_4_step_generator_that_covers_e
     r = mode_report(out, data, 3.0)
     assert r["precision"] >= 0.6, r
     assert r["min_share_ratio"] >= 0.5, r
+
+
+# ------------------------------------------------------------------------------------------------------ KD
+def test_timestep_aware_scaling_weights():
+    from snapgen.distill.kd import logit_normal_weight, timestep_aware_scaling
+
+    t = torch.tensor([0.01, 0.2, 0.5, 0.8, 0.99])
+    a = logit_normal_weight(t)
+    assert a[2] == pytest.approx(1.0, abs=1e-3) and a.max() <= 1.0
+    torch.testing.assert_close(a[1], a[3])  # mean 0: symmetric around 1/2
+    assert a[0] < 0.05 and a[4] < 0.05  # the ends belong to the teacher
+    task = torch.tensor([2.0, 2.0], requires_grad=True)
+    kd = torch.tensor([0.5, 0.5], requires_grad=True)
+    out = timestep_aware_scaling(task, kd, torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(out.detach(), torch.tensor([2.0, 2.0]))  # kd rescaled to the task's magnitude
+    out.sum().backward()
+    torch.testing.assert_close(task.grad, torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(kd.grad, torch.tensor([0.0, 4.0]))  # |task| / |kd|, not differentiated
+
+
+def test_flow_task_with_a_teacher_distils_every_width(tmp_path):
+    from test_train import flow_config
+
+    from snapgen.pipelines import PipelineConfig, TextToImagePipeline
+    from snapgen.text import TextConditioning
+    from snapgen.train import Trainer
+    from snapgen.train.config import TrainConfig
+    from snapgen.vae import Autoencoder, AutoencoderConfig
+    import json
+
+    torch.manual_seed(0)
+    teacher = perturb_(ThreeStageDiT(preset("nano", text_dim=32)), std=0.05)
+    kw = {"encoder_dims": [32], "out_dim": 32}
+    TextToImagePipeline(teacher, TextConditioning(**kw), Autoencoder(AutoencoderConfig(channels=(8, 8), groups=4)),
+                        PipelineConfig(conditioning=kw)).save_pretrained(tmp_path / "teacher")
+    cfg = flow_config(tmp_path, "kd", 30, model={"preset": "nano-elastic"}, elastic={"num_random": 1},
+                      kd={"teacher": str(tmp_path / "teacher")})
+    trainer = Trainer(TrainConfig.from_dict(cfg), progress=False)
+    assert trainer.task.kd.projectors["tiny"].in_features == 48 and trainer.task.kd.projectors["full"].out_features == 64
+    trainer.fit()
+    recs = [json.loads(ln) for ln in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert {"kd_out_full", "kd_feat_tiny", "task_small"} <= set(recs[0])
+    for w in ("full", "tiny"):
+        first = sum(r[f"kd_out_{w}"] for r in recs[:5]) / 5
+        last = sum(r[f"kd_out_{w}"] for r in recs[-5:]) / 5
+        assert last < 0.7 * first, (w, first, last)  # the students move toward the teacher
+    # the projectors are trained but not part of the exported transformer
+    assert not any("proj" in k and "kd" in k for k in
+                   ThreeStageDiT.from_pretrained(tmp_path / "kd" / "final" / "transformer").state_dict())

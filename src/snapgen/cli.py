@@ -74,6 +74,13 @@ def cmd_train(args) -> int:
     if args.steps:
         overrides["steps"] = args.steps
     cfg = load_config(args.config, overrides)
+    method = getattr(args, "method", None)
+    if method is not None:  # snapgen distill <method>: the config must describe that method
+        ok = (cfg.task == "flow" and bool(cfg.kd)) if method == "kd" else cfg.task == method
+        if not ok:
+            want = "task: flow with a kd: section" if method == "kd" else f"task: {method}"
+            raise ValueError(f"snapgen distill {method} needs a config with {want}; {args.config} has task "
+                             f"{cfg.task!r}" + (" and no kd: section" if cfg.task == "flow" else ""))
     try:
         summary = Trainer(cfg, progress=not args.no_progress).fit(resume=not args.restart)
     except TrainingDiverged as e:
@@ -115,6 +122,8 @@ def cmd_generate(args) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     t0 = time.perf_counter()
     pipe = TextToImagePipeline.from_pretrained(model_dir, variant=args.variant)
+    if args.base:
+        pipe.use_base()
     _ = pipe.text_encoder  # load now, so the timing below is generation only
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -152,7 +161,7 @@ def cmd_eval(args) -> int:
 
     summary = run_evaluation(args.model, args.prompts, seeds=args.seeds, steps=args.steps, guidance=args.cfg,
                              quick=args.quick, out_dir=args.out, progress=not args.no_progress,
-                             variant=args.variant)
+                             variant=args.variant, base=args.base)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -260,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("distill", help="distil a trained model: kd (from a teacher), dmd (plain DMD2 to a "
+                                      "few-step LoRA), kdmd (K-DMD); resumes automatically")
+    p.add_argument("method", choices=["kd", "dmd", "kdmd"])
+    p.add_argument("--config", required=True, help="configs/distill/<name>.yaml")
+    p.add_argument("--run-dir", help="override the config's run_dir")
+    p.add_argument("--steps", type=int, help="override the number of steps")
+    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the run folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("generate", help="generate images from text prompts")
     p.add_argument("prompt", nargs="*", help="one or more prompts")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
@@ -274,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="also write a grid image with the prompts under the images")
     p.add_argument("--scale", type=int, default=2, help="pixel upscale of grid cells (default 2)")
     p.add_argument("--variant", help="elastic sub-network: tiny | small | full (default full)")
+    p.add_argument("--base", action="store_true",
+                   help="distilled models: use the base (teacher) model and its sampler instead of the few-step one")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -287,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval_report", help="report folder (default eval_report/)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--variant", help="elastic sub-network: tiny | small | full (default full)")
+    p.add_argument("--base", action="store_true",
+                   help="distilled models: use the base (teacher) model and its sampler instead of the few-step one")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -21,7 +21,8 @@ __all__ = ["run_evaluation", "format_report"]
 
 def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int | None = None,
                    guidance: float | None = None, quick: bool = False, out_dir: str | Path = "eval_report",
-                   batch_size: int = 36, progress: bool = True, variant: str | None = None) -> dict:
+                   batch_size: int = 36, progress: bool = True, variant: str | None = None,
+                   base: bool = False) -> dict:
     from ..data.scenes import SceneDataset
     from ..pipelines import TextToImagePipeline
     from .detector import load_detector
@@ -29,6 +30,8 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
 
     t0 = time.perf_counter()
     pipe = TextToImagePipeline.from_pretrained(model_dir, variant=variant)
+    if base:
+        pipe.use_base()
     detector = load_detector()
     prompts = load_prompts(prompts_path or prompt_path("sceneeval"))
     if quick:  # 3 prompts per category, one seed: a couple of minutes on 2 cores
@@ -40,8 +43,9 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
         seeds = 1
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    steps = pipe.config.steps if steps is None else steps
-    guidance = pipe.config.guidance if guidance is None else guidance
+    settings = pipe.sampling_settings()
+    steps = settings["steps"] if steps is None else steps
+    guidance = settings["guidance"] if guidance is None else guidance
     images, metadata = [], []
     jobs = [(seed, prompts[i:i + batch_size]) for seed in range(seeds) for i in range(0, len(prompts), batch_size)]
     for seed, chunk in tqdm(jobs, desc="generating", disable=not progress):
@@ -72,7 +76,7 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
     summary = {"sceneeval": scene, "alignment": alignment, "fd": fd, "steps": steps, "cfg": guidance,
                "images": len(images), "prompts": len(prompts), "seeds": seeds,
                "seconds": round(time.perf_counter() - t0, 1), "model": str(model_dir or "models/snapgen-micro"),
-               "variant": pipe.variant,
+               "variant": pipe.variant, "sampler": settings["sampler"],
                "notes": notes}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out_dir / "results.jsonl", "w") as f:

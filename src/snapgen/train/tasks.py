@@ -259,6 +259,7 @@ class FlowTask:
         elif cfg.elastic:
             raise ValueError("the config has an elastic: section but the model is not elastic; set "
                              "model.elastic_variants (e.g. preset micro-elastic) or remove the section")
+        self.kd = None
         self._text_encoder = None
         self._vae = None
         # the conditioning module must exist before the trainer collects parameters: infer the encoder
@@ -266,6 +267,8 @@ class FlowTask:
         self._init_conditioning(self._encoder_dim())
         if self.init_from:
             self._warm_start(Path(self.init_from))
+        if cfg.kd:
+            self._init_kd(cfg.kd)
 
     # --- components ---------------------------------------------------------------------------------
     def _encoder_dim(self) -> int:
@@ -282,6 +285,61 @@ class FlowTask:
             if key in c:
                 return int(c[key])
         raise ValueError(f"cannot tell the hidden size of the text encoder in {self.text_spec}")
+
+    def _init_kd(self, kd: dict) -> None:
+        """Knowledge distillation from a frozen teacher pipeline (SnapGen++ Sec. 3.1; snapgen.distill.kd)."""
+        from ..distill.kd import KnowledgeDistillationLoss
+        from ..pipelines import TextToImagePipeline
+
+        _check_keys("kd", kd, {"teacher", "scaling", "out_weight", "feat_weight"})
+        if "teacher" not in kd:
+            raise ValueError("kd needs 'teacher': a trained pipeline folder")
+        teacher = TextToImagePipeline.from_pretrained(kd["teacher"])
+        if list(teacher.conditioning.encoder_dims) != list(self.cond_kwargs["encoder_dims"]):
+            raise ValueError(f"kd teacher {kd['teacher']} reads text features of widths "
+                             f"{teacher.conditioning.encoder_dims}, this run {self.cond_kwargs['encoder_dims']}: "
+                             f"teacher and student must use the same text encoder")
+        self.kd_teacher = teacher.transformer.to(self.device).eval().requires_grad_(False)
+        self.kd_teacher.set_variant("full")
+        self.kd_conditioning = teacher.conditioning.to(self.device).eval().requires_grad_(False)
+        tw = self.kd_teacher.config.width
+        projectors = {name: torch.nn.Linear(int(self.model.config.width * r), tw)
+                      for name, r in self.model.variants.items()}
+        self.kd = KnowledgeDistillationLoss(self.kd_teacher, projectors, kd.get("scaling", "snapgen"),
+                                            float(kd.get("out_weight", 1.0)), float(kd.get("feat_weight", 1.0)),
+                                            self.objective.mean, self.objective.std).to(self.device)
+
+    def _kd_loss(self, step: int, x0, feats):
+        from ..flow import loss_per_time_bin
+        from ..flow.objective import interpolate, logit_normal_times, velocity_target
+
+        B = x0.shape[0]
+        drops = self.conditioning.sample_drops(B, self.device)  # the teacher sees the same dropped captions
+        text, mask = self.conditioning([feats], drop=drops)
+        t_text, t_mask = self.kd_conditioning([feats], drop=drops)
+        o = self.objective
+        t = logit_normal_times(B, o.mean, o.std, o.shift_for(x0), self.generator, x0.device)
+        eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
+        x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps).float()
+        v_t, f_t = self.kd.teacher_targets(x_t, t, text=t_text, text_mask=t_mask)
+        widths = ["full"]
+        if self.elastic_loss is not None:
+            from ..elastic.training import sample_subnetworks
+
+            widths += sample_subnetworks(self.model.variants, step, self.cfg.seed, self.elastic_loss.num_random)
+        total, logs, per_sample = 0.0, {}, None
+        try:
+            for name in widths:
+                self.model.set_variant(name)
+                v, f = self.model(x_t, t, text=text, text_mask=mask, return_features=True)
+                loss, parts = self.kd.per_width(name, v, f, target, v_t, f_t, t)
+                total = total + loss
+                logs.update({f"{k}_{name}": val for k, val in parts.items()})
+                if per_sample is None:
+                    per_sample = torch.nn.functional.mse_loss(v.detach().float(), target, reduction="none").flatten(1).mean(1)
+        finally:
+            self.model.set_variant("full")
+        return total, {"bins": loss_per_time_bin(per_sample, t, self.cfg.time_bins), **logs}
 
     def _warm_start(self, directory: Path) -> None:
         """Load transformer + text-conditioning weights of a pipeline folder; the architecture must match, or
@@ -336,7 +394,10 @@ class FlowTask:
         return self._vae
 
     def trainable_modules(self) -> dict:
-        return {"transformer": self.model, "conditioning": self.conditioning}
+        mods = {"transformer": self.model, "conditioning": self.conditioning}
+        if self.kd is not None:
+            mods["kd_projectors"] = self.kd.projectors  # trained with the student, not exported
+        return mods
 
     # --- latent cache -------------------------------------------------------------------------------
     def cache_path(self, run_dir: Path) -> Path:
@@ -382,6 +443,8 @@ class FlowTask:
         x0 = self.latents[idx].float().to(self.device)
         cap = self.caption_index[idx]
         feats = (self.text_tokens[cap].float().to(self.device), self.text_mask[cap].to(self.device))
+        if self.kd is not None:
+            return self._kd_loss(step, x0, feats)
         text, mask = self.conditioning([feats])
         from ..flow import loss_per_time_bin
 
