@@ -23,13 +23,22 @@ class Encoder32(FakeEncoder):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from snapgen.text import minilm_path
+
     d = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
+    bert = d / "bert"  # a tiny real text encoder (hidden 32), so the distilled pipeline can be exported
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=30522)).save_pretrained(bert)
+    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(bert)
     model = perturb_(ThreeStageDiT(preset("nano-elastic", vae_factor=2)), std=0.05)
     kw = {"encoder_dims": [32], "out_dim": 32}
     vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
     TextToImagePipeline(model, TextConditioning(**kw), vae,
-                        PipelineConfig(conditioning=kw, resolution=(16, 16), steps=6, guidance=3.0)).save_pretrained(d)
+                        PipelineConfig(text_encoder=str(bert), conditioning=kw, resolution=(16, 16), steps=6,
+                                       guidance=3.0)).save_pretrained(d)
     make_cache(d / "cache.safetensors")
     return d
 
@@ -97,3 +106,27 @@ def test_distill_config_errors(tmp_path, base):
         Trainer(distill_config(tmp_path, base, "dmd", "y", 2, variants=["huge"]), progress=False)
     with pytest.raises(ValueError, match="unknown keys in 'distill'"):
         Trainer(distill_config(tmp_path, base, "dmd", "z", 2, variants=["full"], gen_evry=3), progress=False)
+
+
+def test_distilled_variant_exports_to_onnx_with_its_adapter_merged(tmp_path, base):
+    pytest.importorskip("onnxruntime")
+    from snapgen.export.onnx import OnnxPipeline, export_onnx
+
+    Trainer(distill_config(tmp_path, base, "dmd", "dmd", 2, variants=["tiny", "full"]), progress=False).fit()
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "dmd" / "final", variant="tiny")
+    # make the adapter matter: a trained-looking (non-zero) update
+    from snapgen.distill.lora import lora_parameters
+
+    with torch.no_grad():
+        for p in lora_parameters(pipe.transformer, "dmd_tiny").values():
+            p.normal_(0, 0.05)
+    export_onnx(pipe, tmp_path / "onnx", progress=False)
+    meta = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert meta["sampler"] == "few_step" and meta["batch"] == 1 and meta["mode"] == "distilled"
+    a = OnnxPipeline(tmp_path / "onnx")(["a red circle"], seed=4, return_latents=True)
+    b = pipe(["a red circle"], seed=4, return_latents=True)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    from snapgen.distill.lora import set_adapter
+
+    set_adapter(pipe.transformer, None)  # same sampler without the adapter: differs, so it was merged
+    assert (pipe(["a red circle"], seed=4, return_latents=True) - a).abs().max() > 1e-3

@@ -121,14 +121,29 @@ def cmd_generate(args) -> int:
     height, width = args.size if args.size else (None, None)
     model_dir = Path(args.model) if args.model else default_model_dir()
     t0 = time.perf_counter()
-    pipe = TextToImagePipeline.from_pretrained(model_dir, variant=args.variant)
-    if args.base:
-        pipe.use_base()
-    _ = pipe.text_encoder  # load now, so the timing below is generation only
-    t_load = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    images = pipe(prompts, steps=args.steps, guidance=args.cfg, seed=args.seed, height=height, width=width,
-                  progress=not args.no_progress)
+    if args.backend == "onnx":
+        from .export.onnx import OnnxPipeline
+
+        if not args.model:
+            raise ValueError("--backend onnx needs --model EXPORT_DIR (a folder from `snapgen export onnx`)")
+        fixed = [f for f, v in (("--steps", args.steps), ("--cfg", args.cfg), ("--size", args.size),
+                                ("--variant", args.variant)) if v is not None] + (["--base"] if args.base else [])
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot change an ONNX export (its variant, size, sampler and "
+                             f"guidance are fixed at export time); export again with the settings you want")
+        pipe = OnnxPipeline(model_dir)
+        t_load = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        images = pipe(prompts, seed=args.seed)
+    else:
+        pipe = TextToImagePipeline.from_pretrained(model_dir, variant=args.variant)
+        if args.base:
+            pipe.use_base()
+        _ = pipe.text_encoder  # load now, so the timing below is generation only
+        t_load = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        images = pipe(prompts, steps=args.steps, guidance=args.cfg, seed=args.seed, height=height, width=width,
+                      progress=not args.no_progress)
     t_gen = time.perf_counter() - t1
     out = Path(args.out)
     written = []
@@ -150,8 +165,10 @@ def cmd_generate(args) -> int:
             written.append(out / "grid.png")
     for w in written:
         print(w)
+    variant = pipe.meta["variant"] if args.backend == "onnx" else pipe.variant
     print(f"generated {len(images)} image(s) of {images[0].size[1]}x{images[0].size[0]} "
-          f"{'with the ' + pipe.variant + ' variant ' if pipe.variant != 'full' else ''}in {t_gen:.2f} s "
+          f"{'with the ' + variant + ' variant ' if variant != 'full' else ''}"
+          f"{'(onnxruntime) ' if args.backend == 'onnx' else ''}in {t_gen:.2f} s "
           f"({t_gen / len(images):.2f} s per image; model load {t_load:.1f} s)")
     return 0
 
@@ -188,6 +205,22 @@ def cmd_extract(args) -> int:
     n_sup, n_sub = pipe.transformer.num_parameters(), sub.transformer.num_parameters()
     print(f"extracted {args.variant!r}: {n_sub / 1e6:.2f}M transformer parameters (the supernetwork file holds "
           f"{n_sup / 1e6:.2f}M) -> {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .pipelines import TextToImagePipeline
+
+    if args.format != "onnx":
+        raise ValueError(f"export format {args.format!r} is not available yet; use onnx")
+    from .export.onnx import export_onnx
+
+    pipe = TextToImagePipeline.from_pretrained(args.model, variant=args.variant)
+    if args.base:
+        pipe.use_base()
+    res = _parse_resolution(args.resolution) if args.resolution else None
+    out = export_onnx(pipe, args.out, resolution=res)
+    print(f"generate with: snapgen generate \"a red circle\" --backend onnx --model {out}")
     return 0
 
 
@@ -295,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", help="elastic sub-network: tiny | small | full (default full)")
     p.add_argument("--base", action="store_true",
                    help="distilled models: use the base (teacher) model and its sampler instead of the few-step one")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: run an export folder (snapgen export onnx) with onnxruntime")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -321,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=cmd_extract)
 
+    p = sub.add_parser("export", help="export a pipeline for deployment (ONNX: text encoder, DiT step, decoder)")
+    p.add_argument("format", choices=["onnx"])
+    p.add_argument("--model", help="pipeline folder (default: the shipped model)")
+    p.add_argument("--variant", help="elastic sub-network to export (default: the pipeline's default)")
+    p.add_argument("--resolution", help="image size in pixels, N or HxW (default: the model's)")
+    p.add_argument("--base", action="store_true", help="distilled models: export the base (teacher) sampler")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("select", help="measure each variant's per-step latency here; pick the widest within a budget")
     p.add_argument("--budget-ms", type=float, required=True, help="latency budget per sampling step, ms")
     p.add_argument("--resolution", default="64", help="image size in pixels, N or HxW (default 64)")
@@ -336,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+    except (ValueError, FileNotFoundError, KeyError, TypeError, ImportError) as e:
         print(f"snapgen {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly

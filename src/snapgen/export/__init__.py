@@ -1,0 +1,1 @@
+"""Deployment: ONNX export and an onnxruntime pipeline (``snapgen.export.onnx``)."""
