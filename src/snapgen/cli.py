@@ -224,6 +224,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .export.quantize import quantize_pipeline
+    from .pipelines import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(args.model, variant=args.variant)
+    if args.base:
+        pipe.use_base()
+    if args.prompts_file:
+        prompts = _read_prompts(argparse.Namespace(prompt=[], prompts_file=args.prompts_file))
+    else:
+        from .eval.sceneeval import load_prompts, prompt_path
+
+        prompts = [p["prompt"] for p in load_prompts(prompt_path("sceneeval"))][::4][:16]
+    out = quantize_pipeline(pipe, args.out, prompts, args.bits, args.finetune_steps)
+    import os
+
+    size = os.path.getsize(out / "transformer" / "quantized.safetensors")
+    fp32 = 4 * pipe.extract(pipe.variant).transformer.num_parameters()
+    print(f"{out}: transformer {size / 1e6:.2f} MB ({fp32 / size:.1f}x smaller than fp32 {fp32 / 1e6:.2f} MB)")
+    return 0
+
+
 def _parse_resolution(text: str) -> tuple[int, int]:
     try:
         parts = [int(v) for v in str(text).lower().split("x")]
@@ -364,6 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action="store_true", help="distilled models: export the base (teacher) sampler")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="k-means weight quantization of one variant (SnapGen++: ~4.3 bits)")
+    p.add_argument("--model", help="pipeline folder (default: the shipped model)")
+    p.add_argument("--variant", help="elastic sub-network (default: the pipeline's default)")
+    p.add_argument("--bits", type=float, default=4.3, help="target mean bits per clustered weight (4-8)")
+    p.add_argument("--finetune-steps", type=int, default=100, help="self-distillation steps for biases/norms")
+    p.add_argument("--prompts-file", help="calibration prompts, one per line (default: 16 SceneEval prompts)")
+    p.add_argument("--base", action="store_true", help="distilled models: quantize the base (teacher) model")
+    p.add_argument("--out", required=True, help="output pipeline folder")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("select", help="measure each variant's per-step latency here; pick the widest within a budget")
     p.add_argument("--budget-ms", type=float, required=True, help="latency budget per sampling step, ms")

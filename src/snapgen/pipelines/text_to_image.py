@@ -178,7 +178,12 @@ class TextToImagePipeline:
             raise FileNotFoundError(f"{directory} is not a snapgen pipeline folder: pipeline.json is missing "
                                     f"(expected pipeline.json, transformer/, vae/, text_conditioning.safetensors)")
         config = PipelineConfig.from_json(directory / "pipeline.json")
-        transformer = ThreeStageDiT.from_pretrained(directory / "transformer")
+        if (directory / "transformer" / "quantized.safetensors").is_file():  # snapgen quantize output
+            from ..export.quantize import load_quantized
+
+            transformer = load_quantized(directory / "transformer")
+        else:
+            transformer = ThreeStageDiT.from_pretrained(directory / "transformer")
         vae = load_autoencoder(directory / "vae")
         cond_path = directory / "text_conditioning.safetensors"
         if not cond_path.is_file():
