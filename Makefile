@@ -2,15 +2,22 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.snapgen-installed
+TEST_STAMP := $(VENV)/.snapgen-test-installed
 
-.PHONY: setup run train-shipped test bench bench-peers clean
+.PHONY: setup setup-test run train-shipped test bench bench-peers clean
 
+# core install (what generating needs); the test extra adds pytest, diffusers and the export/device toolchains
 setup: $(STAMP)
+setup-test: $(TEST_STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(TEST_STAMP)
 
 # The main job: generate images from prompts with the shipped model (models/snapgen-micro) into outputs/.
 run: setup
@@ -22,7 +29,7 @@ train-shipped: setup
 	$(VENV)/bin/snapgen train --config configs/t2i_micro.yaml
 	rm -rf models/snapgen-micro && cp -r runs/t2i_micro/final models/snapgen-micro
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -q
 
 # Benchmarks (minutes to tens of minutes on 2 cores); results land in benchmarks/results/.

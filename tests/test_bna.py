@@ -78,15 +78,16 @@ def test_gather_matches_reference_values_and_grads(grid, tile, radius):
     inputs = make_qkv(grid[0] * grid[1])
     grads = {}
     outs = {}
-    for backend in ("reference", "gather"):
+    for backend in ("reference", "gather", "tiles"):
         q, k, v = (t.clone().requires_grad_(True) for t in inputs)
         out = block_neighborhood_attention(q, k, v, geom, backend=backend)
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
         (out * w).sum().backward()
         outs[backend], grads[backend] = out.detach(), [t.grad for t in (q, k, v)]
-    torch.testing.assert_close(outs["gather"], outs["reference"], rtol=1e-10, atol=1e-10)
-    for g_fast, g_ref in zip(grads["gather"], grads["reference"]):
-        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-10)
+    for fast in ("gather", "tiles"):
+        torch.testing.assert_close(outs[fast], outs["reference"], rtol=1e-10, atol=1e-10)
+        for g_fast, g_ref in zip(grads[fast], grads["reference"]):
+            torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("grid,tile,radius", [CASES[0], CASES[1], CASES[4]])

@@ -24,6 +24,9 @@ Backends (all heads-last: ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)``, ``Hq % H
   one dense SDPA of shape ``(B * tiles, heads, T, window * T)``. No data-dependent control flow:
   the indices depend on shapes only, so it exports (ONNX, ExecuTorch, Core ML). Default. For row
   chunks the key windows are an overlapping strided view of k/v (no copy at all).
+* ``"tiles"``: ``gather`` without the strided-view shortcut: always index gathers + one batched SDPA
+  (the paper's on-device form, "blockwise attention as a batch of small dense attentions"); used by the
+  Core ML / ExecuTorch exports.
 * ``"flex"``: ``torch.nn.attention.flex_attention`` on tile-major tokens with a cached block mask.
   Inference only on CPU (flex has no CPU backward); compiled when ``compile=True``.
 """
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 
 __all__ = ["TileGeometry", "make_geometry", "bna_mask", "block_neighborhood_attention", "BNA_BACKENDS"]
 
-BNA_BACKENDS = ("gather", "reference", "flex")
+BNA_BACKENDS = ("gather", "tiles", "reference", "flex")
 
 
 @dataclass(frozen=True)
@@ -224,8 +227,11 @@ def _bna_row_chunks(q, k, v, geom: TileGeometry) -> torch.Tensor:
     return torch.cat(outs, dim=0).reshape(B, N, Hq, d)
 
 
-def _bna_gather(q, k, v, geom: TileGeometry) -> torch.Tensor:
-    if geom.is_identity_tiling:
+def _bna_gather(q, k, v, geom: TileGeometry, views: bool = True) -> torch.Tensor:
+    """``views=False`` (backend ``"tiles"``) never uses the overlapping-view fast path for row chunks: every
+    layout goes through index gathers + one batched SDPA, which every exporter converts (Core ML has no
+    ``unfold``)."""
+    if geom.is_identity_tiling and views:
         return _bna_row_chunks(q, k, v, geom)
     B, N, Hq, d = q.shape
     Hk = k.shape[2]
@@ -336,6 +342,8 @@ def block_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if backend == "gather":
         return _bna_gather(q, k, v, geom)
+    if backend == "tiles":
+        return _bna_gather(q, k, v, geom, views=False)
     if backend == "reference":
         return _bna_reference(q, k, v, geom)
     if backend == "flex":

@@ -33,7 +33,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
         key_mask = key_mask.bool()
         has_key = key_mask.any(dim=1)  # (B,)
         # A row with no valid key would give NaN in softmax: let it see everything, then zero its output.
-        mask = (key_mask | ~has_key[:, None])[:, None, None, :]
+        # logical_* rather than | and ~: Core ML has no bitwise ops on booleans
+        mask = torch.logical_or(key_mask, torch.logical_not(has_key)[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
     if key_mask is not None:

@@ -57,5 +57,6 @@ def apply_rope(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor) -> torch.Tenso
     B, N, H, d = x.shape
     if C.shape[0] != N:
         raise ValueError(f"RoPE table has {C.shape[0]} positions but the input has {N} tokens")
-    swapped = x.unflatten(-1, (2, 2, d // 4)).flip(-2).reshape(B, N, H, d)
+    # (B*N) merged so the view stays rank 5 (Core ML's limit)
+    swapped = x.reshape(B * N, H, 2, 2, d // 4).flip(-2).reshape(B, N, H, d)
     return torch.addcmul(x * C.to(x.dtype), swapped, S.to(x.dtype))

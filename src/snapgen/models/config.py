@@ -95,8 +95,8 @@ class ThreeStageDiTConfig(JSONConfigMixin):
             bad(f"depths must be three non-negative block counts (down, middle, up), got {self.depths}")
         if self.outer_attention not in ATTENTION_KINDS:
             bad(f"outer_attention must be one of {ATTENTION_KINDS}, got {self.outer_attention!r}")
-        if self.bna_backend not in ("gather", "reference", "flex"):
-            bad(f"bna_backend must be 'gather', 'reference' or 'flex', got {self.bna_backend!r}")
+        if self.bna_backend not in ("gather", "tiles", "reference", "flex"):
+            bad(f"bna_backend must be 'gather', 'tiles', 'reference' or 'flex', got {self.bna_backend!r}")
         if len(self.bna_tile) != 2 or min(self.bna_tile) < 0:
             bad(f"bna_tile must be two non-negative ints (0 = whole axis), got {self.bna_tile}")
         if self.bna_radius < 0:

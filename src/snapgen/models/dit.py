@@ -88,8 +88,9 @@ def unpatchify(x: torch.Tensor, grid: tuple[int, int], p: int, c: int) -> torch.
     """``(B, gh*gw, p*p*c)`` with feature order (p, q, c) -> ``(B, c, gh*p, gw*p)``."""
     B = x.shape[0]
     gh, gw = grid
-    x = x.reshape(B, gh, gw, p, p, c)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, c, gh * p, gw * p)
+    # rank <= 5 throughout (Core ML's limit): (B, gh, gw, p, p*c) -> (B, gh, p, gw, p*c) -> (B, H, W, c)
+    x = x.reshape(B, gh, gw, p, p * c).permute(0, 1, 3, 2, 4).reshape(B, gh * p, gw * p, c)
+    return x.permute(0, 3, 1, 2)
 
 
 class ThreeStageDiT(ModelIOMixin, nn.Module):

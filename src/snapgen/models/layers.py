@@ -166,7 +166,8 @@ class TokenDownsample(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         B, N, D = x.shape
         H, W = grid
-        x = x.reshape(B, H // 2, 2, W // 2, 2, D).permute(0, 1, 3, 2, 4, 5).reshape(B, N // 4, 4 * D)
+        # (row-in-cell i, col-in-cell j, channel) order; rank <= 5 throughout (Core ML's limit)
+        x = x.reshape(B, H // 2, 2, W // 2, 2 * D).permute(0, 1, 3, 2, 4).reshape(B, N // 4, 4 * D)
         return self.proj(x)
 
 
@@ -189,7 +190,7 @@ class TokenUpsample(nn.Module):
         """``grid`` is the coarse grid of ``x``; returns tokens on the ``2H x 2W`` grid."""
         B, N, D = x.shape
         H, W = grid
-        x = self.proj(x).reshape(B, H, W, 2, 2, D).permute(0, 1, 3, 2, 4, 5)
+        x = self.proj(x).reshape(B, H, W, 2, 2 * D).permute(0, 1, 3, 2, 4)  # rank <= 5 (Core ML's limit)
         return x.reshape(B, 4 * N, D)
 
 
