@@ -121,17 +121,19 @@ def cmd_generate(args) -> int:
     height, width = args.size if args.size else (None, None)
     model_dir = Path(args.model) if args.model else default_model_dir()
     t0 = time.perf_counter()
-    if args.backend == "onnx":
+    if args.backend in ("onnx", "executorch"):
+        from .export.mobile import ExecuTorchPipeline
         from .export.onnx import OnnxPipeline
 
         if not args.model:
-            raise ValueError("--backend onnx needs --model EXPORT_DIR (a folder from `snapgen export onnx`)")
+            raise ValueError(f"--backend {args.backend} needs --model EXPORT_DIR (a folder from "
+                             f"`snapgen export {args.backend}`)")
         fixed = [f for f, v in (("--steps", args.steps), ("--cfg", args.cfg), ("--size", args.size),
                                 ("--variant", args.variant)) if v is not None] + (["--base"] if args.base else [])
         if fixed:
-            raise ValueError(f"{', '.join(fixed)} cannot change an ONNX export (its variant, size, sampler and "
-                             f"guidance are fixed at export time); export again with the settings you want")
-        pipe = OnnxPipeline(model_dir)
+            raise ValueError(f"{', '.join(fixed)} cannot change an exported model (its variant, size, sampler "
+                             f"and guidance are fixed at export time); export again with the settings you want")
+        pipe = (OnnxPipeline if args.backend == "onnx" else ExecuTorchPipeline)(model_dir)
         t_load = time.perf_counter() - t0
         t1 = time.perf_counter()
         images = pipe(prompts, seed=args.seed)
@@ -165,10 +167,11 @@ def cmd_generate(args) -> int:
             written.append(out / "grid.png")
     for w in written:
         print(w)
-    variant = pipe.meta["variant"] if args.backend == "onnx" else pipe.variant
+    variant = pipe.meta["variant"] if args.backend != "torch" else pipe.variant
     print(f"generated {len(images)} image(s) of {images[0].size[1]}x{images[0].size[0]} "
           f"{'with the ' + variant + ' variant ' if variant != 'full' else ''}"
-          f"{'(onnxruntime) ' if args.backend == 'onnx' else ''}in {t_gen:.2f} s "
+          f"{'(' + {'onnx': 'onnxruntime', 'executorch': 'ExecuTorch'}[args.backend] + ') ' if args.backend != 'torch' else ''}"
+          f"in {t_gen:.2f} s "
           f"({t_gen / len(images):.2f} s per image; model load {t_load:.1f} s)")
     return 0
 
@@ -211,16 +214,25 @@ def cmd_extract(args) -> int:
 def cmd_export(args) -> int:
     from .pipelines import TextToImagePipeline
 
-    if args.format != "onnx":
-        raise ValueError(f"export format {args.format!r} is not available yet; use onnx")
-    from .export.onnx import export_onnx
-
     pipe = TextToImagePipeline.from_pretrained(args.model, variant=args.variant)
     if args.base:
         pipe.use_base()
     res = _parse_resolution(args.resolution) if args.resolution else None
-    out = export_onnx(pipe, args.out, resolution=res)
-    print(f"generate with: snapgen generate \"a red circle\" --backend onnx --model {out}")
+    if args.format == "onnx":
+        from .export.onnx import export_onnx
+
+        out = export_onnx(pipe, args.out, resolution=res, rewrite=args.rewrite)
+    elif args.format == "executorch":
+        from .export.mobile import export_executorch
+
+        out = export_executorch(pipe, args.out, resolution=res)
+    else:
+        from .export.mobile import export_coreml
+
+        out = export_coreml(pipe, args.out, resolution=res)
+        print(f"Core ML packages written to {out}; running them needs macOS (coremltools predict / Xcode)")
+        return 0
+    print(f"generate with: snapgen generate \"a red circle\" --backend {args.format} --model {out}")
     return 0
 
 
@@ -350,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", help="elastic sub-network: tiny | small | full (default full)")
     p.add_argument("--base", action="store_true",
                    help="distilled models: use the base (teacher) model and its sampler instead of the few-step one")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="onnx: run an export folder (snapgen export onnx) with onnxruntime")
+    p.add_argument("--backend", choices=["torch", "onnx", "executorch"], default="torch",
+                   help="onnx / executorch: run an export folder (snapgen export onnx|executorch)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -379,11 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("export", help="export a pipeline for deployment (ONNX: text encoder, DiT step, decoder)")
-    p.add_argument("format", choices=["onnx"])
+    p.add_argument("format", choices=["onnx", "executorch", "coreml"])
     p.add_argument("--model", help="pipeline folder (default: the shipped model)")
     p.add_argument("--variant", help="elastic sub-network to export (default: the pipeline's default)")
     p.add_argument("--resolution", help="image size in pixels, N or HxW (default: the model's)")
     p.add_argument("--base", action="store_true", help="distilled models: export the base (teacher) sampler")
+    p.add_argument("--rewrite", action="store_true",
+                   help="onnx: use the on-device graph form (BNA as gathers + batched attention); "
+                        "executorch/coreml always do")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
 

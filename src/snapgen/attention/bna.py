@@ -227,6 +227,17 @@ def _bna_row_chunks(q, k, v, geom: TileGeometry) -> torch.Tensor:
     return torch.cat(outs, dim=0).reshape(B, N, Hq, d)
 
 
+def _explicit_attention(q, k, v, mask=None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) [+ mask]) v`` written out (heads-first), GQA by repeating KV heads."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(torch.logical_not(mask), float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
 def _bna_gather(q, k, v, geom: TileGeometry, views: bool = True) -> torch.Tensor:
     """``views=False`` (backend ``"tiles"``) never uses the overlapping-view fast path for row chunks: every
     layout goes through index gathers + one batched SDPA, which every exporter converts (Core ML has no
@@ -250,8 +261,11 @@ def _bna_gather(q, k, v, geom: TileGeometry, views: bool = True) -> torch.Tensor
     mask = None
     if key_valid is not None:
         mask = key_valid[:, None, None, :].expand(n_tiles, 1, T, K).repeat(B, 1, 1, 1)
-    out = F.scaled_dot_product_attention(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2),
-                                         attn_mask=mask, enable_gqa=True)  # (B*tiles, Hq, T, d)
+    if views:
+        out = F.scaled_dot_product_attention(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2),
+                                             attn_mask=mask, enable_gqa=True)  # (B*tiles, Hq, T, d)
+    else:  # plain matmul/softmax: exporters lower SDPA with output strides their later views cannot follow
+        out = _explicit_attention(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), mask)
     out = out.transpose(1, 2).reshape(B, n_tiles * T, Hq, d)
     if not geom.is_identity_tiling:
         out = out.index_select(1, inverse)  # back to padded raster order

@@ -1,0 +1,251 @@
+"""What every export backend shares: the three graphs of a pipeline (text, one DiT step, decoder) with their
+example inputs, the manifest, and :class:`ExportedPipeline` -- the sampler loop around three compiled graphs,
+identical to ``TextToImagePipeline``'s (same sampler code, same seeded noise draws).
+
+Backends (``snapgen.export.onnx``, ``snapgen.export.mobile``) only turn a module into a file and run a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["standalone_transformer", "device_rewrite", "pipeline_graphs", "write_export", "ExportedPipeline"]
+
+
+class TextGraph(nn.Module):
+    """Text encoder + the pipeline's conditioning projection, as one graph.
+
+    ``TextConditioning.forward`` for one encoder and a caption that is never dropped or empty (a tokenized
+    caption always holds [CLS]/[SEP]), without its null-embedding select (onnxruntime has no boolean
+    ``Where`` kernel). Equality with the PyTorch pipeline is covered by the parity tests."""
+
+    def __init__(self, hf_model, conditioning):
+        super().__init__()
+        if len(conditioning.proj) != 1:
+            raise ValueError("export supports one text encoder")
+        self.hf_model, self.conditioning = hf_model, conditioning
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        h = self.hf_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        keep = attention_mask.to(h.dtype)[..., None]
+        tokens = self.conditioning.proj[0](h * keep) * keep
+        return tokens, attention_mask.bool()
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode_latents(latents)
+
+
+def standalone_transformer(pipe, variant: str | None = None):
+    """The pipeline's transformer at ``variant`` as a plain model: extracted, few-step adapter merged."""
+    from ..distill.lora import merge_lora, set_adapter
+    from ..elastic.supernet import extract_variant
+
+    model = pipe.transformer
+    variant = variant or model.variant
+    if variant not in model.variants:
+        raise ValueError(f"variant {variant!r} is not served by this model (it serves {sorted(model.variants)})")
+    adapter = None if pipe._base_mode else pipe.config.adapters.get(variant)
+    if pipe.distilled and adapter is None and not pipe._base_mode:
+        raise ValueError(f"this distilled pipeline has few-step adapters for {sorted(pipe.config.adapters)}, "
+                         f"not for {variant!r}")
+    if adapter is not None:
+        model = merge_lora(model, adapter)
+    set_adapter(model, None)
+    return extract_variant(model, variant).eval()
+
+
+def device_rewrite(model: nn.Module) -> nn.Module:
+    """The paper's on-device form, numerically equal to the training model (tested): blockwise attention as
+    index gathers + one batched dense attention (BNA backend ``tiles``; no strided views or data-dependent
+    control flow), static shapes (fixed at export). The model code already keeps every tensor at rank <= 5."""
+    from ..attention import AdaptiveSparseSelfAttention
+
+    for m in model.modules():
+        if isinstance(m, AdaptiveSparseSelfAttention):
+            m.bna_backend = "tiles"
+    return model
+
+
+def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bool = False) -> dict:
+    """The three graphs of ``pipe`` (its current variant and mode) with example inputs and I/O names."""
+    from ..models.dit import check_latent_size
+
+    H, W = resolution or pipe.config.resolution
+    f = pipe.vae_factor
+    if H % f or W % f:
+        raise ValueError(f"resolution {H}x{W} is not a multiple of the autoencoder factor {f}")
+    cfg_t = pipe.transformer.config
+    check_latent_size(H // f, W // f, cfg_t.downsample, cfg_t.vae_factor)
+    encoder = pipe.text_encoder
+    if not hasattr(encoder, "model") or not hasattr(encoder, "tokenizer"):
+        raise ValueError(f"export supports transformers text encoders; {type(encoder).__name__} is not one")
+    settings = pipe.sampling_settings()
+    batch = 2 if settings["guidance"] != 1.0 else 1
+    L = int(pipe.config.text_max_length)
+    text_graph = TextGraph(encoder.model.eval(), pipe.conditioning.eval())
+    ids = torch.ones(1, L, dtype=torch.long)
+    with torch.no_grad():
+        tokens, _ = text_graph(ids, ids)
+    dit = standalone_transformer(pipe)
+    if rewrite:
+        dit = device_rewrite(dit)
+    C = dit.config.in_channels
+    latent = (C, H // f, W // f)
+    null, null_mask = pipe.conditioning.null(1, lengths=[L])
+    meta = {"variant": pipe.transformer.variant, "resolution": [H, W], "latent": list(latent), "batch": batch,
+            "text_max_length": L, "sampler": settings["sampler"], "steps": settings["steps"],
+            "guidance": settings["guidance"], "shift": settings["shift"],
+            "few_step_times": list(pipe.config.few_step_times), "rewrite": rewrite,
+            "mode": "distilled" if pipe.distilled and not pipe._base_mode else "base",
+            "dit_parameters": dit.num_parameters()}
+    return {
+        "graphs": {
+            "text": (text_graph, (ids, torch.ones(1, L, dtype=torch.long)), ["input_ids", "attention_mask"],
+                     ["text", "text_mask"]),
+            "dit": (dit, (torch.randn(batch, *latent), torch.full((batch,), 0.5),
+                          torch.randn(batch, tokens.shape[1], tokens.shape[2]),
+                          torch.ones(batch, tokens.shape[1], dtype=torch.bool)),
+                    ["x", "t", "text", "text_mask"], ["v"]),
+            "decoder": (DecoderGraph(pipe.vae.eval()), (torch.randn(1, *latent),), ["latents"], ["image"]),
+        },
+        "tokenizer": encoder.tokenizer, "null": (null.detach(), null_mask), "meta": meta,
+    }
+
+
+@torch.no_grad()
+def write_export(pipe, out_dir, fmt: str, suffix: str, writer, resolution=None, rewrite: bool = False,
+                 progress: bool = True) -> Path:
+    """Export ``pipe`` with ``writer(module, args, path, input_names, output_names)`` for each graph, atomically."""
+    from .. import __version__
+
+    out = Path(out_dir)
+    parts = pipeline_graphs(pipe, resolution, rewrite)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    log = print if progress else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    files = {}
+    for name, (module, args, ins, outs) in parts["graphs"].items():
+        log(f"exporting {name}{suffix} ...")
+        writer(module, args, tmp / f"{name}{suffix}", ins, outs)
+        p = tmp / f"{name}{suffix}"
+        files[f"{name}{suffix}"] = (sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir()
+                                    else p.stat().st_size)
+    parts["tokenizer"].save_pretrained(tmp / "tokenizer")
+    null, null_mask = parts["null"]
+    np.save(tmp / "null_text.npy", null.numpy().astype(np.float32))
+    np.save(tmp / "null_mask.npy", null_mask.numpy())
+    manifest = {"format": fmt, "snapgen_version": __version__, **parts["meta"], "files": files}
+    (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log(f"exported to {out} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+class ExportedPipeline:
+    """Generation around three compiled graphs; subclasses load them and implement :meth:`_run`."""
+
+    format: str = ""
+    suffix: str = ""
+    command: str = ""
+
+    def __init__(self, directory: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        d = Path(directory)
+        meta_path = d / "export.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{d} is not a snapgen {self.command} export (no export.json); create one "
+                                    f"with `snapgen export {self.command} --out {d}`")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path} is corrupt ({e}); re-run snapgen export {self.command}") from None
+        if self.meta.get("format") != self.format:
+            raise ValueError(f"{d} holds format {self.meta.get('format')!r}, not {self.format!r}")
+        self.directory = d
+        self.graphs = {}
+        for name in ("text", "dit", "decoder"):
+            path = d / f"{name}{self.suffix}"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing; the export folder is incomplete (re-export)")
+            try:
+                self.graphs[name] = self._load(path)
+            except Exception as e:  # runtimes raise their own exception types
+                raise ValueError(f"cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+                                 f"The file is corrupt or truncated; re-run snapgen export {self.command}") from None
+        self.tokenizer = AutoTokenizer.from_pretrained(d / "tokenizer", local_files_only=True)
+        self.null_text = torch.from_numpy(np.load(d / "null_text.npy"))
+        self.null_mask = torch.from_numpy(np.load(d / "null_mask.npy"))
+
+    def _load(self, path: Path):  # pragma: no cover - backend specific
+        raise NotImplementedError
+
+    def _run(self, name: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def encode(self, prompt: str):
+        L = self.meta["text_max_length"]
+        b = self.tokenizer([prompt], padding="max_length", truncation=True, max_length=L, return_tensors="pt")
+        tokens, mask = self._run("text", {"input_ids": b["input_ids"].long(),
+                                          "attention_mask": b["attention_mask"].long()})
+        return tokens, mask.bool()
+
+    def _dit(self, x: torch.Tensor, t: torch.Tensor, tokens, mask) -> torch.Tensor:
+        """One sample's (guided) velocity; ``x (1, C, h, w)``."""
+        if self.meta["batch"] == 2:
+            g = self.meta["guidance"]
+            v = self._run("dit", {"x": torch.cat([x, x]), "t": torch.cat([t, t]),
+                                  "text": torch.cat([tokens, self.null_text]).float(),
+                                  "text_mask": torch.cat([mask, self.null_mask])})[0]
+            v_c, v_u = v.chunk(2)
+            return v_u + g * (v_c - v_u)
+        return self._run("dit", {"x": x, "t": t, "text": tokens, "text_mask": mask})[0]
+
+    def __call__(self, prompts, seed: int | None = 0, return_latents: bool = False):
+        """Same sampler, same seeded noise draws as ``TextToImagePipeline`` (the DiT graph has a static batch,
+        so the batch is run one sample at a time inside each step)."""
+        from ..data.base import tensor_to_image
+        from ..flow.sampling import euler_sample, few_step_sample, sampling_times
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError("prompts must be non-empty strings")
+        m = self.meta
+        encoded = [self.encode(p) for p in prompts]
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        noise = torch.randn((len(prompts), *m["latent"]), generator=gen)
+
+        def velocity(x, t):
+            return torch.cat([self._dit(x[i:i + 1], t[i:i + 1], *encoded[i]) for i in range(len(x))])
+
+        if m["sampler"] == "few_step":
+            if m["few_step_times"] and m["steps"] == len(m["few_step_times"]) - 1:
+                times = torch.tensor(m["few_step_times"])
+            else:
+                times = sampling_times(m["steps"], m["shift"])
+            latents = few_step_sample(velocity, noise, times, generator=gen)
+        else:
+            latents = euler_sample(velocity, noise, sampling_times(m["steps"], m["shift"]))
+        if return_latents:
+            return latents
+        images = [self._run("decoder", {"latents": lat[None]})[0][0] for lat in latents]
+        return [tensor_to_image(im) for im in images]
