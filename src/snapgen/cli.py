@@ -89,6 +89,12 @@ def cmd_train(args) -> int:
     except KeyboardInterrupt:
         print("snapgen train: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        if summary.get("rank", 0) != 0:
+            return 0
     print(json.dumps(summary, indent=2))
     return 0
 

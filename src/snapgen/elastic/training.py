@@ -64,12 +64,15 @@ class ElasticFlowLoss:
         self.objective = objective or FlowMatchingLoss()  # its time distribution (logit-normal + shift)
         self.weights, self.num_random, self.seed = weights, num_random, seed
 
-    def __call__(self, model, x0: torch.Tensor, step: int, generator: torch.Generator | None = None, **cond):
+    def __call__(self, model, x0: torch.Tensor, step: int, generator: torch.Generator | None = None,
+                 t: torch.Tensor | None = None, eps: torch.Tensor | None = None, **cond):
         if not model.config.elastic_variants:
             raise ValueError("ElasticFlowLoss needs an elastic model (config.elastic_variants is empty)")
         o = self.objective
-        t = logit_normal_times(x0.shape[0], o.mean, o.std, o.shift_for(x0), generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if t is None:
+            t = logit_normal_times(x0.shape[0], o.mean, o.std, o.shift_for(x0), generator, x0.device)
+        if eps is None:
+            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps).float()
         w = self.weights
         model.set_variant("full")

@@ -67,6 +67,7 @@ class TrainConfig:
     elastic: dict[str, Any] = field(default_factory=dict)      # elastic width training (flow task, elastic model)
     distill: dict[str, Any] = field(default_factory=dict)      # step distillation (tasks dmd / kdmd)
     kd: dict[str, Any] = field(default_factory=dict)           # knowledge distillation from a teacher (flow task)
+    distributed: dict[str, Any] = field(default_factory=dict)  # {strategy: ddp, accumulation: N} (torchrun)
     loss: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)

@@ -309,17 +309,14 @@ class FlowTask:
                                             float(kd.get("out_weight", 1.0)), float(kd.get("feat_weight", 1.0)),
                                             self.objective.mean, self.objective.std).to(self.device)
 
-    def _kd_loss(self, step: int, x0, feats):
+    def _kd_loss(self, step: int, x0, feats, drops, t, eps):
         from ..flow import loss_per_time_bin
-        from ..flow.objective import interpolate, logit_normal_times, velocity_target
+        from ..flow.objective import interpolate, velocity_target
 
-        B = x0.shape[0]
-        drops = self.conditioning.sample_drops(B, self.device)  # the teacher sees the same dropped captions
+        if drops is None:
+            drops = [torch.zeros(x0.shape[0], dtype=torch.bool, device=self.device)]
         text, mask = self.conditioning([feats], drop=drops)
-        t_text, t_mask = self.kd_conditioning([feats], drop=drops)
-        o = self.objective
-        t = logit_normal_times(B, o.mean, o.std, o.shift_for(x0), self.generator, x0.device)
-        eps = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
+        t_text, t_mask = self.kd_conditioning([feats], drop=drops)  # the teacher sees the same dropped captions
         x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps).float()
         v_t, f_t = self.kd.teacher_targets(x_t, t, text=t_text, text_mask=t_mask)
         widths = ["full"]
@@ -438,21 +435,49 @@ class FlowTask:
               f"{len(self.text_tokens)} distinct captions")
 
     # --- training -----------------------------------------------------------------------------------
-    def loss(self, step: int):
-        idx = torch.from_numpy(batch_indices(self.cfg.seed, step, len(self.latents), self.cfg.batch_size))
+    # Data parallelism: a step's global batch is ``batch_size x parts`` samples (parts = ranks x gradient
+    # accumulation); everything random (caption drops, times, noise) is drawn once per step for the global
+    # batch, in the order a single process draws it, and each part computes on its slice. So N ranks, or N
+    # accumulation steps, compute exactly the gradient of one process with the whole batch (tested), and
+    # ``parts = 1`` consumes the RNGs exactly as before (old runs resume exactly).
+    parts: int = 1
+
+    def _step_draws(self, step: int, x0_shape: tuple) -> dict:
+        from ..flow.objective import logit_normal_times
+
+        if getattr(self, "_draws", (None,))[0] != step:
+            G = x0_shape[0]
+            drops = self.conditioning.sample_drops(G, self.device) if self.conditioning.training else None
+            o = self.objective
+            probe = torch.empty(x0_shape, device=self.device)
+            t = logit_normal_times(G, o.mean, o.std, o.shift_for(probe), self.generator, self.device)
+            eps = torch.randn(x0_shape, generator=self.generator, device=self.device)
+            self._draws = (step, {"drops": drops, "t": t, "eps": eps})
+        return self._draws[1]
+
+    def loss(self, step: int, part: int = 0):
+        B, parts = self.cfg.batch_size, self.parts
+        if not 0 <= part < parts:
+            raise ValueError(f"part {part} outside 0..{parts - 1}")
+        idx_all = torch.from_numpy(batch_indices(self.cfg.seed, step, len(self.latents), B * parts))
+        draws = self._step_draws(step, (B * parts, *self.latents.shape[1:]))
+        sl = slice(part * B, (part + 1) * B)
+        idx = idx_all[sl]
         x0 = self.latents[idx].float().to(self.device)
         cap = self.caption_index[idx]
         feats = (self.text_tokens[cap].float().to(self.device), self.text_mask[cap].to(self.device))
+        drops = None if draws["drops"] is None else [d[sl] for d in draws["drops"]]
+        t, eps = draws["t"][sl], draws["eps"][sl]
         if self.kd is not None:
-            return self._kd_loss(step, x0, feats)
-        text, mask = self.conditioning([feats])
+            return self._kd_loss(step, x0, feats, drops, t, eps)
+        text, mask = self.conditioning([feats], drop=drops)
         from ..flow import loss_per_time_bin
 
         if self.elastic_loss is not None:
-            loss, per_sample, t, logs = self.elastic_loss(self.model, x0, step, generator=self.generator, text=text,
+            loss, per_sample, t, logs = self.elastic_loss(self.model, x0, step, t=t, eps=eps, text=text,
                                                           text_mask=mask)
             return loss, {"bins": loss_per_time_bin(per_sample, t, self.cfg.time_bins), **logs}
-        loss, per_sample, t = self.objective(self.model, x0, generator=self.generator, text=text, text_mask=mask)
+        loss, per_sample, t = self.objective(self.model, x0, t=t, eps=eps, text=text, text_mask=mask)
         return loss, {"bins": loss_per_time_bin(per_sample, t, self.cfg.time_bins)}
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ __all__ = ["Trainer", "TrainingDiverged", "lr_at"]
 
 # Keys that do not change what is trained, so a run may be resumed (or re-exported) with new values.
 RESUME_MAY_CHANGE = ("steps", "run_dir", "sampling", "export", "sample_every", "log_every", "ckpt_every",
-                     "keep_checkpoints", "threads")
+                     "keep_checkpoints", "threads", "distributed")
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,14 +62,35 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, task=None, progress: bool = True):
         from .tasks import build_task
 
+        from .distributed import DistributedContext, LossModule
+
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.device = resolve_device(cfg.device)
-        self.progress = progress
+        self.dist = DistributedContext.from_env(self.device.type)  # torchrun: one process per rank
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.progress = progress and self.dist.is_main
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.task = task if task is not None else build_task(cfg, self.device)
+        d = cfg.distributed
+        unknown = sorted(set(d) - {"strategy", "accumulation"})
+        if unknown:
+            raise ValueError(f"unknown keys in 'distributed': {unknown}; valid: ['accumulation', 'strategy']")
+        if d.get("strategy", "ddp") != "ddp":
+            raise ValueError(f"distributed.strategy {d.get('strategy')!r} is not available; use ddp")
+        self.accumulation = int(d.get("accumulation", 1))
+        if self.accumulation < 1:
+            raise ValueError(f"distributed.accumulation must be >= 1, got {self.accumulation}")
+        self.parts = self.dist.world * self.accumulation
+        if self.parts > 1:
+            if not hasattr(self.task, "parts"):
+                raise ValueError(f"task {cfg.task!r} does not support data parallelism or gradient accumulation "
+                                 f"(the flow task does)")
+            self.task.parts = self.parts
         self.modules = self.task.trainable_modules()
         self.params = {f"{m}.{n}": p for m, mod in self.modules.items() for n, p in mod.named_parameters()
                        if p.requires_grad}
@@ -81,6 +102,14 @@ class Trainer:
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=o.betas, eps=o.eps)
         self.ema = {k: p.detach().clone() for k, p in self.params.items()}
+        self.loss_module = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # find_unused_parameters: a step may leave some parameters unused (no dropped caption -> null
+            # embedding unused; an elastic width not sampled this step)
+            self.loss_module = DDP(LossModule(self.task, self.modules), find_unused_parameters=True,
+                                   device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step = 0
         self.elapsed = 0.0  # training seconds over all sessions
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -95,6 +124,13 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def _check_same_config(self) -> None:
+        if not self.dist.is_main:  # rank 0 checks and writes; the others wait for it
+            self.dist.barrier()
+            return
+        self._check_same_config_main()
+        self.dist.barrier()
+
+    def _check_same_config_main(self) -> None:
         saved = self.run_dir / "config.yaml"
         now = self.cfg.to_dict()
         if saved.is_file():
@@ -133,11 +169,16 @@ class Trainer:
         print(f"resumed from {path} (step {self.step})")
         return True
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Rank 0 writes (all ranks hold the same state); the others wait for the checkpoint to exist."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
         path = save_checkpoint(self.ckpt_dir, self.step,
                                {k: p.detach() for k, p in self.params.items()}, self.ema, self.optimizer,
                                self.task.generator, {"elapsed": self.elapsed}, keep=self.cfg.keep_checkpoints)
         self._plot()
+        self.dist.barrier()
         return path
 
     # ---------------------------------------------------------------------------------------------------
@@ -147,7 +188,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines logged after ``step`` (they are recomputed after a resume)."""
-        if not self.metrics_path.is_file():
+        if not self.dist.is_main or not self.metrics_path.is_file():
             return
         keep = [ln for ln in self.metrics_path.read_text().splitlines()
                 if ln.strip() and json.loads(ln)["step"] <= step]
@@ -200,6 +241,10 @@ class Trainer:
             return self.finish()
         for m in self.modules.values():
             m.train()
+        if self.parts > 1 and self.dist.is_main:
+            print(f"data parallel: {self.dist.world} rank(s) x {self.accumulation} accumulation step(s) x batch "
+                  f"{cfg.batch_size} = global batch {cfg.batch_size * self.parts}"
+                  + (f" ({self.dist.backend})" if self.dist.enabled else ""))
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.task}", disable=not self.progress,
                    dynamic_ncols=True)
         window: list[dict] = []
@@ -209,25 +254,38 @@ class Trainer:
                 lr = lr_at(self.step, cfg)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                with self.autocast:
-                    loss, logs = self.task.loss(self.step)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {self.step}; stopping. The last good checkpoint is kept in "
-                        f"{self.ckpt_dir}. Lower optim.lr, keep optim.grad_clip on, or check the data")
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss_value = 0.0
+                for micro in range(self.accumulation):
+                    part = micro * self.dist.world + self.dist.rank
+                    sync = (self.loss_module.no_sync() if self.loss_module is not None and micro < self.accumulation - 1
+                            else contextlib.nullcontext())
+                    with sync:
+                        with self.autocast:
+                            if self.loss_module is not None:
+                                loss, logs = self.loss_module(self.step, part)
+                            elif self.parts > 1:
+                                loss, logs = self.task.loss(self.step, part)
+                            else:
+                                loss, logs = self.task.loss(self.step)
+                        if self.dist.any(not bool(torch.isfinite(loss))):
+                            raise TrainingDiverged(
+                                f"loss is {loss.item()} at step {self.step}; stopping. The last good checkpoint is "
+                                f"kept in {self.ckpt_dir}. Lower optim.lr, keep optim.grad_clip on, or check the data")
+                        (loss / self.accumulation if self.accumulation > 1 else loss).backward()
+                    loss_value += loss.item() / self.accumulation
                 gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()),
                                                        cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e30)
                 self.optimizer.step()
                 self.step += 1
                 self._update_ema()
                 self.elapsed += time.perf_counter() - t0
-                window.append({"loss": loss.item(), "grad_norm": float(gnorm), **logs})
+                window.append({"loss": self.dist.mean(loss_value), "grad_norm": float(gnorm), **logs})
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     rec = self._reduce(window)
                     rec.update(step=self.step, lr=lr, elapsed=round(self.elapsed, 2))
-                    self._log(rec)
+                    if self.dist.is_main:
+                        self._log(rec)
                     window = []
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
@@ -262,6 +320,8 @@ class Trainer:
         return red
 
     def sample(self) -> None:
+        if not self.dist.is_main:
+            return
         for m in self.modules.values():
             m.eval()
         with self.ema_weights():
@@ -270,6 +330,14 @@ class Trainer:
             m.train()
 
     def finish(self) -> dict:
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return {"steps": self.step, "rank": self.dist.rank}
+        out = self._finish_main()
+        self.dist.barrier()
+        return out
+
+    def _finish_main(self) -> dict:
         for m in self.modules.values():
             m.eval()
         with self.ema_weights():
