@@ -264,6 +264,32 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .models import ThreeStageDiTConfig, preset
+    from .train import load_config
+    from .train.plan import plan_memory
+
+    cfg = load_config(args.config)
+    if cfg.task != "flow":
+        raise ValueError(f"snapgen plan reads flow-training configs; {args.config} has task {cfg.task!r}")
+    kw = {k: v for k, v in cfg.model.items() if k != "init_from"}
+    name = kw.pop("preset", None)
+    mcfg = preset(name, **kw) if name else ThreeStageDiTConfig(**kw)
+    res = args.resolution or cfg.data.get("resolution", 256)
+    res = res if isinstance(res, int) else int(res[0])
+    strategy = args.strategy or cfg.distributed.get("strategy", "ddp")
+    batch = args.batch_per_gpu or cfg.batch_size
+    plans = [plan_memory(mcfg, res, args.text_len, g, batch, strategy, cfg.grad_checkpointing) for g in args.gpus]
+    if args.json:
+        print(json.dumps([{**p.__dict__, "total_gib": p.total_gib} for p in plans], indent=2))
+    else:
+        print(f"{args.config}: {res}x{res} px, {args.text_len} text tokens, gradient checkpointing "
+              f"{'on' if cfg.grad_checkpointing else 'off'}")
+        for p in plans:
+            print(p.table())
+    return 0
+
+
 def _parse_resolution(text: str) -> tuple[int, int]:
     try:
         parts = [int(v) for v in str(text).lower().split("x")]
@@ -417,6 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action="store_true", help="distilled models: quantize the base (teacher) model")
     p.add_argument("--out", required=True, help="output pipeline folder")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("plan", help="per-GPU memory of a training config for N GPUs (meta-device dry run)")
+    p.add_argument("--config", required=True, help="a flow training config")
+    p.add_argument("--gpus", type=int, nargs="+", default=[8], help="GPU counts to plan for (default 8)")
+    p.add_argument("--batch-per-gpu", type=int, help="per-GPU batch (default: the config's batch_size)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="default: the config's distributed.strategy")
+    p.add_argument("--resolution", type=int, help="image size in pixels (default: the config's)")
+    p.add_argument("--text-len", type=int, default=300, help="text tokens (default 300)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("select", help="measure each variant's per-step latency here; pick the widest within a budget")
     p.add_argument("--budget-ms", type=float, required=True, help="latency budget per sampling step, ms")
