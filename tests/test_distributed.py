@@ -88,3 +88,34 @@ def test_ranks_resume_exactly_from_a_checkpoint(tmp_path):
     assert losses(tmp_path / "part") == losses(tmp_path / "whole")
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_two_ranks_sharded_checkpoint_consolidates_and_resumes_at_another_world_size(tmp_path):
+    from snapgen.cli import main
+
+    single = flow_config(tmp_path, "single", 6, model={"preset": "nano-elastic"}, elastic={"num_random": 1})
+    single["batch_size"] = 8
+    Trainer(TrainConfig.from_dict(single), progress=False).fit()
+    # FSDP on 2 ranks for 4 steps (sharded DCP checkpoints), then 2 more steps in ONE process from them
+    fsdp = flow_config(tmp_path, "fsdp", 4, model={"preset": "nano-elastic"}, elastic={"num_random": 1},
+                       distributed={"strategy": "fsdp"}, ckpt_every=2)
+    fsdp["batch_size"] = 4
+    proc = torchrun(write(tmp_path, "fsdp", fsdp))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ck = tmp_path / "fsdp" / "checkpoints" / "step_0000004"
+    assert (ck / "dcp").is_dir() and not (ck / "model.safetensors").exists()
+    assert (tmp_path / "fsdp" / "final" / "transformer" / "model.safetensors").is_file()  # exported by rank 0
+    fsdp.update(steps=6, distributed={"accumulation": 2})  # 1 rank x 2 accumulation x 4 = the same global batch
+    Trainer(TrainConfig.from_dict(fsdp), progress=False).fit()
+    la, lb = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) < 1e-4 for s in la)
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "fsdp")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=TOL, rtol=TOL, msg=k)
+    # consolidation of a sharded checkpoint into the safetensors format
+    again = flow_config(tmp_path, "fsdp2", 2, model={"preset": "nano-elastic"}, elastic={"num_random": 1},
+                        distributed={"strategy": "fsdp"})
+    again["batch_size"] = 4
+    assert torchrun(write(tmp_path, "fsdp2", again)).returncode == 0
+    assert main(["consolidate", "--config", str(write(tmp_path, "fsdp2c", again)), "--no-export"]) == 0
+    assert (tmp_path / "fsdp2" / "checkpoints" / "step_0000002" / "model.safetensors").is_file()

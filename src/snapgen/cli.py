@@ -264,6 +264,29 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_consolidate(args) -> int:
+    """Sharded (DCP) checkpoint of an FSDP run -> the standard safetensors checkpoint + an exported folder."""
+    from pathlib import Path
+
+    from .train import Trainer, load_config
+    from .train.checkpoint import list_checkpoints
+
+    cfg = load_config(args.config)
+    ckpts = list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoint in {cfg.run_dir}/checkpoints")
+    if not (ckpts[-1] / "dcp").is_dir():
+        print(f"{ckpts[-1]} is already a consolidated (safetensors) checkpoint")
+        return 0
+    trainer = Trainer(cfg, progress=False)
+    trainer.task.prepare(trainer.run_dir)
+    trainer.resume()
+    path = trainer.save()
+    summary = trainer.finish() if not args.no_export else {}
+    print(f"consolidated {ckpts[-1].name} -> {path}" + (f"; exported {summary['final_dir']}" if summary else ""))
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .models import ThreeStageDiTConfig, preset
     from .train import load_config
@@ -443,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action="store_true", help="distilled models: quantize the base (teacher) model")
     p.add_argument("--out", required=True, help="output pipeline folder")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("consolidate", help="turn an FSDP run's sharded checkpoint into the safetensors format")
+    p.add_argument("--config", required=True, help="the run's training config")
+    p.add_argument("--no-export", action="store_true", help="only rewrite the checkpoint")
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("plan", help="per-GPU memory of a training config for N GPUs (meta-device dry run)")
     p.add_argument("--config", required=True, help="a flow training config")

@@ -77,3 +77,62 @@ class LossModule(nn.Module):
 
     def forward(self, step: int, part: int):
         return self.task.loss(step, part)
+
+
+# ------------------------------------------------------------------------------------------------------ FSDP2
+def shard_modules(modules: dict[str, nn.Module], world: int, device_type: str) -> None:
+    """FSDP2 (``fully_shard``): every transformer block is its own unit, then each trained module as a whole,
+    so parameters, gradients and optimizer state live sharded over the ranks and one block is gathered at a time."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..models.layers import DiTBlock
+
+    mesh = init_device_mesh(device_type, (world,))
+    for module in modules.values():
+        for sub in module.modules():
+            if isinstance(sub, DiTBlock):
+                fully_shard(sub, mesh=mesh)
+        if any(True for _ in module.parameters()):
+            fully_shard(module, mesh=mesh)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) DTensor; a collective, so every rank must call it."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def optimizer_state(optimizer, params: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW state keyed by parameter name (DTensors stay sharded), created empty if no step was taken yet."""
+    out = {}
+    for name, p in params.items():
+        st = optimizer.state[p]
+        if not st:  # materialise, so a checkpoint loads into it
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+        out[name] = st
+    return out
+
+
+def save_dcp(path, params: dict, ema: dict, optimizer) -> None:
+    """Sharded checkpoint with ``torch.distributed.checkpoint`` (each rank writes its shards)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": dict(params), "ema": dict(ema), "optim": optimizer_state(optimizer, params)},
+             checkpoint_id=str(path))
+
+
+def load_dcp(path, params: dict, ema: dict, optimizer) -> None:
+    """Load a ``save_dcp`` checkpoint into the current (any world size, sharded or not) tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": dict(params), "ema": dict(ema), "optim": optimizer_state(optimizer, params)}
+    dcp.load(state, checkpoint_id=str(path))
+    with torch.no_grad():  # DCP loads in place into the tensors given; make sure parameters got the values
+        for k, p in params.items():
+            if state["model"][k] is not p:
+                p.copy_(state["model"][k])
+        for k in ema:
+            if state["ema"][k] is not ema[k]:
+                ema[k].copy_(state["ema"][k])

@@ -80,8 +80,10 @@ class Trainer:
         unknown = sorted(set(d) - {"strategy", "accumulation"})
         if unknown:
             raise ValueError(f"unknown keys in 'distributed': {unknown}; valid: ['accumulation', 'strategy']")
-        if d.get("strategy", "ddp") != "ddp":
-            raise ValueError(f"distributed.strategy {d.get('strategy')!r} is not available; use ddp")
+        strategy = d.get("strategy", "ddp")
+        if strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"distributed.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+        self.strategy = strategy if self.dist.enabled else "single"
         self.accumulation = int(d.get("accumulation", 1))
         if self.accumulation < 1:
             raise ValueError(f"distributed.accumulation must be >= 1, got {self.accumulation}")
@@ -92,6 +94,10 @@ class Trainer:
                                  f"(the flow task does)")
             self.task.parts = self.parts
         self.modules = self.task.trainable_modules()
+        if self.strategy == "fsdp":
+            from .distributed import shard_modules
+
+            shard_modules(self.modules, self.dist.world, self.device.type)
         self.params = {f"{m}.{n}": p for m, mod in self.modules.items() for n, p in mod.named_parameters()
                        if p.requires_grad}
         decay, no_decay = [], []
@@ -103,7 +109,7 @@ class Trainer:
             lr=o.lr, betas=o.betas, eps=o.eps)
         self.ema = {k: p.detach().clone() for k, p in self.params.items()}
         self.loss_module = None
-        if self.dist.enabled:
+        if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # find_unused_parameters: a step may leave some parameters unused (no dropped caption -> null
@@ -150,6 +156,14 @@ class Trainer:
         os.replace(tmp, saved)
 
     def resume(self) -> bool:
+        from .checkpoint import list_checkpoints
+
+        newest = list_checkpoints(self.ckpt_dir)
+        if newest and (newest[-1] / "dcp").is_dir() and (newest[-1] / "state.json").is_file():
+            return self._resume_sharded(newest[-1])
+        if self.strategy == "fsdp" and newest:
+            raise ValueError(f"{newest[-1]} is a consolidated checkpoint; an FSDP run resumes from sharded (DCP) "
+                             f"checkpoints only. Resume it single-process or with strategy ddp")
         found = latest_checkpoint(self.ckpt_dir)
         if found is None:
             return False
@@ -169,8 +183,69 @@ class Trainer:
         print(f"resumed from {path} (step {self.step})")
         return True
 
+    def _resume_sharded(self, path: Path) -> bool:
+        """A DCP checkpoint (FSDP run), loaded at this run's world size and sharding (or none)."""
+        from safetensors.torch import load_file
+
+        from .distributed import load_dcp
+
+        load_dcp(path / "dcp", self.params, self.ema, self.optimizer)
+        meta = json.loads((path / "optimizer.json").read_text())
+        for g, saved in zip(self.optimizer.param_groups, meta["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        rng = load_file(str(path / "rng.safetensors"))
+        torch.set_rng_state(rng["torch"])
+        if "task" in rng and self.task.generator is not None:
+            self.task.generator.set_state(rng["task"])
+        state = json.loads((path / "state.json").read_text())
+        self.step, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        self._truncate_metrics(self.step)
+        if self.dist.is_main:
+            print(f"resumed from sharded checkpoint {path} (step {self.step}, now {self.dist.world} rank(s))")
+        return True
+
+    def _save_sharded(self) -> Path:
+        """FSDP: every rank writes its shards with torch.distributed.checkpoint; rank 0 the small files. The
+        folder appears complete or not at all (written under a temporary name, renamed by rank 0)."""
+        import shutil
+
+        from safetensors.torch import save_file
+
+        from .checkpoint import list_checkpoints
+        from .distributed import save_dcp
+
+        final = self.ckpt_dir / f"step_{self.step:07d}"
+        tmp = self.ckpt_dir / f".tmp_step_{self.step:07d}"
+        if self.dist.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        save_dcp(tmp / "dcp", self.params, self.ema, self.optimizer)
+        self.dist.barrier()
+        if self.dist.is_main:
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            (tmp / "optimizer.json").write_text(json.dumps({"param_groups": groups}) + "\n")
+            rng = {"torch": torch.get_rng_state()}
+            if self.task.generator is not None:
+                rng["task"] = self.task.generator.get_state()
+            save_file(rng, tmp / "rng.safetensors")
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "elapsed": self.elapsed,
+                                                        "format": "dcp", "world": self.dist.world}) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            keep = self.cfg.keep_checkpoints
+            for old in list_checkpoints(self.ckpt_dir)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+            self._plot()
+        self.dist.barrier()
+        return final
+
     def save(self) -> Path | None:
         """Rank 0 writes (all ranks hold the same state); the others wait for the checkpoint to exist."""
+        if self.strategy == "fsdp":
+            return self._save_sharded()
         if not self.dist.is_main:
             self.dist.barrier()
             return None
@@ -320,7 +395,7 @@ class Trainer:
         return red
 
     def sample(self) -> None:
-        if not self.dist.is_main:
+        if not self.dist.is_main or self.strategy == "fsdp":  # sharded weights: samples come from the export
             return
         for m in self.modules.values():
             m.eval()
@@ -330,12 +405,40 @@ class Trainer:
             m.train()
 
     def finish(self) -> dict:
+        if self.strategy == "fsdp":
+            return self._finish_sharded()
         if not self.dist.is_main:
             self.dist.barrier()
             return {"steps": self.step, "rank": self.dist.rank}
         out = self._finish_main()
         self.dist.barrier()
         return out
+
+    def _finish_sharded(self) -> dict:
+        """FSDP: gather the EMA weights (a collective), then rank 0 exports them from an unsharded copy."""
+        from .distributed import full_tensor
+        from .tasks import build_task
+
+        full = {k: full_tensor(v).detach().cpu() for k, v in self.ema.items()}
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return {"steps": self.step, "rank": self.dist.rank}
+        task = build_task(self.cfg, self.device)
+        task.prepare(self.run_dir)
+        params = {f"{m}.{n}": p for m, mod in task.trainable_modules().items() for n, p in mod.named_parameters()
+                  if p.requires_grad}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(full[k])
+        for m in task.trainable_modules().values():
+            m.eval()
+        out = task.export(self.run_dir / "final")
+        self._plot()
+        summary = {"steps": self.step, "train_seconds": round(self.elapsed, 1), "final_dir": str(out),
+                   "strategy": "fsdp", "world": self.dist.world}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.dist.barrier()
+        return summary
 
     def _finish_main(self) -> dict:
         for m in self.modules.values():
