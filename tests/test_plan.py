@@ -47,3 +47,18 @@ def test_cli_plan_json(capsys):
                  "--json"]) == 0
     plans = json.loads(capsys.readouterr().out)
     assert [p["gpus"] for p in plans] == [1, 8] and plans[1]["weights_gib"] * 8 == plans[0]["weights_gib"]
+
+
+def test_elastic_widths_add_their_activations():
+    cfg = preset("nano-elastic")
+    one = plan_memory(cfg, 64, 8, 1, 2, "ddp", False)
+    three = plan_memory(cfg, 64, 8, 1, 2, "ddp", False, widths=["full", "tiny", "small"])
+    assert 1.3 * one.activations_gib < three.activations_gib < 2.5 * one.activations_gib
+
+
+def test_paper_recipes_fit_an_80gb_gpu_with_fsdp(capsys):
+    for name in ("stage1_pretrain_256", "stage2_kd_1024"):
+        assert main(["plan", "--config", f"configs/paper/{name}.yaml", "--gpus", "8", "256", "--json"]) == 0
+        plans = json.loads(capsys.readouterr().out)
+        assert all(10 < p["total_gib"] < 80 for p in plans), plans
+        assert plans[1]["weights_gib"] < plans[0]["weights_gib"] / 30  # sharded over 256 vs 8 GPUs

@@ -302,12 +302,17 @@ def cmd_plan(args) -> int:
     res = res if isinstance(res, int) else int(res[0])
     strategy = args.strategy or cfg.distributed.get("strategy", "ddp")
     batch = args.batch_per_gpu or cfg.batch_size
-    plans = [plan_memory(mcfg, res, args.text_len, g, batch, strategy, cfg.grad_checkpointing) for g in args.gpus]
+    widths = ["full"]
+    if mcfg.elastic_variants:  # the sandwich rule: full + smallest + num_random others, every step
+        ranked = sorted(mcfg.elastic_variants, key=lambda v: v[1])
+        widths += [ranked[0][0]] + [n for n, _ in ranked[1:][: int(cfg.elastic.get("num_random", 1))]]
+    plans = [plan_memory(mcfg, res, args.text_len, g, batch, strategy, cfg.grad_checkpointing, widths=widths)
+             for g in args.gpus]
     if args.json:
         print(json.dumps([{**p.__dict__, "total_gib": p.total_gib} for p in plans], indent=2))
     else:
         print(f"{args.config}: {res}x{res} px, {args.text_len} text tokens, gradient checkpointing "
-              f"{'on' if cfg.grad_checkpointing else 'off'}")
+              f"{'on' if cfg.grad_checkpointing else 'off'}, widths per step: {', '.join(widths)}")
         for p in plans:
             print(p.table())
     return 0

@@ -89,8 +89,10 @@ class MemoryPlan:
 
 
 def plan_memory(model_config, resolution: int, text_len: int, gpus: int, batch_per_gpu: int,
-                strategy: str = "fsdp", checkpointing: bool = True, activation_bytes: int = 2) -> MemoryPlan:
-    """Per-GPU memory of training ``model_config`` at ``resolution`` px (square) on ``gpus`` GPUs."""
+                strategy: str = "fsdp", checkpointing: bool = True, activation_bytes: int = 2,
+                widths: list[str] | None = None) -> MemoryPlan:
+    """Per-GPU memory of training ``model_config`` at ``resolution`` px (square) on ``gpus`` GPUs. ``widths``:
+    the elastic sub-networks trained per step (their activations are all kept until the one backward)."""
     from ..models import ThreeStageDiT
 
     if strategy not in ("ddp", "fsdp"):
@@ -102,7 +104,11 @@ def plan_memory(model_config, resolution: int, text_len: int, gpus: int, batch_p
     P = sum(p.numel() for p in model.parameters())
     f = model_config.vae_factor
     latent = (model_config.in_channels, resolution // f, resolution // f)
-    saved = activation_bytes_per_sample(model, latent, text_len, checkpointing)
+    saved = 0
+    for w in widths or ["full"]:
+        model.set_variant(w)
+        saved += activation_bytes_per_sample(model, latent, text_len, checkpointing)
+    model.set_variant("full")
     act = saved * batch_per_gpu * activation_bytes / 4  # measured in fp32; trained in bf16
     shard = gpus if strategy == "fsdp" else 1
     largest_block = max(sum(p.numel() for p in b.parameters())
