@@ -287,6 +287,26 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .export.device_report import device_report, format_report
+
+    if args.what != "device":
+        raise ValueError("snapgen bench supports: device")
+    report = device_report(args.model, args.variants, args.backends, args.precisions, args.work,
+                           _parse_resolution(args.resolution) if args.resolution else None, args.eval, args.repeats,
+                           progress=(lambda *_: None) if args.json else print)
+    table = format_report(report)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "device.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "device.md").write_text("# Device report\n\n" + report["note"] + "\n\n" + table + "\n")
+    print(json.dumps(report, indent=2) if args.json else table)
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .models import ThreeStageDiTConfig, preset
     from .train import load_config
@@ -476,6 +496,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="the run's training config")
     p.add_argument("--no-export", action="store_true", help="only rewrite the checkpoint")
     p.set_defaults(func=cmd_consolidate)
+
+    p = sub.add_parser("bench", help="device report: latency, memory, size (and quality) per variant and backend")
+    p.add_argument("what", choices=["device"])
+    p.add_argument("--model", help="pipeline folder (default: the shipped model)")
+    p.add_argument("--variants", nargs="+", help="default: every variant the model serves")
+    p.add_argument("--backends", nargs="+", default=["eager", "onnx", "executorch"],
+                   choices=["eager", "onnx", "executorch"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "quant"], choices=["fp32", "quant"])
+    p.add_argument("--resolution", help="export resolution, N or HxW (default: the model's)")
+    p.add_argument("--eval", choices=["none", "quick", "full"], default="none", help="also SceneEval/alignment/FD")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--work", default="runs/device_bench", help="where exports are cached")
+    p.add_argument("--out", default="benchmarks/results", help="writes device.json and device.md here ('' = no)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="per-GPU memory of a training config for N GPUs (meta-device dry run)")
     p.add_argument("--config", required=True, help="a flow training config")

@@ -22,16 +22,21 @@ __all__ = ["run_evaluation", "format_report"]
 def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int | None = None,
                    guidance: float | None = None, quick: bool = False, out_dir: str | Path = "eval_report",
                    batch_size: int = 36, progress: bool = True, variant: str | None = None,
-                   base: bool = False) -> dict:
+                   base: bool = False, pipe=None) -> dict:
+    """Generate the prompt set's images and score them. ``pipe``: any generator with
+    ``pipe(prompts, seed=...) -> images`` (e.g. an ONNX / ExecuTorch export, or a quantized pipeline)
+    instead of loading ``model_dir``; its sampler settings are its own."""
     from ..data.scenes import SceneDataset
     from ..pipelines import TextToImagePipeline
     from .detector import load_detector
     from .sceneeval import evaluate_images, load_prompts, prompt_path, summarize, write_failure_grids
 
     t0 = time.perf_counter()
-    pipe = TextToImagePipeline.from_pretrained(model_dir, variant=variant)
-    if base:
-        pipe.use_base()
+    external = pipe is not None
+    if not external:
+        pipe = TextToImagePipeline.from_pretrained(model_dir, variant=variant)
+        if base:
+            pipe.use_base()
     detector = load_detector()
     prompts = load_prompts(prompts_path or prompt_path("sceneeval"))
     if quick:  # 3 prompts per category, one seed: a couple of minutes on 2 cores
@@ -43,13 +48,19 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
         seeds = 1
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    settings = pipe.sampling_settings()
-    steps = settings["steps"] if steps is None else steps
-    guidance = settings["guidance"] if guidance is None else guidance
+    if external:
+        meta = getattr(pipe, "meta", {})
+        settings = {"steps": meta.get("steps"), "guidance": meta.get("guidance"), "sampler": meta.get("sampler")}
+        steps, guidance = settings["steps"], settings["guidance"]
+    else:
+        settings = pipe.sampling_settings()
+        steps = settings["steps"] if steps is None else steps
+        guidance = settings["guidance"] if guidance is None else guidance
     images, metadata = [], []
     jobs = [(seed, prompts[i:i + batch_size]) for seed in range(seeds) for i in range(0, len(prompts), batch_size)]
     for seed, chunk in tqdm(jobs, desc="generating", disable=not progress):
-        images += pipe([p["prompt"] for p in chunk], steps=steps, guidance=guidance, seed=seed)
+        texts = [p["prompt"] for p in chunk]
+        images += pipe(texts, seed=seed) if external else pipe(texts, steps=steps, guidance=guidance, seed=seed)
         metadata += chunk
     results = evaluate_images(images, metadata, detector)
     scene = {k: round(v, 4) for k, v in summarize(results).items()}
@@ -61,8 +72,14 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
         from .frechet import fd_images
 
         encoder = load_image_encoder()
+        if external:
+            from ..pipelines.text_to_image import load_text_encoder
+
+            text_encoder = load_text_encoder("minilm", 32)
+        else:
+            text_encoder = pipe.text_encoder
         alignment = round(float(alignment_score(encoder, images, [m["prompt"] for m in metadata],
-                                                pipe.text_encoder)["mean"]), 4)
+                                                text_encoder)["mean"]), 4)
         H, W = images[0].size[1], images[0].size[0]
         real = [s.image for s in (SceneDataset(resolution=(H, W), length=len(images), split="val")[i]
                                   for i in range(len(images)))]
@@ -76,7 +93,8 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
     summary = {"sceneeval": scene, "alignment": alignment, "fd": fd, "steps": steps, "cfg": guidance,
                "images": len(images), "prompts": len(prompts), "seeds": seeds,
                "seconds": round(time.perf_counter() - t0, 1), "model": str(model_dir or "models/snapgen-micro"),
-               "variant": pipe.variant, "sampler": settings["sampler"],
+               "variant": getattr(pipe, "variant", None) or getattr(pipe, "meta", {}).get("variant"),
+               "sampler": settings["sampler"],
                "notes": notes}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out_dir / "results.jsonl", "w") as f:

@@ -1,0 +1,203 @@
+"""``snapgen bench device``: for each variant x backend x precision, the numbers a deployment needs.
+
+Backends: ``eager`` (PyTorch), ``onnx`` (onnxruntime), ``executorch`` (XNNPACK, ExecuTorch's runtime).
+Precisions: ``fp32`` and ``quant`` -- the paper's k-means weights (~4.3 bits) for eager (weights are stored
+clustered and dequantized at load, so its speed is fp32's and its gain is the file), onnxruntime's dynamic
+int8 quantization of the DiT graph for ONNX (a baseline); ExecuTorch runs fp32 only here.
+
+Per configuration, each in a fresh process (so peak memory is its own): per-step latency (one DiT call with
+the pipeline's batch: 1 without CFG, 2 with), end-to-end time for one image (text encoding + all steps +
+decoding), peak RSS, file size of the DiT weights and of everything; optionally SceneEval / alignment / FD.
+Exports are cached under ``--work`` so a second run only measures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["prepare_artifact", "measure", "device_report", "PAPER_MS"]
+
+# SnapGen++ supplementary Table 1, iPhone 16 Pro Max, 1024px (per step / 4-step end to end)
+PAPER_MS = {"tiny": (280, 1200), "small": (360, 1800)}
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def prepare_artifact(model_dir, variant: str, backend: str, precision: str, work: Path, resolution=None,
+                     progress=print) -> Path:
+    """Export / quantize once into ``work``; returns the artifact folder."""
+    from ..pipelines import TextToImagePipeline
+
+    out = work / f"{variant}_{backend}_{precision}"
+    if (out / ".done").is_file():
+        return out
+    pipe = TextToImagePipeline.from_pretrained(model_dir, variant=variant)
+    progress(f"preparing {out.name} ...")
+    if backend == "eager" and precision == "fp32":
+        pipe.extract(variant).save_pretrained(out)
+    elif backend == "eager" and precision == "quant":
+        from ..eval.sceneeval import load_prompts, prompt_path
+        from .quantize import quantize_pipeline
+
+        prompts = [p["prompt"] for p in load_prompts(prompt_path("sceneeval"))][::4][:16]
+        quantize_pipeline(pipe, out, prompts, progress=progress)
+    elif backend == "onnx":
+        from .onnx import export_onnx
+
+        export_onnx(pipe, out, resolution=resolution, progress=False)
+        if precision == "quant":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            import onnx
+
+            fp32 = out / "dit.fp32.onnx"
+            model = onnx.load(str(out / "dit.onnx"))
+            del model.graph.value_info[:]  # the exporter's shape annotations trip ORT's re-inference; recomputed
+            onnx.save(model, str(fp32))
+            (out / "dit.onnx").unlink()
+            quantize_dynamic(str(fp32), str(out / "dit.onnx"), weight_type=QuantType.QInt8)
+            fp32.unlink()
+            meta = json.loads((out / "export.json").read_text())
+            meta["files"]["dit.onnx"] = (out / "dit.onnx").stat().st_size
+            meta["quantization"] = "onnxruntime dynamic int8 (weights), DiT only"
+            (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    elif backend == "executorch":
+        if precision != "fp32":
+            raise ValueError("executorch runs fp32 here")
+        from .mobile import export_executorch
+
+        export_executorch(pipe, out, resolution=resolution, progress=False)
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    (out / ".done").write_text("ok\n")
+    return out
+
+
+def _load(folder: Path, backend: str):
+    if backend == "eager":
+        from ..pipelines import TextToImagePipeline
+
+        return TextToImagePipeline.from_pretrained(folder)
+    if backend == "onnx":
+        from .onnx import OnnxPipeline
+
+        return OnnxPipeline(folder)
+    from .mobile import ExecuTorchPipeline
+
+    return ExecuTorchPipeline(folder)
+
+
+@torch.no_grad()
+def measure(folder: Path, backend: str, repeats: int = 7) -> dict:
+    """Run in a fresh process: latency per step and end to end, peak RSS."""
+    import resource
+
+    pipe = _load(folder, backend)
+    prompt = "a red circle to the left of a blue square"
+    pipe([prompt], seed=0)  # warm-up (and the first generation's allocations)
+    if backend == "eager":
+        m = pipe.transformer.eval()
+        s = pipe.sampling_settings()
+        B = 2 if s["guidance"] != 1.0 else 1
+        H, W = pipe.config.resolution
+        f = pipe.vae_factor
+        x = torch.randn(B, m.config.in_channels, H // f, W // f)
+        t = torch.full((B,), 0.5)
+        (text, mask), _ = pipe.encode_prompts([prompt] * B)
+        step = lambda: m(x, t, text, mask)  # noqa: E731
+        steps = s["steps"]
+    else:
+        meta = pipe.meta
+        B = meta["batch"]
+        x = torch.randn(B, *meta["latent"])
+        t = torch.full((B,), 0.5)
+        tokens, mask = pipe.encode(prompt)
+        tokens, mask = torch.cat([tokens] * B), torch.cat([mask] * B)
+        step = lambda: pipe._run("dit", {"x": x, "t": t, "text": tokens.float(), "text_mask": mask})  # noqa: E731
+        steps = meta["steps"]
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    e2e = []
+    for i in range(3):
+        t0 = time.perf_counter()
+        pipe([prompt], seed=i)
+        e2e.append(time.perf_counter() - t0)
+    dit_file = next((p for p in [folder / "transformer", folder / "dit.onnx", folder / "dit.pte"] if p.exists()))
+    return {"step_ms": round(statistics.median(times), 2), "steps": steps,
+            "end_to_end_s": round(statistics.median(e2e), 3),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "dit_mb": round(_size(dit_file) / 1e6, 2), "total_mb": round(_size(folder) / 1e6, 2),
+            "threads": torch.get_num_threads()}
+
+
+def device_report(model_dir=None, variants=None, backends=("eager", "onnx", "executorch"),
+                  precisions=("fp32", "quant"), work="runs/device_bench", resolution=None, evaluate: str = "none",
+                  repeats: int = 7, progress=print) -> dict:
+    from ..pipelines import TextToImagePipeline, default_model_dir
+
+    model_dir = Path(model_dir) if model_dir else default_model_dir()
+    pipe = TextToImagePipeline.from_pretrained(model_dir)
+    variants = list(variants or pipe.variants)
+    work = Path(work)
+    rows = []
+    for v in variants:
+        for b in backends:
+            for prec in precisions:
+                if b == "executorch" and prec != "fp32":
+                    continue
+                folder = prepare_artifact(model_dir, v, b, prec, work, resolution, progress)
+                cmd = [sys.executable, "-m", "snapgen.export.device_report", "--worker",
+                       json.dumps({"folder": str(folder), "backend": b, "repeats": repeats})]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"measuring {folder.name} failed:\n{proc.stderr[-2000:]}")
+                r = {"variant": v, "backend": b, "precision": prec,
+                     **json.loads(proc.stdout.strip().splitlines()[-1])}
+                if evaluate != "none":
+                    from ..eval.run import run_evaluation
+
+                    s = run_evaluation(pipe=_load(folder, b), quick=evaluate == "quick", progress=False,
+                                       out_dir=work / "eval" / folder.name)
+                    r.update(sceneeval=s["sceneeval"]["overall"], alignment=s["alignment"], fd=s["fd"])
+                progress(json.dumps(r))
+                rows.append(r)
+    return {"model": str(model_dir), "rows": rows, "paper_iphone_ms": PAPER_MS,
+            "note": "per-step = one DiT call (batch 2 with CFG, 1 without); end-to-end = one image incl. text "
+                    "encoding and decoding; quant = k-means ~4.3 bits (eager) / onnxruntime dynamic int8 (onnx)"}
+
+
+def format_report(report: dict) -> str:
+    rows = report["rows"]
+    has_eval = any("sceneeval" in r for r in rows)
+    head = ["variant", "backend", "precision", "step ms", "steps", "image s", "peak MiB", "DiT MB", "total MB"]
+    if has_eval:
+        head += ["SceneEval", "alignment", "FD"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"], r["backend"], r["precision"], r["step_ms"], r["steps"], r["end_to_end_s"],
+                 r["peak_rss_mib"], r["dit_mb"], r["total_mb"]]
+        if has_eval:
+            cells += [r.get("sceneeval", "-"), r.get("alignment", "-"), r.get("fd", "-")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(measure(Path(spec["folder"]), spec["backend"], spec["repeats"])))
