@@ -307,6 +307,28 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from .data.shards import pack_shards
+
+    src = args.source
+    if src in ("scenes", "emoji"):
+        from .data import build_dataset
+
+        spec = {"type": src, "resolution": args.resolution, **({"length": args.limit or 10000} if src == "scenes"
+                                                              else {})}
+        dataset = build_dataset(spec)
+    else:
+        from .data.folder import ImageFolderDataset
+
+        if not os.path.isdir(src):
+            raise FileNotFoundError(f"{src} is neither a built-in source (scenes, emoji) nor a folder")
+        dataset = ImageFolderDataset(src, resolution=args.resolution)
+    out = pack_shards(dataset, args.out, args.shard_size, args.limit)
+    index = json.loads((out / "index.json").read_text())
+    print(f"{index['total']} samples in {len(index['shards'])} shards -> {out}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .models import ThreeStageDiTConfig, preset
     from .train import load_config
@@ -511,6 +533,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results", help="writes device.json and device.md here ('' = no)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="data tools: pack a source into WebDataset-style tar shards")
+    p.add_argument("action", choices=["pack"])
+    p.add_argument("source", help="scenes | emoji | an image folder (image + .txt caption)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--limit", type=int, help="pack at most N samples")
+    p.add_argument("--resolution", type=int, default=64)
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("plan", help="per-GPU memory of a training config for N GPUs (meta-device dry run)")
     p.add_argument("--config", required=True, help="a flow training config")
