@@ -37,3 +37,18 @@ def dummy_inputs(cfg, B=2, h=16, w=16, L=5, seed=0):
 def nano_model():
     torch.manual_seed(0)
     return ThreeStageDiT(nano())
+
+
+def save_tiny_bert(directory, hidden: int, seed: int = 0):
+    """A tiny random BERT (1 layer, ``hidden`` wide) with MiniLM's tokenizer: a real text encoder folder for
+    pipelines that must be exported or loaded from pipeline.json."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from snapgen.text import minilm_path
+
+    torch.manual_seed(seed)
+    BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=30522)).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(directory)
+    return directory
+

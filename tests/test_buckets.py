@@ -1,6 +1,5 @@
 """Aspect-ratio buckets: sizes, assignment, one-bucket batches, rank split, resume; the model runs every bucket."""
 
-import math
 
 import numpy as np
 import torch

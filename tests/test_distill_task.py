@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import perturb_
+from conftest import perturb_, save_tiny_bert
 from test_pipeline import FakeEncoder
 from test_train import losses, make_cache
 
@@ -23,16 +23,9 @@ class Encoder32(FakeEncoder):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from snapgen.text import minilm_path
-
     d = tmp_path_factory.mktemp("base")
+    bert = save_tiny_bert(d / "bert", 32)  # a tiny real text encoder, so the distilled pipeline can be exported
     torch.manual_seed(0)
-    bert = d / "bert"  # a tiny real text encoder (hidden 32), so the distilled pipeline can be exported
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         vocab_size=30522)).save_pretrained(bert)
-    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(bert)
     model = perturb_(ThreeStageDiT(preset("nano-elastic", vae_factor=2)), std=0.05)
     kw = {"encoder_dims": [32], "out_dim": 32}
     vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))

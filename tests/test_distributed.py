@@ -1,7 +1,6 @@
 """Data-parallel training with torchrun + gloo on CPU: two ranks hold identical weights, equal a single
 process with the same global batch, and resume exactly from a checkpoint; gradient accumulation matches too."""
 
-import json
 import os
 import shutil
 import subprocess

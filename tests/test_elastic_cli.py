@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_
+from conftest import perturb_, save_tiny_bert
 from test_pipeline import ENC_DIM, TEXT_DIM, FakeEncoder
 
 from snapgen.cli import main
 from snapgen.elastic.select import select_variant
 from snapgen.models import ThreeStageDiT, preset
 from snapgen.pipelines import PipelineConfig, TextToImagePipeline
-from snapgen.text import TextConditioning, minilm_path
+from snapgen.text import TextConditioning
 from snapgen.vae import Autoencoder, AutoencoderConfig
 
 
@@ -33,13 +33,7 @@ def arr(images):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    bert_dir = tmp_path_factory.mktemp("bert")
-    torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=ENC_DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         vocab_size=30522)).save_pretrained(bert_dir)
-    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(bert_dir)
+    bert_dir = save_tiny_bert(tmp_path_factory.mktemp("bert"), ENC_DIM)
     out = tmp_path_factory.mktemp("elastic_pipe")
     build_elastic_pipeline(text_encoder_spec=str(bert_dir)).save_pretrained(out)
     return out

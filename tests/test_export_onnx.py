@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import save_tiny_bert
 import torch
 from test_elastic_cli import build_elastic_pipeline
 from test_pipeline import ENC_DIM
@@ -12,7 +13,6 @@ from test_pipeline import ENC_DIM
 from snapgen.cli import main
 from snapgen.export.onnx import OnnxPipeline, export_onnx
 from snapgen.pipelines import TextToImagePipeline
-from snapgen.text import minilm_path
 
 pytest.importorskip("onnxruntime")
 
@@ -22,13 +22,7 @@ LATENT_ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    bert_dir = tmp_path_factory.mktemp("bert")
-    torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=ENC_DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         vocab_size=30522)).save_pretrained(bert_dir)
-    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(bert_dir)
+    bert_dir = save_tiny_bert(tmp_path_factory.mktemp("bert"), ENC_DIM)
     out = tmp_path_factory.mktemp("pipe")
     build_elastic_pipeline(text_encoder_spec=str(bert_dir)).save_pretrained(out)
     return out

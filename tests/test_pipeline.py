@@ -9,14 +9,14 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import nano, perturb_
+from conftest import nano, perturb_, save_tiny_bert
 from PIL import Image
 
 from snapgen.cli import main
 from snapgen.models import ThreeStageDiT
 from snapgen.pipelines import PipelineConfig, TextToImagePipeline
 from snapgen.pipelines.text_to_image import make_grid
-from snapgen.text import TextConditioning, TextEncoder, minilm_path
+from snapgen.text import TextConditioning, TextEncoder
 from snapgen.vae import Autoencoder, AutoencoderConfig
 
 TEXT_DIM = 32      # the transformer's text_dim (nano's)
@@ -306,13 +306,7 @@ def test_corrupt_transformer_and_vae_weights(saved, tmp_path):
 @pytest.fixture(scope="module")
 def cli_model(tmp_path_factory):
     """A tiny pipeline whose pipeline.json names a tiny random BERT (hidden 16) saved with MiniLM's tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    bert_dir = tmp_path_factory.mktemp("bert")
-    torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=ENC_DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         vocab_size=30522)).save_pretrained(bert_dir)
-    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(bert_dir)
+    bert_dir = save_tiny_bert(tmp_path_factory.mktemp("bert"), ENC_DIM)
     folder = tmp_path_factory.mktemp("cli_pipe")
     build_pipeline(text_encoder_spec=str(bert_dir)).save_pretrained(folder)
     return folder

@@ -16,9 +16,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from ..elastic.ops import ElasticLinear
 from ..models.io import atomic_save_safetensors
 
@@ -117,19 +114,9 @@ def save_lora(model: torch.nn.Module, name: str, path: str | os.PathLike, **meta
 
 def load_lora(model: torch.nn.Module, path: str | os.PathLike, name: str | None = None) -> str:
     """Add the adapter stored at ``path`` to ``model`` (under ``name``, default its saved name); returns the name."""
-    from safetensors import safe_open
+    from ..models.io import read_safetensors
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read LoRA file {path}: {e}. The file is corrupt or truncated") from None
-    if meta.get("format") != "snapgen-lora":
-        raise ValueError(f"{path} is not a snapgen LoRA file (metadata format={meta.get('format')!r})")
+    state, meta = read_safetensors(path, "snapgen-lora", "snapgen LoRA file")
     name = name or meta["name"]
     rank, alpha, targets = (json.loads(meta[k]) for k in ("rank", "alpha", "targets"))
     add_lora(model, name, rank, alpha, targets)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import ThreeStageDiT, ThreeStageDiTConfig
+from ..models import ThreeStageDiT
 from .ops import ElasticModule, WidthSpec
 
 __all__ = ["DEFAULT_VARIANTS", "make_elastic", "repeat_kv_heads", "variant_parameters", "extract_variant", "using_variant",

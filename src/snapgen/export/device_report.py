@@ -14,7 +14,6 @@ Exports are cached under ``--work`` so a second run only measures.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys

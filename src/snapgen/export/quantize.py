@@ -220,24 +220,15 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, report: dict 
 
 def load_quantized(directory: str | os.PathLike):
     """A ``ThreeStageDiT`` (fp32 compute) from a ``save_quantized`` folder, weights dequantized."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     from ..models import ThreeStageDiT, ThreeStageDiTConfig
+    from ..models.io import read_safetensors
 
     d = Path(directory)
     path = d / "quantized.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (a quantized model folder holds config.json and "
                                 f"quantized.safetensors; create one with `snapgen quantize`)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read {path}: {e}. The file is corrupt or truncated") from None
-    if meta.get("format") != QUANT_FORMAT:
-        raise ValueError(f"{path} is not a snapgen k-means quantized file (format {meta.get('format')!r})")
+    tensors, meta = read_safetensors(path, QUANT_FORMAT, "snapgen k-means quantized file")
     layout = json.loads(meta["layout"])
     model = ThreeStageDiT(ThreeStageDiTConfig.from_json(d / "config.json"))
     state = {}

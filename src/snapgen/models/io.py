@@ -89,3 +89,24 @@ class ModelIOMixin:
                              f"shape, e.g. {k}: file {got} vs config {want}")
         model.load_state_dict(state, strict=True)
         return model.to(map_location)
+
+
+def read_safetensors(path: str | os.PathLike, expected_format: str, what: str) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a safetensors file whose metadata ``format`` must be ``expected_format``;
+    errors name the file and the problem (missing, corrupt, another kind of file)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}. The file is corrupt or truncated") from None
+    if meta.get("format") != expected_format:
+        raise ValueError(f"{path} is not a {what} (metadata format={meta.get('format')!r}, "
+                         f"expected {expected_format!r})")
+    return tensors, meta
+
