@@ -525,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", help="default: every variant the model serves")
     p.add_argument("--backends", nargs="+", default=["eager", "onnx", "executorch"],
                    choices=["eager", "onnx", "executorch"])
-    p.add_argument("--precisions", nargs="+", default=["fp32", "quant"], choices=["fp32", "quant"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "quant", "int8"], choices=["fp32", "quant", "int8"],
+                   help="quant = k-means (eager) / onnxruntime int8 (onnx); int8 = torchao weight-only (eager)")
     p.add_argument("--resolution", help="export resolution, N or HxW (default: the model's)")
     p.add_argument("--eval", choices=["none", "quick", "full"], default="none", help="also SceneEval/alignment/FD")
     p.add_argument("--repeats", type=int, default=7)

@@ -1,9 +1,10 @@
 """``snapgen bench device``: for each variant x backend x precision, the numbers a deployment needs.
 
 Backends: ``eager`` (PyTorch), ``onnx`` (onnxruntime), ``executorch`` (XNNPACK, ExecuTorch's runtime).
-Precisions: ``fp32`` and ``quant`` -- the paper's k-means weights (~4.3 bits) for eager (weights are stored
-clustered and dequantized at load, so its speed is fp32's and its gain is the file), onnxruntime's dynamic
-int8 quantization of the DiT graph for ONNX (a baseline); ExecuTorch runs fp32 only here.
+Precisions: ``fp32``; ``quant`` -- the paper's k-means weights (~4.3 bits) for eager (stored clustered,
+dequantized at load, so its speed is fp32's and its gain is the file), onnxruntime's dynamic int8 quantization
+of the DiT graph for ONNX (a baseline); ``int8`` -- torchao's int8 weight-only on the eager model (a baseline,
+applied at load). ExecuTorch runs fp32 only here.
 
 Per configuration, each in a fresh process (so peak memory is its own): per-step latency (one DiT call with
 the pipeline's batch: 1 without CFG, 2 with), end-to-end time for one image (text encoding + all steps +
@@ -42,8 +43,10 @@ def prepare_artifact(model_dir, variant: str, backend: str, precision: str, work
         return out
     pipe = TextToImagePipeline.from_pretrained(model_dir, variant=variant)
     progress(f"preparing {out.name} ...")
-    if backend == "eager" and precision == "fp32":
+    if backend == "eager" and precision in ("fp32", "int8"):
         pipe.extract(variant).save_pretrained(out)
+        if precision == "int8":  # torchao int8 weight-only, applied at load (a baseline; no compact file)
+            (out / "torchao_int8").write_text("quantize_(transformer, Int8WeightOnlyConfig()) at load\n")
     elif backend == "eager" and precision == "quant":
         from ..eval.sceneeval import load_prompts, prompt_path
         from .quantize import quantize_pipeline
@@ -86,7 +89,14 @@ def _load(folder: Path, backend: str):
     if backend == "eager":
         from ..pipelines import TextToImagePipeline
 
-        return TextToImagePipeline.from_pretrained(folder)
+        pipe = TextToImagePipeline.from_pretrained(folder)
+        if (folder / "torchao_int8").is_file():
+            try:
+                from torchao.quantization import Int8WeightOnlyConfig, quantize_
+            except ImportError:
+                raise ImportError("the int8 baseline needs torchao: pip install 'snapgen[device]'") from None
+            quantize_(pipe.transformer, Int8WeightOnlyConfig())
+        return pipe
     if backend == "onnx":
         from .onnx import OnnxPipeline
 
@@ -145,7 +155,7 @@ def measure(folder: Path, backend: str, repeats: int = 7) -> dict:
 
 
 def device_report(model_dir=None, variants=None, backends=("eager", "onnx", "executorch"),
-                  precisions=("fp32", "quant"), work="runs/device_bench", resolution=None, evaluate: str = "none",
+                  precisions=("fp32", "quant", "int8"), work="runs/device_bench", resolution=None, evaluate: str = "none",
                   repeats: int = 7, progress=print) -> dict:
     from ..pipelines import TextToImagePipeline, default_model_dir
 
@@ -157,7 +167,7 @@ def device_report(model_dir=None, variants=None, backends=("eager", "onnx", "exe
     for v in variants:
         for b in backends:
             for prec in precisions:
-                if b == "executorch" and prec != "fp32":
+                if (b == "executorch" and prec != "fp32") or (b != "eager" and prec == "int8"):
                     continue
                 folder = prepare_artifact(model_dir, v, b, prec, work, resolution, progress)
                 cmd = [sys.executable, "-m", "snapgen.export.device_report", "--worker",
