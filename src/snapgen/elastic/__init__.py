@@ -17,7 +17,7 @@ import importlib
 _EXPORTS = {
     "WidthSpec": "ops", "ElasticLinear": "ops", "ElasticConv2d": "ops", "ElasticModule": "ops",
     "DEFAULT_VARIANTS": "supernet", "make_elastic": "supernet", "repeat_kv_heads": "supernet", "extract_variant": "supernet",
-    "variant_parameters": "supernet", "load_variant": "supernet", "using_variant": "supernet",
+    "variant_parameters": "supernet", "using_variant": "supernet",
     "sample_subnetworks": "training", "ElasticFlowLoss": "training", "WidthWeights": "training",
 }
 

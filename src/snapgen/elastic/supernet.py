@@ -9,16 +9,13 @@ standalone ``ThreeStageDiT`` built from ``config.variant_config(name)`` then loa
 from __future__ import annotations
 
 import contextlib
-import os
-from pathlib import Path
 
 import torch
 
 from ..models import ThreeStageDiT
 from .ops import ElasticModule, WidthSpec
 
-__all__ = ["DEFAULT_VARIANTS", "make_elastic", "repeat_kv_heads", "variant_parameters", "extract_variant", "using_variant",
-           "load_variant"]
+__all__ = ["DEFAULT_VARIANTS", "make_elastic", "repeat_kv_heads", "variant_parameters", "extract_variant", "using_variant"]
 
 DEFAULT_VARIANTS = (("tiny", 0.375), ("small", 0.5))  # SnapGen++: 0.3B / 0.4B / 1.6B at 0.375x / 0.5x / 1x
 
@@ -123,11 +120,3 @@ def repeat_kv_heads(model: ThreeStageDiT, kv_heads: int) -> ThreeStageDiT:
     out = ThreeStageDiT(cfg.replace(kv_heads=kv_heads)).to(device=ref.device, dtype=ref.dtype)
     out.load_state_dict(state, strict=True)
     return out
-
-
-def load_variant(directory: str | os.PathLike, variant: str | None = None) -> ThreeStageDiT:
-    """Load a saved transformer; with ``variant``, return it computing as that sub-network."""
-    model = ThreeStageDiT.from_pretrained(Path(directory))
-    if variant is not None:
-        model.set_variant(variant)
-    return model

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .common import ExportedPipeline, standalone_transformer, write_export
+from .common import ExportedPipeline, write_export
 
-__all__ = ["export_onnx", "OnnxPipeline", "EXPORT_FORMAT", "standalone_transformer"]
+__all__ = ["export_onnx", "OnnxPipeline", "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "snapgen-onnx"
 

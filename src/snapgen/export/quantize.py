@@ -267,7 +267,7 @@ def quantize_pipeline(pipe, out_dir: str | os.PathLike, prompts: list[str], targ
     pipeline folder whose ``transformer/`` is the compact quantized file."""
     import shutil
 
-    from .onnx import standalone_transformer
+    from .common import standalone_transformer
 
     out = Path(out_dir)
     calibration = calibration_batches(pipe, prompts)
