@@ -68,7 +68,8 @@ class ImageFolderDataset(Dataset):
 
     Args:
         root: the folder.
-        resolution: output size, an int or ``(H, W)``.
+        resolution: output size, an int or ``(H, W)``; ``None`` keeps each image's own size (e.g. to pack
+            shards whose images are put into aspect buckets at encode time).
         recursive: also look in sub-folders.
 
     Attributes:
@@ -77,18 +78,20 @@ class ImageFolderDataset(Dataset):
         skipped_unreadable: images that failed to open (at scan time, plus any found at load time).
     """
 
-    def __init__(self, root: str | os.PathLike, resolution: int | Sequence[int] = 64, recursive: bool = True):
+    def __init__(self, root: str | os.PathLike, resolution: int | Sequence[int] | None = 64, recursive: bool = True):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}"
                                     if not self.root.exists() else f"not a folder: {self.root}")
-        if isinstance(resolution, int) and not isinstance(resolution, bool) and resolution > 0:
-            self.size: int | tuple[int, int] = resolution
+        if resolution is None:
+            self.size: int | tuple[int, int] | None = None
+        elif isinstance(resolution, int) and not isinstance(resolution, bool) and resolution > 0:
+            self.size = resolution
         elif (isinstance(resolution, (tuple, list)) and len(resolution) == 2
               and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in resolution)):
             self.size = (int(resolution[0]), int(resolution[1]))
         else:
-            raise ValueError(f"resolution must be a positive int or an (H, W) pair, got {resolution!r}")
+            raise ValueError(f"resolution must be a positive int, an (H, W) pair or None, got {resolution!r}")
         self.resolution = resolution
         self.recursive = recursive
 
@@ -142,7 +145,7 @@ class ImageFolderDataset(Dataset):
 
     def _load(self, i: int) -> Image.Image:
         with Image.open(self.paths[i]) as im:
-            return center_crop_resize(_to_rgb(im), self.size)
+            return _to_rgb(im).copy() if self.size is None else center_crop_resize(_to_rgb(im), self.size)
 
     def __getitem__(self, index: int) -> Sample:
         n = len(self.paths)

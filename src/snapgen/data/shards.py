@@ -77,31 +77,33 @@ class StreamState:
         return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "skipped": self.skipped}
 
 
-class ShardStream:
-    """Iterate the samples of this (rank, worker)'s shards, epoch after epoch.
+class _ShardCursor:
+    """Shard order, stream split and exact position shared by image and latent shard streams.
 
     Shard ``i`` of an epoch's order (a permutation seeded by ``(seed, epoch)``) belongs to stream
     ``i % (world * workers)``, stream id ``rank * workers + worker``: the streams are disjoint and together
-    cover every shard once per epoch. ``state()`` / ``load_state(...)`` give the exact position, so a resumed
-    run neither repeats nor skips a sample. Corrupt samples (undecodable image, missing caption) are skipped
-    and counted in ``state().skipped``.
+    cover every shard once per epoch. Subclasses read a shard (``_samples``) and decode a sample (``_decode``).
     """
 
+    kind = "shard"
+
     def __init__(self, directory: str | os.PathLike, rank: int = 0, world: int = 1, worker: int = 0,
-                 workers: int = 1, seed: int = 0, shuffle: bool = True, resolution: int | None = None):
+                 workers: int = 1, seed: int = 0, shuffle: bool = True):
         self.dir = Path(directory)
         index = self.dir / "index.json"
         if not index.is_file():
-            raise FileNotFoundError(f"{self.dir} has no index.json: not a shard folder (write one with "
-                                    f"`snapgen data pack`)")
-        self.shards = [s["name"] for s in json.loads(index.read_text())["shards"]]
+            raise FileNotFoundError(f"{self.dir} has no index.json: not a {self.kind} folder ({self.hint})")
+        self.index = json.loads(index.read_text())
+        self.shards = [s["name"] for s in self.index["shards"]]
         streams = world * workers
         if len(self.shards) < streams:
             raise ValueError(f"{len(self.shards)} shards cannot feed {streams} streams (ranks x workers); pack "
                              f"with a smaller --shard-size")
         self.stream, self.streams = rank * workers + worker, streams
-        self.seed, self.shuffle, self.resolution = seed, shuffle, resolution
+        self.seed, self.shuffle = seed, shuffle
         self._state = StreamState()
+
+    hint = "write one with `snapgen data pack`"
 
     def state(self) -> dict:
         return self._state.to_dict()
@@ -117,8 +119,62 @@ class ShardStream:
             names = [names[i] for i in perm]
         return names[self.stream::self.streams]
 
+    def _samples(self, path: Path):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _decode(self, key: str, parts: dict):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fetch(self, position: tuple[int, int, int]):
+        """The sample at ``(epoch, shard index in that epoch's order, offset)`` (re-reads one shard)."""
+        epoch, shard, offset = (int(v) for v in position)
+        for i, (key, parts) in enumerate(self._samples(self.dir / self._order(epoch)[shard])):
+            if i == offset:
+                sample = self._decode(key, parts)
+                sample.meta["position"] = (epoch, shard, offset)
+                return sample
+        raise IndexError(f"no sample at {position} in {self.dir}")
+
+    def __iter__(self):
+        """Samples of this stream, epoch after epoch; each carries ``meta['position']`` for :meth:`fetch`."""
+        st = self._state
+        while True:
+            order = self._order(st.epoch)
+            while st.shard < len(order):
+                for i, (key, parts) in enumerate(self._samples(self.dir / order[st.shard])):
+                    if i < st.offset:
+                        continue
+                    st.offset = i + 1
+                    try:
+                        sample = self._decode(key, parts)
+                    except Exception:  # a broken sample: skip it, count it, go on
+                        st.skipped += 1
+                        continue
+                    sample.meta["position"] = (st.epoch, st.shard, i)
+                    yield sample
+                st.shard, st.offset = st.shard + 1, 0
+            st.epoch, st.shard, st.offset = st.epoch + 1, 0, 0
+
+
+class ShardStream(_ShardCursor):
+    """Iterate the image + caption samples of this (rank, worker)'s tar shards, epoch after epoch.
+
+    ``state()`` / ``load_state(...)`` give the exact position, so a resumed run neither repeats nor skips a
+    sample. Corrupt samples (undecodable image, missing caption) are skipped and counted in
+    ``state()["skipped"]``.
+    """
+
+    kind = "shard"
+
+    def __init__(self, directory: str | os.PathLike, rank: int = 0, world: int = 1, worker: int = 0,
+                 workers: int = 1, seed: int = 0, shuffle: bool = True, resolution: int | None = None):
+        super().__init__(directory, rank, world, worker, workers, seed, shuffle)
+        if self.index.get("format", "snapgen-shards") != "snapgen-shards":
+            raise ValueError(f"{self.dir} holds {self.index['format']!r}, not image shards")
+        self.resolution = resolution
+
     def _samples(self, path: Path):
-        """(key, image bytes, caption) per sample of a shard, in order; broken members give None fields."""
+        """(key, {extension: bytes}) per sample of a shard, in order (WebDataset grouping by key)."""
         current, parts = None, {}
         with tarfile.open(path) as tar:
             for m in tar:
@@ -133,26 +189,12 @@ class ShardStream:
         if current is not None:
             yield current, parts
 
-    def __iter__(self):
-        st = self._state
-        while True:
-            order = self._order(st.epoch)
-            while st.shard < len(order):
-                for i, (key, parts) in enumerate(self._samples(self.dir / order[st.shard])):
-                    if i < st.offset:
-                        continue
-                    st.offset = i + 1
-                    try:
-                        caption = parts["txt"].decode()
-                        image = Image.open(io.BytesIO(parts["png"])).convert("RGB")
-                        if self.resolution and image.size != (self.resolution, self.resolution):
-                            image = image.resize((self.resolution, self.resolution), Image.BICUBIC)
-                        if not caption.strip():
-                            raise ValueError("empty caption")
-                    except Exception:  # a broken sample: skip it, count it, go on
-                        st.skipped += 1
-                        continue
-                    meta = json.loads(parts["json"]) if "json" in parts else {}
-                    yield Sample(image=image, caption=caption, meta={"key": key, **meta})
-                st.shard, st.offset = st.shard + 1, 0
-            st.epoch, st.shard, st.offset = st.epoch + 1, 0, 0
+    def _decode(self, key: str, parts: dict) -> Sample:
+        caption = parts["txt"].decode()
+        image = Image.open(io.BytesIO(parts["png"])).convert("RGB")
+        if self.resolution and image.size != (self.resolution, self.resolution):
+            image = image.resize((self.resolution, self.resolution), Image.BICUBIC)
+        if not caption.strip():
+            raise ValueError("empty caption")
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+        return Sample(image=image, caption=caption, meta={"key": key, **meta})

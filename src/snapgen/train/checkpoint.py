@@ -8,6 +8,7 @@ A checkpoint is a folder ``checkpoints/step_0001000/`` holding
                              (param groups and non-tensor state)
 - ``rng.safetensors``        the torch global RNG state and the task's own generator state
 - ``state.json``             step, wall time so far, and anything else the trainer keeps
+- ``data_state.json``        (streamed data only) every rank's position in its shard stream
 
 It is written to a hidden temporary folder and renamed into place, so a run killed at any moment
 (even with SIGKILL) leaves either the complete checkpoint or none. ``latest_checkpoint`` skips folders
@@ -65,7 +66,8 @@ def _write_json(path: Path, obj) -> None:
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: dict[str, torch.Tensor],
                     ema: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator | None, state: dict, keep: int = 2) -> Path:
+                    generator: torch.Generator | None, state: dict, keep: int = 2,
+                    extra_json: dict[str, object] | None = None) -> Path:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step:07d}"
@@ -83,6 +85,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: dict[str, tor
         rng["task"] = generator.get_state()
     save_file(rng, tmp / "rng.safetensors")
     _write_json(tmp / "state.json", {"step": step, **state})
+    for name, obj in (extra_json or {}).items():
+        _write_json(tmp / name, obj)
     # fsync the files so a power cut after the rename cannot leave empty files behind
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

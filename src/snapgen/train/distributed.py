@@ -57,6 +57,14 @@ class DistributedContext:
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (a JSON-able value), in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def any(self, flag: bool) -> bool:
         if not self.enabled:
             return flag

@@ -223,7 +223,7 @@ class FlowTask:
 
         self.cfg, self.device = cfg, device
         _check_keys("data", cfg.data, {"spec", "num_samples", "cache", "resolution", "encode_batch", "val_spec",
-                                       "val_samples", "val_cache"})
+                                       "val_samples", "val_cache", "shards"})
         _check_keys("elastic", cfg.elastic, {"num_random", "full_weight", "subnet_weight", "distill_weight"})
         _check_keys("text", cfg.text, {"encoder", "max_length", "drop_prob"})
         _check_keys("flow", cfg.flow, {"logit_mean", "logit_std", "shift"})
@@ -401,9 +401,68 @@ class FlowTask:
         p = self.cfg.data.get("cache")
         return Path(p) if p else run_dir / "latents.safetensors"
 
+    # Two data paths. In-memory latent cache (``data.cache``, default): random batches by step, the draws of
+    # a global batch shared by its parts (exact DDP == one process). Streamed latent shards (``data.shards``,
+    # from ``snapgen data encode``): each rank reads its own disjoint shards, batches hold one aspect bucket,
+    # and the stream position (with the not-yet-full buckets) is part of every checkpoint.
+    rank: int = 0
+    world: int = 1
+    batcher = None
+
+    def set_data_parallel(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def _prepare_stream(self) -> None:
+        from ..data.latent_shards import BucketBatcher, LatentShardStream
+
+        d = self.cfg.data
+        stream = LatentShardStream(d["shards"], rank=self.rank, world=self.world, seed=self.cfg.seed)
+        C, D = stream.index.get("latent_channels"), stream.index.get("text_dim")
+        if C != self.model.config.in_channels:
+            raise ValueError(f"latent shards {d['shards']} hold {C}-channel latents, the model expects "
+                             f"{self.model.config.in_channels}")
+        if D != self.cond_kwargs["encoder_dims"][0]:
+            raise ValueError(f"latent shards {d['shards']} hold {D}-d text features but the text encoder gives "
+                             f"{self.cond_kwargs['encoder_dims'][0]}; encode them again with this encoder")
+        self.batcher = BucketBatcher(stream, self.cfg.batch_size)
+        self._batches = None
+        print(f"latent shards: {stream.index['total']} samples in {len(stream.shards)} shards, grids "
+              f"{stream.index.get('sizes')}; rank {self.rank}/{self.world} streams {len(stream._order(0))} shards")
+
+    def data_state(self) -> dict | None:
+        """This rank's stream position (None with the in-memory cache: batches are a function of the step)."""
+        return self.batcher.state() if self.batcher is not None else None
+
+    def load_data_state(self, state: dict) -> None:
+        self.batcher.load_state(state)
+        self._batches = None
+
+    def _stream_batch(self, step: int, part: int):
+        """Next batch of this rank's stream; times, noise and caption drops seeded by (seed, step, part)."""
+        from ..data.latent_shards import collate_latents
+        from ..flow.objective import logit_normal_times
+
+        if self._batches is None:
+            self._batches = iter(self.batcher)
+        x0, feats = collate_latents(next(self._batches))
+        x0 = x0.to(self.device)
+        feats = (feats[0].to(self.device), feats[1].to(self.device))
+        g = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, step, part]).integers(2**62)))
+        B = x0.shape[0]
+        drops = [torch.rand(B, generator=g) < p for p in self.conditioning.drop_probs] \
+            if self.conditioning.training else None
+        o = self.objective
+        t = logit_normal_times(B, o.mean, o.std, o.shift_for(x0), g, "cpu").to(self.device)
+        eps = torch.randn(x0.shape, generator=g).to(self.device)
+        return x0, feats, drops, t, eps
+
     def prepare(self, run_dir: Path) -> None:
         from ..data.latent_cache import build_latent_cache, load_latent_cache
 
+        if self.cfg.data.get("shards"):
+            self._prepare_stream()
+            self._prepare_val(run_dir)
+            return
         path = self.cache_path(run_dir)
         if not path.is_file():
             if "spec" not in self.cfg.data:
@@ -412,16 +471,7 @@ class FlowTask:
                                num_samples=int(self.cfg.data.get("num_samples", 10000)),
                                batch_size=int(self.cfg.data.get("encode_batch", 64)))
         cache = load_latent_cache(path)
-        self.val = None
-        if int(self.cfg.data.get("val_samples", 0)) > 0:
-            vpath = Path(self.cfg.data.get("val_cache") or run_dir / "val_latents.safetensors")
-            if not vpath.is_file():
-                if "val_spec" not in self.cfg.data:
-                    raise ValueError("data.val_samples is set but there is no data.val_spec to build it from")
-                build_latent_cache(vpath, self.cfg.data["val_spec"], self.vae, self.text_encoder,
-                                   num_samples=int(self.cfg.data["val_samples"]),
-                                   batch_size=int(self.cfg.data.get("encode_batch", 64)))
-            self.val = load_latent_cache(vpath)
+        self._prepare_val(run_dir)
         self.latents = cache["latents"]
         self.text_tokens, self.text_mask = cache["text_tokens"], cache["text_mask"]
         self.caption_index = cache["caption_index"]
@@ -433,6 +483,20 @@ class FlowTask:
             raise ValueError(f"latent cache {path} has {self.latents.shape[1]} channels, the model expects {C}")
         print(f"latent cache: {len(self.latents)} samples, latents {tuple(self.latents.shape[1:])}, "
               f"{len(self.text_tokens)} distinct captions")
+
+    def _prepare_val(self, run_dir: Path) -> None:
+        from ..data.latent_cache import build_latent_cache, load_latent_cache
+
+        self.val = None
+        if int(self.cfg.data.get("val_samples", 0)) > 0:
+            vpath = Path(self.cfg.data.get("val_cache") or run_dir / "val_latents.safetensors")
+            if not vpath.is_file():
+                if "val_spec" not in self.cfg.data:
+                    raise ValueError("data.val_samples is set but there is no data.val_spec to build it from")
+                build_latent_cache(vpath, self.cfg.data["val_spec"], self.vae, self.text_encoder,
+                                   num_samples=int(self.cfg.data["val_samples"]),
+                                   batch_size=int(self.cfg.data.get("encode_batch", 64)))
+            self.val = load_latent_cache(vpath)
 
     # --- training -----------------------------------------------------------------------------------
     # Data parallelism: a step's global batch is ``batch_size x parts`` samples (parts = ranks x gradient
@@ -459,6 +523,9 @@ class FlowTask:
         B, parts = self.cfg.batch_size, self.parts
         if not 0 <= part < parts:
             raise ValueError(f"part {part} outside 0..{parts - 1}")
+        if self.batcher is not None:
+            x0, feats, drops, t, eps = self._stream_batch(step, part)
+            return self._loss(step, x0, feats, drops, t, eps)
         idx_all = torch.from_numpy(batch_indices(self.cfg.seed, step, len(self.latents), B * parts))
         draws = self._step_draws(step, (B * parts, *self.latents.shape[1:]))
         sl = slice(part * B, (part + 1) * B)
@@ -468,6 +535,9 @@ class FlowTask:
         feats = (self.text_tokens[cap].float().to(self.device), self.text_mask[cap].to(self.device))
         drops = None if draws["drops"] is None else [d[sl] for d in draws["drops"]]
         t, eps = draws["t"][sl], draws["eps"][sl]
+        return self._loss(step, x0, feats, drops, t, eps)
+
+    def _loss(self, step: int, x0, feats, drops, t, eps):
         if self.kd is not None:
             return self._kd_loss(step, x0, feats, drops, t, eps)
         text, mask = self.conditioning([feats], drop=drops)

@@ -93,6 +93,8 @@ class Trainer:
                 raise ValueError(f"task {cfg.task!r} does not support data parallelism or gradient accumulation "
                                  f"(the flow task does)")
             self.task.parts = self.parts
+        if hasattr(self.task, "set_data_parallel"):  # streamed data: each rank reads its own shards
+            self.task.set_data_parallel(self.dist.rank, self.dist.world)
         self.modules = self.task.trainable_modules()
         if self.strategy == "fsdp":
             from .distributed import shard_modules
@@ -179,9 +181,37 @@ class Trainer:
             self.task.generator.set_state(ck["rng"]["task"])
         self.step = int(ck["state"]["step"])
         self.elapsed = float(ck["state"].get("elapsed", 0.0))
+        self._load_data_state(path)
         self._truncate_metrics(self.step)
-        print(f"resumed from {path} (step {self.step})")
+        if self.dist.is_main:
+            print(f"resumed from {path} (step {self.step})")
         return True
+
+    # --- streamed data position (one per rank) ----------------------------------------------------------
+    def _data_states(self) -> dict | None:
+        """Every rank's stream position, gathered (all ranks must call this), or None without streaming."""
+        state = self.task.data_state() if hasattr(self.task, "data_state") else None
+        if state is None:
+            return None
+        return {"world": self.dist.world, "ranks": self.dist.gather(state)}
+
+    def _load_data_state(self, path: Path) -> None:
+        f = path / "data_state.json"
+        if not (f.is_file() and hasattr(self.task, "load_data_state")) or self.task.data_state() is None:
+            return
+        saved = json.loads(f.read_text())
+        if saved["world"] == self.dist.world:
+            self.task.load_data_state(saved["ranks"][self.dist.rank])
+            return
+        # another world size splits the shards differently: no exact position exists. Every rank starts the
+        # epoch after the furthest one (nothing is repeated; the rest of the interrupted epoch is skipped).
+        epoch = max(r["stream"]["epoch"] for r in saved["ranks"]) + 1
+        skipped = sum(r["stream"].get("skipped", 0) for r in saved["ranks"]) if self.dist.is_main else 0
+        if self.dist.is_main:
+            print(f"note: the checkpoint's data streams belong to {saved['world']} rank(s), this run has "
+                  f"{self.dist.world}; streams restart at epoch {epoch}")
+        self.task.load_data_state({"stream": {"epoch": epoch, "shard": 0, "offset": 0, "skipped": skipped},
+                                   "pending": []})
 
     def _resume_sharded(self, path: Path) -> bool:
         """A DCP checkpoint (FSDP run), loaded at this run's world size and sharding (or none)."""
@@ -199,6 +229,7 @@ class Trainer:
             self.task.generator.set_state(rng["task"])
         state = json.loads((path / "state.json").read_text())
         self.step, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        self._load_data_state(path)
         self._truncate_metrics(self.step)
         if self.dist.is_main:
             print(f"resumed from sharded checkpoint {path} (step {self.step}, now {self.dist.world} rank(s))")
@@ -216,6 +247,7 @@ class Trainer:
 
         final = self.ckpt_dir / f"step_{self.step:07d}"
         tmp = self.ckpt_dir / f".tmp_step_{self.step:07d}"
+        data_states = self._data_states()
         if self.dist.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -232,6 +264,8 @@ class Trainer:
             save_file(rng, tmp / "rng.safetensors")
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "elapsed": self.elapsed,
                                                         "format": "dcp", "world": self.dist.world}) + "\n")
+            if data_states is not None:
+                (tmp / "data_state.json").write_text(json.dumps(data_states) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -246,12 +280,14 @@ class Trainer:
         """Rank 0 writes (all ranks hold the same state); the others wait for the checkpoint to exist."""
         if self.strategy == "fsdp":
             return self._save_sharded()
+        data_states = self._data_states()
         if not self.dist.is_main:
             self.dist.barrier()
             return None
         path = save_checkpoint(self.ckpt_dir, self.step,
                                {k: p.detach() for k, p in self.params.items()}, self.ema, self.optimizer,
-                               self.task.generator, {"elapsed": self.elapsed}, keep=self.cfg.keep_checkpoints)
+                               self.task.generator, {"elapsed": self.elapsed}, keep=self.cfg.keep_checkpoints,
+                               extra_json={"data_state.json": data_states} if data_states is not None else None)
         self._plot()
         self.dist.barrier()
         return path
