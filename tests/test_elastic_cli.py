@@ -91,6 +91,31 @@ def test_cli_generate_and_extract_with_variants(folder, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
 
 
+def test_cli_generate_all_variants_grid(folder, tmp_path, capsys):
+    from PIL import Image
+
+    prompts = ["a red circle", "two blue stars"]
+    assert main(["generate", *prompts, "--model", str(folder), "--variant", "all", "--steps", "2", "--grid",
+                 "--out", str(tmp_path / "all"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "per variant: tiny" in out and "tiny/small/full" in out
+    files = sorted(p.name for p in (tmp_path / "all").glob("0*.png"))
+    assert len(files) == 6 and files[0].startswith("00_tiny") and files[2].startswith("02_full")
+    grid = Image.open(tmp_path / "all" / "grid.png")
+    single = Image.open(tmp_path / "all" / files[0])
+    assert grid.size[0] == 3 * max(single.size[0], 96)  # columns = variants, rows = prompts
+    # each cell is what --variant NAME alone generates for the same prompts and seed
+    for name, f in (("small", files[4]), ("tiny", files[3])):
+        assert main(["generate", *prompts, "--model", str(folder), "--variant", name, "--steps", "2",
+                     "--out", str(tmp_path / name), "--no-progress"]) == 0
+        alone = sorted((tmp_path / name).glob("01_*.png"))[0]
+        a, b = (np.asarray(Image.open(x), dtype=np.int16) for x in (alone, tmp_path / "all" / f))
+        assert np.array_equal(a, b)
+    assert main(["generate", "pizza", "--model", str(folder), "--variant", "tiny,huge", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "not ['huge']" in capsys.readouterr().err
+
+
 def test_cli_select_picks_the_widest_variant_within_budget(folder, capsys):
     assert main(["select", "--model", str(folder), "--budget-ms", "100000", "--resolution", "16", "--repeats", "2",
                  "--json"]) == 0

@@ -144,14 +144,35 @@ def cmd_generate(args) -> int:
         t1 = time.perf_counter()
         images = pipe(prompts, seed=args.seed)
     else:
-        pipe = TextToImagePipeline.from_pretrained(model_dir, variant=args.variant)
+        several = args.variant is not None and (args.variant == "all" or "," in args.variant)
+        pipe = TextToImagePipeline.from_pretrained(model_dir, variant=None if several else args.variant)
+        names = [pipe.variant]
+        if several:  # one supernetwork, several sub-networks: a prompt x variant grid
+            names = pipe.variants if args.variant == "all" else [v.strip() for v in args.variant.split(",")]
+            unknown = [v for v in names if v not in pipe.variants]
+            if unknown:
+                raise ValueError(f"--variant {args.variant}: {model_dir} serves {pipe.variants}, not {unknown}")
         if args.base:
             pipe.use_base()
         _ = pipe.text_encoder  # load now, so the timing below is generation only
         t_load = time.perf_counter() - t0
         t1 = time.perf_counter()
-        images = pipe(prompts, steps=args.steps, guidance=args.cfg, seed=args.seed, height=height, width=width,
-                      progress=not args.no_progress)
+        per_variant, seconds = [], {}
+        for name in names:
+            if several:
+                pipe.set_variant(name)
+                if args.base:
+                    pipe.use_base()
+            tv = time.perf_counter()
+            per_variant.append(pipe(prompts, steps=args.steps, guidance=args.cfg, seed=args.seed, height=height,
+                                    width=width, progress=not args.no_progress))
+            seconds[name] = time.perf_counter() - tv
+        if several:  # row = prompt, column = variant (same seed: the same noise for every variant)
+            images = [per_variant[j][i] for i in range(len(prompts)) for j in range(len(names))]
+            prompts = [f"{names[j]}: {prompts[i]}" for i in range(len(prompts)) for j in range(len(names))]
+            args.grid_cols = len(names)
+        else:
+            images = per_variant[0]
     t_gen = time.perf_counter() - t1
     out = Path(args.out)
     written = []
@@ -159,7 +180,8 @@ def cmd_generate(args) -> int:
         if len(prompts) > 1 and not args.grid:
             raise ValueError(f"{len(prompts)} prompts need --out to be a folder (got {out}) or --grid")
         out.parent.mkdir(parents=True, exist_ok=True)
-        (make_grid(images, prompts, scale=args.scale, caption_height=40) if args.grid else images[0]).save(out)
+        (make_grid(images, prompts, cols=getattr(args, "grid_cols", None), scale=args.scale, caption_height=40)
+         if args.grid else images[0]).save(out)
         written.append(out)
     else:  # a folder: one PNG per prompt (+ grid.png with --grid)
         out.mkdir(parents=True, exist_ok=True)
@@ -169,11 +191,15 @@ def cmd_generate(args) -> int:
             im.save(target)
             written.append(target)
         if args.grid:
-            make_grid(images, prompts, scale=args.scale, caption_height=40).save(out / "grid.png")
+            make_grid(images, prompts, cols=getattr(args, "grid_cols", None), scale=args.scale,
+                      caption_height=40).save(out / "grid.png")
             written.append(out / "grid.png")
     for w in written:
         print(w)
-    variant = pipe.meta["variant"] if args.backend != "torch" else pipe.variant
+    if args.backend == "torch" and len(seconds) > 1:
+        print("per variant: " + ", ".join(f"{k} {v / (len(images) // len(seconds)):.2f} s per image"
+                                          for k, v in seconds.items()))
+    variant = pipe.meta["variant"] if args.backend != "torch" else "/".join(seconds)
     print(f"generated {len(images)} image(s) of {images[0].size[1]}x{images[0].size[0]} "
           f"{'with the ' + variant + ' variant ' if variant != 'full' else ''}"
           f"{'(' + {'onnx': 'onnxruntime', 'executorch': 'ExecuTorch'}[args.backend] + ') ' if args.backend != 'torch' else ''}"
@@ -493,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size in pixels")
     p.add_argument("--grid", action="store_true", help="also write a grid image with the prompts under the images")
     p.add_argument("--scale", type=int, default=2, help="pixel upscale of grid cells (default 2)")
-    p.add_argument("--variant", help="elastic sub-network: tiny | small | full (default full)")
+    p.add_argument("--variant", help="elastic sub-network: tiny | small | full (default full); 'all' or a comma "
+                                     "list generates with each (same seed) into a prompt x variant grid")
     p.add_argument("--base", action="store_true",
                    help="distilled models: use the base (teacher) model and its sampler instead of the few-step one")
     p.add_argument("--backend", choices=["torch", "onnx", "executorch"], default="torch",
