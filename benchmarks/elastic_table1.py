@@ -5,7 +5,7 @@ Trains (with ``--train``, resuming) the three runs of ``configs/elastic_table1/`
 validation flow loss on one fixed validation cache (same times and noise for every model), and optionally
 SceneEval. Writes ``benchmarks/results/elastic_table1.{json,md}``.
 
-    python benchmarks/elastic_table1.py --train             # ~1.5 h on 2 cores, then the table
+    python benchmarks/elastic_table1.py --train             # ~35 min on 2 cores (1,000 steps x 32 each), then the table
     python benchmarks/elastic_table1.py --sceneeval full    # add SceneEval (28 steps, 4 seeds per prompt)
 """
 
