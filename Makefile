@@ -19,17 +19,20 @@ $(TEST_STAMP): $(STAMP)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(TEST_STAMP)
 
-# The main job: generate images from prompts with the shipped model (models/snapgen-micro) into outputs/.
+# The main job: generate images from prompts with the shipped model (models/snapgen-micro) into outputs/:
+# every prompt with each of its three sub-networks (tiny / small / full, one file), grid = prompt x variant.
 run: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/snapgen generate --prompts-file examples/prompts.txt --grid --out outputs/
+	HF_HUB_OFFLINE=1 $(VENV)/bin/snapgen generate --prompts-file examples/prompts.txt --variant all --grid --out outputs/
 
-# Re-train the shipped model from scratch (about 3.5 hours on 2 CPU cores), then copy it to models/.
-# Stage 1: 5,000 steps on 40k samples; stage 2: 3,800 more steps on a scene-heavy 80k-sample mix.
+# Re-train the shipped model from scratch (about 5 hours on 2 CPU cores), then copy it to models/.
+# Stage 1: 5,000 steps on 40k samples; stage 2: 3,800 more steps on a scene-heavy 80k-sample mix;
+# stage 3: 2,000 steps as an elastic supernetwork (tiny / small / full trained together).
 train-shipped: setup
 	$(VENV)/bin/snapgen train --config configs/vae_micro.yaml
 	$(VENV)/bin/snapgen train --config configs/t2i_micro.yaml
 	$(VENV)/bin/snapgen train --config configs/t2i_micro_v2.yaml
-	rm -rf models/snapgen-micro && cp -r runs/t2i_micro_v2/final models/snapgen-micro
+	$(VENV)/bin/snapgen train --config configs/t2i_micro_elastic.yaml
+	rm -rf models/snapgen-micro && cp -r runs/t2i_micro_elastic/final models/snapgen-micro
 
 test: setup-test
 	$(PY) -m pytest -q

@@ -6,7 +6,7 @@ measured on that standalone model in a fresh process: one sampling step = one de
 with CFG (batch 2), fp32, median of repeats; peak memory = the process's peak RSS after one full generation
 (text encoder + denoiser + decoder), and the denoiser step alone above the loaded-model baseline.
 
-    python benchmarks/elastic_variants.py [--model DIR] [--resolutions 64 128] [--eval quick|full]
+    python benchmarks/elastic_variants.py [--model DIR] [--resolutions 64 128] [--eval quick|full] [--reuse-eval]
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--eval", choices=["none", "quick", "full"], default="none")
     ap.add_argument("--eval-steps", type=int, default=28)
+    ap.add_argument("--reuse-eval", action="store_true",
+                    help="take SceneEval/alignment/FD from runs/eval_variants/NAME/summary.json when it holds this "
+                         "model, variant and step count (e.g. `snapgen eval --variant NAME --out` that folder)")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -75,8 +78,14 @@ def main():
                                       "repeats": args.repeats})
             r["ratio"] = pipe.transformer.variants[name]
             if args.eval != "none":
-                s = run_evaluation(model_dir, steps=args.eval_steps, quick=args.eval == "quick", variant=name,
-                                   out_dir=REPO / "runs" / "eval_variants" / name, progress=False)
+                report = REPO / "runs" / "eval_variants" / name
+                s = json.loads((report / "summary.json").read_text()) if (report / "summary.json").is_file() else {}
+                if not (args.reuse_eval and s.get("steps") == args.eval_steps and s.get("variant", "full") == name
+                        and Path(s.get("model", "")).resolve() == model_dir.resolve()):
+                    s = run_evaluation(model_dir, steps=args.eval_steps, quick=args.eval == "quick", variant=name,
+                                       out_dir=report, progress=False)
+                else:
+                    print(f"{name}: reusing the evaluation in {report}", flush=True)
                 r.update(sceneeval=s["sceneeval"]["overall"], alignment=s["alignment"], fd=s["fd"],
                          eval_images=s["images"])
             payload["variants"][name] = r
