@@ -331,3 +331,28 @@ def test_flow_task_warm_starts_a_supernetwork_from_a_plain_pipeline(tmp_path):
     bad = flow_config(tmp_path, "bad", 2, model={"preset": "nano", "init_from": str(tmp_path / "src")})
     with pytest.raises(ValueError, match="different config"):
         Trainer(TrainConfig.from_dict(bad), progress=False)
+
+
+def test_elastic_training_with_zero_subnet_weight_is_standalone_training(tmp_path):
+    """Control for the standalone-vs-elastic comparison: with the sub-networks' losses weighted 0, the elastic
+    trainer must train its full width exactly as a standalone run of the same architecture (same data, times,
+    noise, caption drops and updates), so any gap in that comparison comes from the sub-networks' gradients and
+    not from the elastic code path."""
+    from test_train import flow_config, losses
+
+    from snapgen.train import Trainer
+    from snapgen.train.config import TrainConfig
+
+    base = {"preset": "nano-elastic"}
+    Trainer(TrainConfig.from_dict(flow_config(tmp_path, "elastic", 6, model=base,
+                                              elastic={"num_random": 1, "subnet_weight": 0.0})),
+            progress=False).fit()
+    Trainer(TrainConfig.from_dict(flow_config(tmp_path, "plain", 6, model={**base, "elastic_variants": []})),
+            progress=False).fit()
+    recs = [json.loads(ln) for ln in (tmp_path / "elastic" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["fm_full"] for r in recs] == pytest.approx(list(losses(tmp_path / "plain").values()), rel=1e-5)
+    sup = ThreeStageDiT.from_pretrained(tmp_path / "elastic" / "final" / "transformer").state_dict()
+    plain = ThreeStageDiT.from_pretrained(tmp_path / "plain" / "final" / "transformer").state_dict()
+    assert set(plain) <= set(sup)
+    for k, v in plain.items():
+        torch.testing.assert_close(sup[k], v, rtol=1e-5, atol=1e-6, msg=k)
