@@ -123,3 +123,33 @@ def test_distilled_variant_exports_to_onnx_with_its_adapter_merged(tmp_path, bas
 
     set_adapter(pipe.transformer, None)  # same sampler without the adapter: differs, so it was merged
     assert (pipe(["a red circle"], seed=4, return_latents=True) - a).abs().max() > 1e-3
+
+
+def test_extract_of_a_distilled_pipeline_merges_its_adapter(tmp_path, base):
+    """``extract`` / ``snapgen extract`` on a distilled supernetwork: a plain standalone folder per width that
+    generates what the distilled pipeline generates at that width (adapter merged, few-step sampler); after
+    ``use_base()``, the base model with the base sampler."""
+    from snapgen.distill.lora import lora_parameters
+
+    Trainer(distill_config(tmp_path, base, "dmd", "dmd", 2, variants=["tiny", "full"]), progress=False).fit()
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "dmd" / "final", text_encoder=Encoder32())
+    with torch.no_grad():  # trained-looking adapters, so merging matters
+        for name in ("dmd_tiny", "dmd_full"):
+            for p in lora_parameters(pipe.transformer, name).values():
+                p.normal_(0, 0.05)
+    for v in ("tiny", "full"):
+        pipe.set_variant(v)
+        sub = pipe.extract(v)
+        assert not sub.distilled and sub.sampling_settings()["sampler"] == "few_step"
+        sub.save_pretrained(tmp_path / f"sub_{v}")
+        loaded = TextToImagePipeline.from_pretrained(tmp_path / f"sub_{v}", text_encoder=Encoder32())
+        want = pipe(["a red circle"], seed=2, return_latents=True)
+        torch.testing.assert_close(loaded(["a red circle"], seed=2, return_latents=True), want, atol=1e-5, rtol=0)
+        assert pipe.transformer.variant == v and pipe(["a red circle"], seed=2, return_latents=True).equal(want)
+    with pytest.raises(ValueError, match="few-step adapters for"):
+        pipe.extract("small")
+    pipe.use_base().set_variant("small")
+    base_sub = pipe.extract("small")
+    assert base_sub.sampling_settings() == {"sampler": "euler", "steps": 6, "guidance": 3.0, "shift": 1.0}
+    torch.testing.assert_close(base_sub(["a red circle"], seed=2, return_latents=True),
+                               pipe(["a red circle"], seed=2, return_latents=True), atol=1e-5, rtol=0)

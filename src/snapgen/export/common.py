@@ -50,22 +50,9 @@ class DecoderGraph(nn.Module):
 
 
 def standalone_transformer(pipe, variant: str | None = None):
-    """The pipeline's transformer at ``variant`` as a plain model: extracted, few-step adapter merged."""
-    from ..distill.lora import merge_lora, set_adapter
-    from ..elastic.supernet import extract_variant
-
-    model = pipe.transformer
-    variant = variant or model.variant
-    if variant not in model.variants:
-        raise ValueError(f"variant {variant!r} is not served by this model (it serves {sorted(model.variants)})")
-    adapter = None if pipe._base_mode else pipe.config.adapters.get(variant)
-    if pipe.distilled and adapter is None and not pipe._base_mode:
-        raise ValueError(f"this distilled pipeline has few-step adapters for {sorted(pipe.config.adapters)}, "
-                         f"not for {variant!r}")
-    if adapter is not None:
-        model = merge_lora(model, adapter)
-    set_adapter(model, None)
-    return extract_variant(model, variant).eval()
+    """The pipeline's transformer at ``variant`` as a plain model: extracted, few-step adapter merged
+    (``TextToImagePipeline.extract``)."""
+    return pipe.extract(variant or pipe.transformer.variant).transformer.eval()
 
 
 def device_rewrite(model: nn.Module) -> nn.Module:

@@ -138,11 +138,34 @@ class TextToImagePipeline:
         return {"sampler": c.sampler, "steps": c.steps, "guidance": c.guidance, "shift": c.shift}
 
     def extract(self, name: str) -> "TextToImagePipeline":
-        """A standalone pipeline whose transformer holds only sub-network ``name``'s weights."""
+        """A standalone pipeline whose transformer holds only sub-network ``name``'s weights.
+
+        Distilled pipelines: the variant's few-step adapter is merged into those weights (exactly), so the
+        result is a plain model that samples like the few-step generator; after ``use_base()`` it is the base
+        model with the base sampler instead. Either way the result carries no adapters."""
+        from ..distill.lora import merge_lora, set_adapter
         from ..elastic.supernet import extract_variant
 
-        sub = extract_variant(self.transformer, name)
-        return TextToImagePipeline(sub, self.conditioning, self.vae, self.config, self._text_encoder)
+        model = self.transformer
+        if name not in model.variants:
+            raise ValueError(f"variant {name!r} is not served by this model (it serves {sorted(model.variants)})")
+        config = self.config
+        if self.distilled:
+            adapter = None if self._base_mode else config.adapters.get(name)
+            if adapter is None and not self._base_mode:
+                raise ValueError(f"this distilled pipeline has few-step adapters for {sorted(config.adapters)}, "
+                                 f"not for {name!r}; pick one of those, or use_base() first")
+            if adapter is not None:
+                model = merge_lora(model, adapter)  # a copy: this pipeline keeps its adapters
+                set_adapter(model, None)
+            if self._base_mode:
+                b = config.base_sampling
+                config = config.replace(sampler=b.get("sampler", "euler"), steps=int(b.get("steps", 28)),
+                                        guidance=float(b.get("guidance", 4.0)), shift=float(b.get("shift", 1.0)),
+                                        few_step_times=())
+            config = config.replace(adapters={}, base_sampling={})
+        sub = extract_variant(model, name)
+        return TextToImagePipeline(sub, self.conditioning, self.vae, config, self._text_encoder)
 
     # --- io -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
