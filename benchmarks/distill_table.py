@@ -36,7 +36,7 @@ CATEGORIES = ["single_object", "two_object", "counting", "colors", "position", "
 TIMING_PROMPT = "a red circle to the left of a blue square"
 
 
-def rows_for(variants: list[str]) -> list[dict]:
+def rows_for(variants: list[str], extra: dict[str, str] | None = None) -> list[dict]:
     """Each row: which run's folder, which width, base (adapters off) or distilled, and the sampler settings
     (None = the pipeline's own: 28-step Euler + CFG 4 for the base, 4-step few-step sampler, no CFG, distilled)."""
     rows = [dict(key="teacher", label="(a) teacher (base full), 28 steps, CFG 4", run="base", variant="full",
@@ -52,6 +52,8 @@ def rows_for(variants: list[str]) -> list[dict]:
                       cfg=None),
                  dict(key=f"kdmd_{v}", label=f"(d) K-DMD {v}, 4 steps", run="kdmd", variant=v, base=False,
                       steps=None, cfg=None)]
+        rows += [dict(key=f"{name}_{v}", label=f"{name} {v}, 4 steps", run=name, variant=v, base=False, steps=None,
+                      cfg=None) for name in (extra or {})]
     return rows
 
 
@@ -82,6 +84,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--reuse-eval", action="store_true",
                     help="reuse runs/distill/eval/ROW/summary.json when it was made for the same row and settings")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=FOLDER",
+                    help="more distilled runs to compare (e.g. kdmd_cosine=runs/distill/kdmd_cosine/final)")
     ap.add_argument("--repeats", type=int, default=5, help="single-image generations timed per row (0: skip timing, e.g. while other jobs run)")
     args = ap.parse_args()
     setup_torch()
@@ -91,7 +95,9 @@ def main() -> None:
 
     payload = {"machine": machine(), "quick": args.quick, "seeds": 1 if args.quick else args.seeds, "rows": []}
     table, missing = [], []
-    for row in rows_for(args.variants):
+    extra = dict(e.split("=", 1) for e in args.extra)
+    RUNS.update({name: (folder, "its training command") for name, folder in extra.items()})
+    for row in rows_for(args.variants, extra):
         folder, command = RUNS[row["run"]]
         folder = REPO / (folder or load_config(REPO / "configs/distill/kdmd.yaml").model["init_from"])
         if not (folder / "pipeline.json").is_file():

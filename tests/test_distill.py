@@ -269,3 +269,19 @@ def test_flow_task_with_a_teacher_distils_every_width(tmp_path):
     # the projectors are trained but not part of the exported transformer
     assert not any("proj" in k and "kd" in k for k in
                    ThreeStageDiT.from_pretrained(tmp_path / "kd" / "final" / "transformer").state_dict())
+
+
+def test_feature_loss_kinds():
+    from snapgen.distill.kdmd import KDMDConfig, feature_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    assert torch.allclose(feature_loss(s, t), ((s - t) ** 2).mean())
+    cos = sum(float(s[b, i] @ t[b, i] / (s[b, i].norm() * t[b, i].norm())) for b in range(2) for i in range(5)) / 10
+    assert float(feature_loss(s, t, "cosine")) == pytest.approx(1 - cos, rel=1e-5)
+    # scale-free: the cosine loss ignores the teachers' feature magnitude, the mse grows with it
+    assert float(feature_loss(s, 10 * t, "cosine")) == pytest.approx(float(feature_loss(s, t, "cosine")), rel=1e-5)
+    assert float(feature_loss(s, 10 * t)) > 50 * float(feature_loss(s, t)) / 10
+    assert float(feature_loss(t, t, "cosine")) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="feat_loss"):
+        KDMDConfig(feat_loss="l1")

@@ -50,11 +50,24 @@ class KDMDConfig:
     dmd_weight: float = 1.0
     out_weight: float = 1.0        # knowledge terms (used when a few-step teacher is given)
     feat_weight: float = 1.0
+    # "mse" (the paper's ||phi(f) - f_T||^2 on raw features) or "cosine" (1 - cos per token: scale-free, so
+    # the feature term cannot outweigh L_out / L_DMD just because the teacher's residual stream is large)
+    feat_loss: str = "mse"
     seed: int = 0
 
     def __post_init__(self):
         if self.steps < 1 or self.gen_every < 1:
             raise ValueError("steps and gen_every must be >= 1")
+        if self.feat_loss not in ("mse", "cosine"):
+            raise ValueError(f"feat_loss must be 'mse' or 'cosine', got {self.feat_loss!r}")
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Feature-level distillation loss over tokens (last dim = channels): mean squared error, or the mean of
+    ``1 - cos`` per token."""
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    return F.mse_loss(student, teacher)
 
 
 class KDMDLoss:
@@ -103,7 +116,7 @@ class KDMDLoss:
                     v_t, f_t = self.few_step_teacher(x_t, t_k, return_features=True, **cond)
                 l_out = F.mse_loss(v.float(), v_t.float())
                 f_s = self.projector(feats) if self.projector is not None else feats
-                l_feat = F.mse_loss(f_s.float(), f_t.float())
+                l_feat = feature_loss(f_s.float(), f_t.float(), c.feat_loss)
                 loss = loss + c.out_weight * l_out + c.feat_weight * l_feat
                 metrics.update(loss_out=float(l_out.detach()), loss_feat=float(l_feat.detach()))
         l_critic = critic_loss(self.critic, x0_hat, cond, generator)

@@ -34,7 +34,7 @@ from .lora import add_lora, load_lora, set_adapter
 __all__ = ["DistillTask"]
 
 _DISTILL_KEYS = {"variants", "student_lora", "critic_lora", "teacher_guidance", "few_step_teacher", "steps",
-                 "shift", "gen_every", "weights", "tau", "adapter_prefix"}
+                 "shift", "gen_every", "weights", "tau", "adapter_prefix", "feat_loss"}
 
 
 class _Role(nn.Module):
@@ -82,7 +82,8 @@ class DistillTask:
                                guidance=float(d.get("teacher_guidance", 4.0)), tau_low=float(tau[0]),
                                tau_high=float(tau[1]), gen_every=int(d.get("gen_every", 5)),
                                dmd_weight=float(w.get("dmd", 1.0)), out_weight=float(w.get("out", 1.0)),
-                               feat_weight=float(w.get("feat", 1.0)), seed=cfg.seed)
+                               feat_weight=float(w.get("feat", 1.0)), feat_loss=str(d.get("feat_loss", "mse")),
+                               seed=cfg.seed)
         self.prefix = d.get("adapter_prefix", cfg.task)
         # few-step teacher: the base with a LoRA from a previous dmd run (K-DMD only)
         self.few_step = None
