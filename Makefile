@@ -24,18 +24,21 @@ $(TEST_STAMP): $(STAMP)
 run: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/snapgen generate --prompts-file examples/prompts.txt --variant all --grid --out outputs/
 
-# Re-train the shipped model from scratch (about 7 hours on 2 CPU cores), then copy it to models/.
+# Re-train the shipped model from scratch (about 5 hours on 2 CPU cores), then copy it to models/.
 # Stage 1: 5,000 steps on 40k samples; stage 2: 3,800 more steps on a scene-heavy 80k-sample mix;
-# stage 3: 1,800 steps as an elastic supernetwork (tiny / small / full trained together);
-# stage 4: the base model's own 4-step LoRA (the few-step teacher), then K-DMD of every width to 4 steps.
+# stage 3: 1,800 steps as an elastic supernetwork (tiny / small / full trained together).
 train-shipped: setup
 	$(VENV)/bin/snapgen train --config configs/vae_micro.yaml
 	$(VENV)/bin/snapgen train --config configs/t2i_micro.yaml
 	$(VENV)/bin/snapgen train --config configs/t2i_micro_v2.yaml
 	$(VENV)/bin/snapgen train --config configs/t2i_micro_elastic.yaml
+	rm -rf models/snapgen-micro && cp -r runs/t2i_micro_elastic/final models/snapgen-micro
+
+# Step distillation of the stage-3 model (about 2 hours on 2 cores): the base model's own 4-step LoRA (the
+# few-step teacher), then K-DMD of every width to 4 steps -> runs/distill/kdmd/final (not shipped yet).
+distill: setup
 	$(VENV)/bin/snapgen distill dmd --config configs/distill/fewstep_teacher.yaml
 	$(VENV)/bin/snapgen distill kdmd --config configs/distill/kdmd.yaml
-	rm -rf models/snapgen-micro && cp -r runs/distill/kdmd/final models/snapgen-micro
 
 test: setup-test
 	$(PY) -m pytest -q
