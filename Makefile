@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.snapgen-installed
 TEST_STAMP := $(VENV)/.snapgen-test-installed
 
-.PHONY: setup setup-test run train-shipped test bench bench-peers clean
+.PHONY: setup setup-test run train-shipped distill test bench bench-peers clean
 
 # core install (what generating needs); the test extra adds pytest, diffusers and the export/device toolchains
 setup: $(STAMP)
