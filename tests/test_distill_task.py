@@ -153,3 +153,14 @@ def test_extract_of_a_distilled_pipeline_merges_its_adapter(tmp_path, base):
     assert base_sub.sampling_settings() == {"sampler": "euler", "steps": 6, "guidance": 3.0, "shift": 1.0}
     torch.testing.assert_close(base_sub(["a red circle"], seed=2, return_latents=True),
                                pipe(["a red circle"], seed=2, return_latents=True), atol=1e-5, rtol=0)
+
+
+def test_sample_grid_for_a_run_without_the_full_width(tmp_path, base):
+    """Regression: the periodic sample grid of a run distilling only narrow widths (plain DMD students) must not
+    switch the pipeline to a width without an adapter (it crashed dmd_students.yaml at its first grid)."""
+    cfg = distill_config(tmp_path, base, "dmd", "narrow", 2, variants=["tiny"])
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "sampling": {"prompts": ["a red circle"]}})
+    trainer = Trainer(cfg, progress=False)
+    trainer.task.sample(tmp_path / "grid.png", 1)
+    assert (tmp_path / "grid.png").is_file()
+    assert trainer.task.base.variant == "full"

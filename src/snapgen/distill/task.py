@@ -195,10 +195,14 @@ class DistillTask:
             return
         pipe = self._export_pipeline()
         images, captions = [], []
-        for v in self.variants:
-            images += pipe.set_variant(v)(prompts, seed=0)
-            captions += [f"{v}: {p}" for p in prompts]
-        pipe.set_variant("full")
+        try:
+            for v in self.variants:
+                images += pipe.set_variant(v)(prompts, seed=0)
+                captions += [f"{v}: {p}" for p in prompts]
+        finally:  # back to the base state (the roles set width and adapter on every call anyway); not through
+            # the pipeline, which refuses a width without an adapter -- e.g. "full" when only tiny/small are distilled
+            self.base.set_variant("full")
+            set_adapter(self.base, None)
         path.parent.mkdir(parents=True, exist_ok=True)
         make_grid(images, captions, cols=len(prompts), scale=2).save(path)
 
