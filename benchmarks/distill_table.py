@@ -96,10 +96,11 @@ def main() -> None:
     payload = {"machine": machine(), "quick": args.quick, "seeds": 1 if args.quick else args.seeds, "rows": []}
     table, missing = [], []
     extra = dict(e.split("=", 1) for e in args.extra)
-    RUNS.update({name: (folder, "its training command") for name, folder in extra.items()})
+    runs = {**RUNS, **{name: (folder, "its training command") for name, folder in extra.items()}}
+    base_folder = load_config(REPO / "configs/distill/kdmd.yaml").model["init_from"]
     for row in rows_for(args.variants, extra):
-        folder, command = RUNS[row["run"]]
-        folder = REPO / (folder or load_config(REPO / "configs/distill/kdmd.yaml").model["init_from"])
+        folder, command = runs[row["run"]]
+        folder = REPO / (folder or base_folder)
         if not (folder / "pipeline.json").is_file():
             missing.append(f"{row['label']}: {folder.relative_to(REPO)} not found; run `{command}`")
             continue
@@ -114,11 +115,11 @@ def main() -> None:
                 "weights_mtime": max(p.stat().st_mtime for p in folder.rglob("*.safetensors"))}
         report = REPO / "runs" / "distill" / "eval" / row["key"]
         cached = report / "row.json"
-        shipped = same_base_eval(folder, row, steps, cfg, payload["seeds"]) if args.reuse_eval else None
+        shipped = None
         if args.reuse_eval and cached.is_file() and json.loads(cached.read_text()) == spec:
             summary = json.loads((report / "summary.json").read_text())
             print(f"{row['key']}: reusing {report}", flush=True)
-        elif shipped is not None:
+        elif args.reuse_eval and (shipped := same_base_eval(folder, row, steps, cfg, payload["seeds"])) is not None:
             summary, row = shipped, {**row, "reused_from": shipped["model"]}
             print(f"{row['key']}: reusing the evaluation of the same base weights in {shipped['model']}", flush=True)
         else:

@@ -122,11 +122,17 @@ class TextToImagePipeline:
             return
         from ..distill.lora import set_adapter
 
-        name = None if self._base_mode else self.config.adapters.get(self.transformer.variant)
-        if name is None and not self._base_mode:
+        set_adapter(self.transformer, self._adapter_for(self.transformer.variant))
+
+    def _adapter_for(self, variant: str) -> str | None:
+        """The few-step adapter that serves ``variant`` now (None in base mode); a clear error if none does."""
+        if self._base_mode:
+            return None
+        name = self.config.adapters.get(variant)
+        if name is None:
             raise ValueError(f"this distilled pipeline has few-step adapters for {sorted(self.config.adapters)}, "
-                             f"not for {self.transformer.variant!r}; pick one of those, or use_base()")
-        set_adapter(self.transformer, name)
+                             f"not for {variant!r}; pick one of those, or use_base()")
+        return name
 
     def sampling_settings(self) -> dict:
         """The sampler, steps, guidance and shift used by default now."""
@@ -151,18 +157,12 @@ class TextToImagePipeline:
             raise ValueError(f"variant {name!r} is not served by this model (it serves {sorted(model.variants)})")
         config = self.config
         if self.distilled:
-            adapter = None if self._base_mode else config.adapters.get(name)
-            if adapter is None and not self._base_mode:
-                raise ValueError(f"this distilled pipeline has few-step adapters for {sorted(config.adapters)}, "
-                                 f"not for {name!r}; pick one of those, or use_base() first")
+            adapter = self._adapter_for(name)
             if adapter is not None:
                 model = merge_lora(model, adapter)  # a copy: this pipeline keeps its adapters
                 set_adapter(model, None)
-            if self._base_mode:
-                b = config.base_sampling
-                config = config.replace(sampler=b.get("sampler", "euler"), steps=int(b.get("steps", 28)),
-                                        guidance=float(b.get("guidance", 4.0)), shift=float(b.get("shift", 1.0)),
-                                        few_step_times=())
+            if self._base_mode:  # the base sampler becomes the extracted pipeline's own
+                config = config.replace(**self.sampling_settings(), few_step_times=())
             config = config.replace(adapters={}, base_sampling={})
         sub = extract_variant(model, name)
         return TextToImagePipeline(sub, self.conditioning, self.vae, config, self._text_encoder)
