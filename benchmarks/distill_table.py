@@ -95,6 +95,8 @@ def main() -> None:
 
     payload = {"machine": machine(), "quick": args.quick, "seeds": 1 if args.quick else args.seeds, "rows": []}
     table, missing = [], []
+    if any("=" not in e for e in args.extra):
+        ap.error(f"--extra takes NAME=FOLDER pairs, got {args.extra}")
     extra = dict(e.split("=", 1) for e in args.extra)
     runs = {**RUNS, **{name: (folder, "its training command") for name, folder in extra.items()}}
     base_folder = load_config(REPO / "configs/distill/kdmd.yaml").model["init_from"]
