@@ -36,9 +36,9 @@ def base(tmp_path_factory):
     return d
 
 
-def distill_config(tmp_path, base, task, run, steps, **distill):
+def distill_config(tmp_path, base, task, run, steps, seed=1, **distill):
     return TrainConfig.from_dict({
-        "task": task, "run_dir": str(tmp_path / run), "seed": 1, "steps": steps, "batch_size": 4, "threads": 1,
+        "task": task, "run_dir": str(tmp_path / run), "seed": seed, "steps": steps, "batch_size": 4, "threads": 1,
         "model": {"init_from": str(base)}, "data": {"cache": str(base / "cache.safetensors"), "resolution": 16},
         "optim": {"lr": 1e-3, "betas": [0.0, 0.99], "weight_decay": 0.0, "warmup": 0, "schedule": "constant",
                   "grad_clip": 10.0},
@@ -164,3 +164,50 @@ def test_sample_grid_for_a_run_without_the_full_width(tmp_path, base):
     trainer.task.sample(tmp_path / "grid.png", 1)
     assert (tmp_path / "grid.png").is_file()
     assert trainer.task.base.variant == "full"
+
+
+def test_combine_adapters_from_two_runs(tmp_path, base, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from snapgen.cli import main
+    from snapgen.distill.combine import combine_adapters, parse_source
+
+    Trainer(distill_config(tmp_path, base, "dmd", "a", 2, variants=["tiny", "full"], adapter_prefix="a"),
+            progress=False).fit()
+    Trainer(distill_config(tmp_path, base, "dmd", "b", 2, variants=["full"], adapter_prefix="b", seed=3),
+            progress=False).fit()
+    a, b = tmp_path / "a" / "final", tmp_path / "b" / "final"
+    assert parse_source(f"{a}:tiny, small") == (a, ["tiny", "small"]) and parse_source(str(a)) == (a, None)
+    assert main(["combine-adapters", f"{a}:tiny", str(b), "--out", str(tmp_path / "ab")]) == 0
+    assert "'tiny': 'a_tiny'" in capsys.readouterr().out
+    ab = TextToImagePipeline.from_pretrained(tmp_path / "ab", text_encoder=Encoder32())
+    assert ab.config.adapters == {"full": "b_full", "tiny": "a_tiny"}
+    assert sorted(p.name for p in (tmp_path / "ab" / "adapters").iterdir()) == ["a_tiny.safetensors",
+                                                                                "b_full.safetensors"]
+    for v, src in (("tiny", a), ("full", b)):  # each variant generates exactly as in the run it came from
+        ref = TextToImagePipeline.from_pretrained(src, text_encoder=Encoder32(), variant=v)
+        torch.testing.assert_close(ab.set_variant(v)(["a red circle"], seed=0, return_latents=True),
+                                   ref(["a red circle"], seed=0, return_latents=True), atol=0, rtol=0)
+    # later sources win; "a" alone keeps its own full adapter
+    assert combine_adapters([(b, None), (a, None)], tmp_path / "ba") and json.loads(
+        (tmp_path / "ba" / "pipeline.json").read_text())["adapters"] == {"full": "a_full", "tiny": "a_tiny"}
+
+    with pytest.raises(ValueError, match="not a distilled pipeline"):
+        combine_adapters([(base, None), (a, None)], tmp_path / "x")
+    with pytest.raises(ValueError, match="no adapter for variant 'small'"):
+        combine_adapters([(a, ["small"])], tmp_path / "x")
+    other = tmp_path / "other"
+    shutil.copytree(b, other)
+    state = load_file(str(other / "transformer" / "model.safetensors"))
+    key = next(iter(state))
+    state[key] = state[key] + 1
+    save_file(state, str(other / "transformer" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="same base model"):
+        combine_adapters([(a, ["tiny"]), (other, None)], tmp_path / "x")
+    Trainer(distill_config(tmp_path, base, "dmd", "c", 2, variants=["full"], adapter_prefix="b", seed=5),
+            progress=False).fit()
+    with pytest.raises(ValueError, match="two different adapters are named 'b_full'"):
+        combine_adapters([(b, None), (tmp_path / "c" / "final", None)], tmp_path / "x")
+    assert not (tmp_path / "x").exists()

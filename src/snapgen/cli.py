@@ -243,6 +243,16 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_combine_adapters(args) -> int:
+    from .distill.combine import combine_adapters, parse_source
+    from .pipelines import TextToImagePipeline
+
+    out = combine_adapters([parse_source(s) for s in args.sources], args.out)
+    pipe = TextToImagePipeline.from_pretrained(out)  # a folder that loads, or an error now rather than later
+    print(f"wrote {out}: adapters {pipe.config.adapters}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .pipelines import TextToImagePipeline
 
@@ -550,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="saved weight dtype")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("combine-adapters", help="one distilled pipeline from the few-step adapters of several runs "
+                                              "on the same base model (e.g. full from one run, tiny/small from another)")
+    p.add_argument("sources", nargs="+", help="DIR (all its variants) or DIR:tiny,small (those only); later wins")
+    p.add_argument("--out", required=True, help="output pipeline folder (replaced)")
+    p.set_defaults(func=cmd_combine_adapters)
 
     p = sub.add_parser("export", help="export a pipeline for deployment (ONNX: text encoder, DiT step, decoder)")
     p.add_argument("format", choices=["onnx", "executorch", "coreml"])
