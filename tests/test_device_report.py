@@ -22,3 +22,24 @@ def test_bench_device_rows(folder, tmp_path, capsys):  # noqa: F811
     assert rows[("eager", "quant")]["dit_mb"] < 0.75 * rows[("eager", "fp32")]["dit_mb"]
     assert rows[("onnx", "quant")]["dit_mb"] < 0.75 * rows[("onnx", "fp32")]["dit_mb"]
     assert "| tiny | onnx | quant |" in (tmp_path / "res" / "device.md").read_text()
+
+
+def test_quantized_rows_are_compared_to_their_own_fp32_row():
+    from snapgen.export.device_report import compare_to_fp32, format_report
+
+    def row(v, b, p, mb, se):
+        return {"variant": v, "backend": b, "precision": p, "step_ms": 1, "steps": 4, "end_to_end_s": 0.1,
+                "peak_rss_mib": 200, "dit_mb": mb, "total_mb": mb + 1, "sceneeval": se, "alignment": 0.3, "fd": 1}
+
+    rows = [row("tiny", "eager", "fp32", 8.0, 0.40), row("tiny", "eager", "quant", 2.0, 0.39),
+            row("tiny", "onnx", "fp32", 10.0, 0.40), row("tiny", "onnx", "quant", 4.0, 0.42),
+            row("small", "eager", "fp32", 12.0, 0.5), row("small", "eager", "int8", 4.0, 0.5)]
+    cmp = {(r["variant"], r["backend"], r["precision"]): r for r in compare_to_fp32(rows)}
+    assert cmp[("tiny", "eager", "quant")]["smaller"] == 4.0
+    assert cmp[("tiny", "eager", "quant")]["sceneeval_change"] == pytest.approx(-0.025)
+    assert cmp[("tiny", "onnx", "quant")]["smaller"] == 2.5  # against onnx fp32, not eager fp32
+    assert cmp[("tiny", "onnx", "quant")]["sceneeval_change"] == pytest.approx(0.05)
+    assert cmp[("small", "eager", "int8")]["smaller"] == 3.0
+    assert "smaller" not in cmp[("tiny", "eager", "fp32")]
+    table = format_report({"rows": rows})
+    assert "| tiny | eager | quant | 1 | 4 | 0.1 | 200 | 2.0 | 4.0x smaller | 3.0 | 0.39 | -2.5% |" in table

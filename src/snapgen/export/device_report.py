@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["prepare_artifact", "measure", "device_report", "PAPER_MS"]
+__all__ = ["prepare_artifact", "measure", "device_report", "compare_to_fp32", "format_report", "PAPER_MS"]
 
 # SnapGen++ supplementary Table 1, iPhone 16 Pro Max, 1024px (per step / 4-step end to end)
 PAPER_MS = {"tiny": (280, 1200), "small": (360, 1800)}
@@ -190,21 +190,38 @@ def device_report(model_dir=None, variants=None, backends=("eager", "onnx", "exe
                     "encoding and decoding; quant = k-means ~4.3 bits (eager) / onnxruntime dynamic int8 (onnx)"}
 
 
+def compare_to_fp32(rows: list[dict]) -> list[dict]:
+    """Each quantized row against the fp32 row of the same variant and backend (int8 eager: eager fp32):
+    ``smaller`` = fp32 DiT file / this DiT file, ``sceneeval_change`` = relative SceneEval change."""
+    fp32 = {(r["variant"], r["backend"]): r for r in rows if r["precision"] == "fp32"}
+    out = []
+    for r in rows:
+        ref = fp32.get((r["variant"], r["backend"]))
+        r = dict(r)
+        if ref is not None and r["precision"] != "fp32":
+            r["smaller"] = round(ref["dit_mb"] / r["dit_mb"], 2)
+            if ref.get("sceneeval") and "sceneeval" in r:
+                r["sceneeval_change"] = round((r["sceneeval"] - ref["sceneeval"]) / ref["sceneeval"], 4)
+        out.append(r)
+    return out
+
+
 def format_report(report: dict) -> str:
-    rows = report["rows"]
+    rows = compare_to_fp32(report["rows"])
     has_eval = any("sceneeval" in r for r in rows)
-    head = ["variant", "backend", "precision", "step ms", "steps", "image s", "peak MiB", "DiT MB", "total MB"]
+    head = ["variant", "backend", "precision", "step ms", "steps", "image s", "peak MiB", "DiT MB", "vs fp32",
+            "total MB"]
     if has_eval:
-        head += ["SceneEval", "alignment", "FD"]
+        head += ["SceneEval", "vs fp32", "alignment", "FD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["variant"], r["backend"], r["precision"], r["step_ms"], r["steps"], r["end_to_end_s"],
-                 r["peak_rss_mib"], r["dit_mb"], r["total_mb"]]
+                 r["peak_rss_mib"], r["dit_mb"], f"{r['smaller']}x smaller" if "smaller" in r else "-", r["total_mb"]]
         if has_eval:
-            cells += [r.get("sceneeval", "-"), r.get("alignment", "-"), r.get("fd", "-")]
+            change = f"{100 * r['sceneeval_change']:+.1f}%" if "sceneeval_change" in r else "-"
+            cells += [r.get("sceneeval", "-"), change, r.get("alignment", "-"), r.get("fd", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
