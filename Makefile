@@ -24,21 +24,26 @@ $(TEST_STAMP): $(STAMP)
 run: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/snapgen generate --prompts-file examples/prompts.txt --variant all --grid --out outputs/
 
-# Re-train the shipped model from scratch (about 5 hours on 2 CPU cores), then copy it to models/.
+# Re-train the shipped model from scratch (about 7.5 hours on 2 CPU cores), then copy it to models/.
 # Stage 1: 5,000 steps on 40k samples; stage 2: 3,800 more steps on a scene-heavy 80k-sample mix;
-# stage 3: 1,800 steps as an elastic supernetwork (tiny / small / full trained together).
+# stage 3: 1,800 steps as an elastic supernetwork (tiny / small / full trained together); then `make distill`.
 train-shipped: setup
 	$(VENV)/bin/snapgen train --config configs/vae_micro.yaml
 	$(VENV)/bin/snapgen train --config configs/t2i_micro.yaml
 	$(VENV)/bin/snapgen train --config configs/t2i_micro_v2.yaml
 	$(VENV)/bin/snapgen train --config configs/t2i_micro_elastic.yaml
-	rm -rf models/snapgen-micro && cp -r runs/t2i_micro_elastic/final models/snapgen-micro
+	$(MAKE) distill
 
-# Step distillation of the stage-3 model (about 2 hours on 2 cores): the base model's own 4-step LoRA (the
-# few-step teacher), then K-DMD of every width to 4 steps -> runs/distill/kdmd/final (not shipped yet).
+# Step distillation of the stage-3 supernetwork (about 2.3 hours on 2 cores): the base model's own 4-step LoRA
+# (the few-step teacher); K-DMD of every width with the paper's feature MSE (its full-width adapter is shipped);
+# K-DMD of tiny and small with the scale-free cosine feature term (their shipped adapters: the MSE form
+# speckles them, docs/distillation.md); the three adapters combined into models/snapgen-micro.
 distill: setup
 	$(VENV)/bin/snapgen distill dmd --config configs/distill/fewstep_teacher.yaml
 	$(VENV)/bin/snapgen distill kdmd --config configs/distill/kdmd.yaml
+	$(VENV)/bin/snapgen distill kdmd --config configs/distill/kdmd_cosine.yaml
+	$(VENV)/bin/snapgen combine-adapters runs/distill/kdmd/final:full runs/distill/kdmd_cosine/final:tiny,small \
+		--out models/snapgen-micro
 
 test: setup-test
 	$(PY) -m pytest -q

@@ -106,6 +106,10 @@ def main() -> None:
         if not (folder / "pipeline.json").is_file():
             missing.append(f"{row['label']}: {folder.relative_to(REPO)} not found; run `{command}`")
             continue
+        adapters = json.loads((folder / "pipeline.json").read_text()).get("adapters") or {}
+        if not row["base"] and row["variant"] not in adapters:  # e.g. a run that distilled only tiny and small
+            missing.append(f"{row['label']}: {folder.relative_to(REPO)} has no {row['variant']} adapter")
+            continue
         pipe = TextToImagePipeline.from_pretrained(folder, variant=row["variant"])
         if row["base"] and pipe.distilled:
             pipe.use_base()
@@ -144,11 +148,14 @@ def main() -> None:
     by_key = {r["key"]: r for r in payload["rows"]}
     verdicts = []
     for v in args.variants:
-        k, b, d = (by_key.get(f"{p}_{v}") for p in ("kdmd", "base28", "dmd"))
-        if k and b:
+        b, d = by_key.get(f"base28_{v}"), by_key.get(f"dmd_{v}")
+        for name in ["kdmd", *extra]:
+            k = by_key.get(f"{name}_{v}")
+            if not (k and b):
+                continue
             gap = (k["sceneeval"]["overall"] - b["sceneeval"]["overall"]) / max(b["sceneeval"]["overall"], 1e-9)
-            verdicts.append(f"{v}: K-DMD 4-step {k['sceneeval']['overall']:.3f} vs base 28-step "
-                            f"{b['sceneeval']['overall']:.3f} ({100 * gap:+.1f}%; goal: within -5%)"
+            verdicts.append(f"{v}: {'K-DMD' if name == 'kdmd' else name} 4-step {k['sceneeval']['overall']:.3f} vs "
+                            f"base 28-step {b['sceneeval']['overall']:.3f} ({100 * gap:+.1f}%; goal: within -5%)"
                             + (f", vs plain DMD {d['sceneeval']['overall']:.3f}" if d else "")
                             + (f"; {b['ms_per_image'] / k['ms_per_image']:.1f}x less time per image"
                                if b["ms_per_image"] and k["ms_per_image"] else ""))

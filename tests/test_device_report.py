@@ -43,3 +43,23 @@ def test_quantized_rows_are_compared_to_their_own_fp32_row():
     assert "smaller" not in cmp[("tiny", "eager", "fp32")]
     table = format_report({"rows": rows})
     assert "| tiny | eager | quant | 1 | 4 | 0.1 | 200 | 2.0 | 4.0x smaller | 3.0 | 0.39 | -2.5% |" in table
+
+
+def test_cached_artifacts_are_reused_only_for_the_same_model_files(folder, tmp_path):  # noqa: F811
+    import os
+    import shutil
+
+    from snapgen.export.device_report import prepare_artifact
+
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    quiet = lambda *_: None  # noqa: E731
+    out = prepare_artifact(model, "tiny", "eager", "fp32", tmp_path / "work", progress=quiet)
+    weights = out / "transformer" / "model.safetensors"
+    first = weights.stat().st_mtime_ns
+    assert prepare_artifact(model, "tiny", "eager", "fp32", tmp_path / "work", progress=quiet) == out
+    assert weights.stat().st_mtime_ns == first  # reused, not exported again
+    st = (model / "pipeline.json").stat()
+    os.utime(model / "pipeline.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the model was re-shipped
+    prepare_artifact(model, "tiny", "eager", "fp32", tmp_path / "work", progress=quiet)
+    assert weights.stat().st_mtime_ns != first

@@ -33,14 +33,32 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
+def _fingerprint(model_dir: Path) -> str:
+    """Names, sizes and modification times of the model's files: a re-trained or re-shipped model is exported
+    again instead of reusing a stale artifact from ``--work``."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(model_dir)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def prepare_artifact(model_dir, variant: str, backend: str, precision: str, work: Path, resolution=None,
                      progress=print) -> Path:
     """Export / quantize once into ``work``; returns the artifact folder."""
     from ..pipelines import TextToImagePipeline
 
     out = work / f"{variant}_{backend}_{precision}"
-    if (out / ".done").is_file():
-        return out
+    stamp = json.dumps({"model": str(Path(model_dir).resolve()), "fingerprint": _fingerprint(Path(model_dir)),
+                        "resolution": list(resolution) if resolution else None})
+    if (out / ".done").is_file() and (out / ".done").read_text() == stamp:
+        return out  # exported earlier from these exact model files
+    if out.exists():  # another model's (or an unfinished) export
+        import shutil
+
+        shutil.rmtree(out)
     pipe = TextToImagePipeline.from_pretrained(model_dir, variant=variant)
     progress(f"preparing {out.name} ...")
     if backend == "eager" and precision in ("fp32", "int8"):
@@ -81,7 +99,7 @@ def prepare_artifact(model_dir, variant: str, backend: str, precision: str, work
         export_executorch(pipe, out, resolution=resolution, progress=False)
     else:
         raise ValueError(f"unknown backend {backend!r}")
-    (out / ".done").write_text("ok\n")
+    (out / ".done").write_text(stamp)
     return out
 
 
