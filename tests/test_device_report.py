@@ -63,3 +63,21 @@ def test_cached_artifacts_are_reused_only_for_the_same_model_files(folder, tmp_p
     os.utime(model / "pipeline.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the model was re-shipped
     prepare_artifact(model, "tiny", "eager", "fp32", tmp_path / "work", progress=quiet)
     assert weights.stat().st_mtime_ns != first
+
+
+def test_worker_peak_memory_is_its_own_not_the_parents():
+    import subprocess
+    import sys
+
+    import torch
+
+    from snapgen.export.device_report import peak_rss_mib
+
+    big = torch.ones(256 * 2**20)  # 1 GiB touched in this (parent) process
+    parent = peak_rss_mib()
+    assert parent > 1024 and big[-1] == 1
+    out = subprocess.run([sys.executable, "-c", "from snapgen.export.device_report import peak_rss_mib; "
+                          "print(peak_rss_mib())"], capture_output=True, text=True, check=True).stdout
+    child = float(out.strip().splitlines()[-1])
+    # ru_maxrss survives exec on Linux: a worker would have reported >= the parent's peak
+    assert 50 < child < parent - 700
