@@ -143,3 +143,37 @@ def test_coreml_conversion_writes_packages(folder, tmp_path):
     for name in ("text", "dit", "decoder"):
         assert (out / f"{name}.mlpackage" / "Manifest.json").is_file()
         assert meta["files"][f"{name}.mlpackage"] > 0
+
+
+def test_coreml_palettizes_a_quantized_dit_with_its_own_clusters(folder, tmp_path):
+    pytest.importorskip("coremltools")
+    import numpy as np
+    from coremltools.optimize.coreml import get_weights_metadata
+
+    from snapgen.export.mobile import export_coreml
+    from snapgen.export.quantize import quantize_pipeline
+
+    pipe = TextToImagePipeline.from_pretrained(folder, variant="tiny")
+    qdir = quantize_pipeline(pipe, tmp_path / "q", ["a red circle", "pizza"], finetune_steps=2,
+                             progress=lambda *_: None)
+    q = TextToImagePipeline.from_pretrained(qdir)
+    out = export_coreml(q, tmp_path / "cm", progress=False)
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["palettized_weights"] > 0 and not (out / "dit.palettized").exists()
+    plain = export_coreml(pipe, tmp_path / "plain", progress=False)
+    assert "palettized_weights" not in json.loads((plain / "export.json").read_text())
+    assert meta["files"]["dit.mlpackage"] < 0.6 * json.loads((plain / "export.json").read_text())["files"]["dit.mlpackage"]
+    # the look-up tables are snapgen's centroids: every clustered weight's values are among its LUT entries
+    import coremltools as ct
+
+    from coremltools.converters.mil.frontend.milproto.load import load as load_mil
+
+    model = ct.models.MLModel(str(out / "dit.mlpackage"), skip_model_load=True)
+    spec = model.get_spec()
+    program = load_mil(spec, spec.specificationVersion, model.weights_dir)
+    lut_ops = [op for f in program.functions.values() for op in f.operations if "lut_to_dense" in op.op_type]
+    assert len(lut_ops) == meta["palettized_weights"]
+    state = q.transformer.state_dict()
+    centroids = {float(v) for t in state.values() if t.unique().numel() <= 256 for v in t.half().unique()}
+    lut_values = {float(v) for op in lut_ops for v in np.asarray(op.lut.val).ravel()}
+    assert lut_values and lut_values <= centroids

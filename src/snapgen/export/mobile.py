@@ -8,6 +8,7 @@ Optional extra: ``pip install 'snapgen[device]'`` (executorch, coremltools).
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -75,7 +76,23 @@ class ExecuTorchPipeline(ExportedPipeline):
 
 
 # -------------------------------------------------------------------------------------------------- Core ML
-def _write_mlpackage(module, args, path: Path, input_names, output_names) -> None:
+def palettize_clustered(model, ct):
+    """Core ML palettization with snapgen's own k-means clusters. A quantized DiT (``snapgen quantize``) holds
+    at most 16 (4-bit) or 256 (8-bit) distinct values per clustered weight, so coremltools' ``unique`` mode
+    stores each as indices + a look-up table of exactly those centroids -- lossless, no re-clustering.
+    Returns the palettized model and the number of weights palettized."""
+    from coremltools.optimize.coreml import (OpPalettizerConfig, OptimizationConfig, get_weights_metadata,
+                                             palettize_weights)
+
+    meta = get_weights_metadata(model, weight_threshold=257)
+    names = {name: OpPalettizerConfig(mode="unique", weight_threshold=257)
+             for name, m in meta.items() if m.unique_values <= 256}
+    if not names:
+        return model, 0
+    return palettize_weights(model, OptimizationConfig(op_name_configs=names)), len(names)
+
+
+def _write_mlpackage(module, args, path: Path, input_names, output_names, palettize: bool = False) -> None:
     ct = _require("coremltools", "Core ML export")
     from torch._decomp import core_aten_decompositions, get_decompositions
 
@@ -88,6 +105,9 @@ def _write_mlpackage(module, args, path: Path, input_names, output_names) -> Non
         warnings.simplefilter("ignore")
         model = ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
                            compute_precision=ct.precision.FLOAT16)
+        if palettize:
+            model, n = palettize_clustered(model, ct)
+            (path.parent / f"{path.stem}.palettized").write_text(f"{n}\n")
     model.save(str(path))
 
 
@@ -96,4 +116,17 @@ def export_coreml(pipe, out_dir: str | os.PathLike, resolution: tuple[int, int] 
     """Export ``pipe`` as three Core ML ``.mlpackage`` programs (fp16 compute, iOS 17). Conversion works on
     Linux; running them needs macOS (coremltools' ``predict``), so there is no Linux runtime here."""
     _require("coremltools", "Core ML export")
-    return write_export(pipe, out_dir, COREML_FORMAT, ".mlpackage", _write_mlpackage, resolution, True, progress)
+    # a k-means quantized pipeline (snapgen quantize): its DiT weights become Core ML look-up tables
+    quantized = hasattr(pipe.transformer, "_snapgen_quant_report")
+
+    def writer(module, args, path, ins, outs):
+        _write_mlpackage(module, args, path, ins, outs, palettize=quantized and path.stem == "dit")
+
+    out = write_export(pipe, out_dir, COREML_FORMAT, ".mlpackage", writer, resolution, True, progress)
+    if quantized:
+        marker = out / "dit.palettized"
+        meta = json.loads((out / "export.json").read_text())
+        meta["palettized_weights"] = int(marker.read_text()) if marker.is_file() else 0
+        marker.unlink(missing_ok=True)
+        (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
