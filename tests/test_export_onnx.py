@@ -148,7 +148,6 @@ def test_coreml_conversion_writes_packages(folder, tmp_path):
 def test_coreml_palettizes_a_quantized_dit_with_its_own_clusters(folder, tmp_path):
     pytest.importorskip("coremltools")
     import numpy as np
-    from coremltools.optimize.coreml import get_weights_metadata
 
     from snapgen.export.mobile import export_coreml
     from snapgen.export.quantize import quantize_pipeline

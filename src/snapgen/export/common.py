@@ -116,7 +116,8 @@ def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bo
 @torch.no_grad()
 def write_export(pipe, out_dir, fmt: str, suffix: str, writer, resolution=None, rewrite: bool = False,
                  progress: bool = True) -> Path:
-    """Export ``pipe`` with ``writer(module, args, path, input_names, output_names)`` for each graph, atomically."""
+    """Export ``pipe`` with ``writer(module, args, path, input_names, output_names)`` for each graph, atomically.
+    A writer may return a dict of extra manifest entries (e.g. Core ML's count of palettized weights)."""
     from .. import __version__
 
     out = Path(out_dir)
@@ -127,10 +128,10 @@ def write_export(pipe, out_dir, fmt: str, suffix: str, writer, resolution=None, 
     tmp.mkdir(parents=True)
     log = print if progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
-    files = {}
+    files, extra = {}, {}
     for name, (module, args, ins, outs) in parts["graphs"].items():
         log(f"exporting {name}{suffix} ...")
-        writer(module, args, tmp / f"{name}{suffix}", ins, outs)
+        extra.update(writer(module, args, tmp / f"{name}{suffix}", ins, outs) or {})
         p = tmp / f"{name}{suffix}"
         files[f"{name}{suffix}"] = (sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir()
                                     else p.stat().st_size)
@@ -138,7 +139,7 @@ def write_export(pipe, out_dir, fmt: str, suffix: str, writer, resolution=None, 
     null, null_mask = parts["null"]
     np.save(tmp / "null_text.npy", null.numpy().astype(np.float32))
     np.save(tmp / "null_mask.npy", null_mask.numpy())
-    manifest = {"format": fmt, "snapgen_version": __version__, **parts["meta"], "files": files}
+    manifest = {"format": fmt, "snapgen_version": __version__, **parts["meta"], "files": files, **extra}
     (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

@@ -15,6 +15,7 @@ Exports are cached under ``--work`` so a second run only measures.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,8 +57,6 @@ def prepare_artifact(model_dir, variant: str, backend: str, precision: str, work
     if (out / ".done").is_file() and (out / ".done").read_text() == stamp:
         return out  # exported earlier from these exact model files
     if out.exists():  # another model's (or an unfinished) export
-        import shutil
-
         shutil.rmtree(out)
     pipe = TextToImagePipeline.from_pretrained(model_dir, variant=variant)
     progress(f"preparing {out.name} ...")

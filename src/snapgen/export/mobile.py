@@ -8,7 +8,6 @@ Optional extra: ``pip install 'snapgen[device]'`` (executorch, coremltools).
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -92,7 +91,7 @@ def palettize_clustered(model, ct):
     return palettize_weights(model, OptimizationConfig(op_name_configs=names)), len(names)
 
 
-def _write_mlpackage(module, args, path: Path, input_names, output_names, palettize: bool = False) -> None:
+def _write_mlpackage(module, args, path: Path, input_names, output_names, palettize: bool = False) -> dict:
     ct = _require("coremltools", "Core ML export")
     from torch._decomp import core_aten_decompositions, get_decompositions
 
@@ -105,10 +104,11 @@ def _write_mlpackage(module, args, path: Path, input_names, output_names, palett
         warnings.simplefilter("ignore")
         model = ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
                            compute_precision=ct.precision.FLOAT16)
+        extra = {}
         if palettize:
-            model, n = palettize_clustered(model, ct)
-            (path.parent / f"{path.stem}.palettized").write_text(f"{n}\n")
+            model, extra["palettized_weights"] = palettize_clustered(model, ct)
     model.save(str(path))
+    return extra
 
 
 def export_coreml(pipe, out_dir: str | os.PathLike, resolution: tuple[int, int] | None = None,
@@ -120,13 +120,6 @@ def export_coreml(pipe, out_dir: str | os.PathLike, resolution: tuple[int, int] 
     quantized = hasattr(pipe.transformer, "_snapgen_quant_report")
 
     def writer(module, args, path, ins, outs):
-        _write_mlpackage(module, args, path, ins, outs, palettize=quantized and path.stem == "dit")
+        return _write_mlpackage(module, args, path, ins, outs, palettize=quantized and path.stem == "dit")
 
-    out = write_export(pipe, out_dir, COREML_FORMAT, ".mlpackage", writer, resolution, True, progress)
-    if quantized:
-        marker = out / "dit.palettized"
-        meta = json.loads((out / "export.json").read_text())
-        meta["palettized_weights"] = int(marker.read_text()) if marker.is_file() else 0
-        marker.unlink(missing_ok=True)
-        (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
+    return write_export(pipe, out_dir, COREML_FORMAT, ".mlpackage", writer, resolution, True, progress)
