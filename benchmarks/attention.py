@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, md_table, median_ms, setup_torch, write_results  # noqa: E402
 
 torch = setup_torch()
+from snapgen.utils.memory import retain_freed_memory  # noqa: E402
 from snapgen.attention import assa_attention, attention, make_geometry  # noqa: E402
 from snapgen.models import PRESETS  # noqa: E402
 from snapgen.utils.flops import flop_counter  # noqa: E402
 
 CFG = PRESETS["small"]
-REPEATS = {1024: 10, 4096: 5, 16384: 3}
+REPEATS = {1024: 10, 4096: 9, 16384: 5}
 
 
 def make_inputs(tokens: int, grad: bool):
@@ -114,7 +115,13 @@ def main():
     ap.add_argument("--tokens", type=int, help="one token count (square grid); prints one JSON object with --json")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-flex", action="store_true", help="skip the compiled flex_attention backend")
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="leave glibc's allocator at its defaults (one mmap per large tensor, page faults on "
+                         "every reuse) instead of snapgen's training setting (snapgen.utils.memory)")
     args = ap.parse_args()
+    allocator = "glibc default" if args.glibc_malloc else "freed memory retained"
+    if not args.glibc_malloc and not retain_freed_memory():
+        allocator = "platform default"
     warnings.filterwarnings("ignore")
     default_tile = CFG.bna_tile
 
@@ -122,7 +129,7 @@ def main():
         fwd = measure(args.tokens, False, default_tile, "gather")
         bwd = measure(args.tokens, True, default_tile, "gather")
         out = {k: fwd[k] for k in ("tokens", "dense_ms", "assa_ms", "speedup", "flop_ratio")}
-        out.update({"backend": "gather", "tile": list(default_tile), "fwd_bwd": {
+        out.update({"backend": "gather", "tile": list(default_tile), "allocator": allocator, "fwd_bwd": {
             k: bwd[k] for k in ("dense_ms", "assa_ms", "speedup", "flop_ratio")}})
         print(json.dumps(out) if args.json else out)
         return
@@ -157,17 +164,17 @@ def main():
     m = machine()
     md = (f"# Dense attention vs ASSA (small preset: {CFG.heads} heads x {CFG.head_dim}, {CFG.kv_heads} KV heads)\n\n"
           f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, fp32, batch 1, medians of "
-          f"{REPEATS} repeats; {m['date']}.\n\n"
-          f"`python benchmarks/attention.py`. Tile `4xW` = chunks of 4 full rows (default; the paper's 16 "
+          f"{REPEATS} repeats; allocator: {allocator}; {m['date']}.\n\n"
+          f"`python benchmarks/attention.py{' --glibc-malloc' if args.glibc_malloc else ''}`. Tile `4xW` = chunks of 4 full rows (default; the paper's 16 "
           f"blocks at 64x64), `8x8` = 2-D tiles. Radius 1. The `reference` backend computes the full masked N^2 attention, so its "
           f"speedup is expected below 1; `flex` is compiled flex_attention (forward only on CPU).\n\n{table}\n\n"
           f"Goal (default geometry, gather backend, 4096 and 16384 tokens, fwd and fwd+bwd): speedup >= 0.9 x "
           f"FLOP ratio: **{'met' if met else 'NOT met'}** "
           f"({summary}).\n")
     print("\n" + table)
-    write_results("attention", {"machine": m, "config": {"heads": CFG.heads, "kv_heads": CFG.kv_heads,
-                                                         "head_dim": CFG.head_dim, "radius": CFG.bna_radius},
-                                "rows": rows, "goal_met": met}, md)
+    config = {"heads": CFG.heads, "kv_heads": CFG.kv_heads, "head_dim": CFG.head_dim, "radius": CFG.bna_radius}
+    write_results("attention_glibc" if args.glibc_malloc else "attention",
+                  {"machine": m, "allocator": allocator, "config": config, "rows": rows, "goal_met": met}, md)
 
 
 if __name__ == "__main__":

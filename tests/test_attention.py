@@ -121,10 +121,12 @@ def assa_by_hand(q, k, v, gate_logits, grid, tile, radius, wk, wv, theta=10000.0
     return g * glob + (1 - g) * loc
 
 
-@pytest.mark.parametrize("grid,tile", [((8, 8), (2, 2)), ((4, 12), (2, 0)), ((6, 10), (4, 4))])
-def test_assa_matches_hand_written_composition(grid, tile):
+@pytest.mark.parametrize("grid,tile", [((8, 8), (2, 2)), ((4, 12), (2, 0)), ((6, 10), (4, 4)), ((8, 6), (2, 0))])
+@pytest.mark.parametrize("grad", [False, True])  # row chunks without grad take the fused inference mix
+def test_assa_matches_hand_written_composition(grid, tile, grad):
     N = grid[0] * grid[1]
     q, k, v = rand(2, N, 4, 16), rand(2, N, 2, 16, seed=1), rand(2, N, 2, 16, seed=2)
+    q.requires_grad_(grad)
     gate = rand(2, N, 4, seed=3)
     wk, wv = rand(32, 1, 2, 2, seed=4), rand(32, 1, 2, 2, seed=5)
     cf = [t.double() for t in rope_angles(grid_positions(*grid), 16)]

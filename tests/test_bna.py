@@ -141,3 +141,24 @@ def test_bad_inputs_raise_clear_errors():
         block_neighborhood_attention(q, k, v, geom, backend="natten")
     with pytest.raises(ValueError, match="radius"):
         make_geometry((4, 4), (2, 2), -1)
+
+
+@pytest.mark.parametrize("grid,tile,batch", [((8, 6), (2, 0), 1), ((12, 5), (3, 0), 2), ((4, 4), (4, 0), 1),
+                                             ((10, 4), (2, 0), 3)])
+def test_fused_inference_mix_equals_bna_then_lerp(grid, tile, batch):
+    """ASSA's inference path mixes each chunk group's local output straight into the result
+    (bna_lerp_into); it must equal the reference BNA followed by the gate mix, including the border groups."""
+    from snapgen.attention.bna import bna_lerp_into
+
+    g = torch.Generator().manual_seed(7)
+    N = grid[0] * grid[1]
+    q, k, v = (torch.randn(batch, N, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    end = torch.randn(batch, N, 4, 8, generator=g, dtype=torch.float64)
+    w = torch.rand(batch, N, 4, 1, generator=g, dtype=torch.float64)
+    geom = make_geometry(grid, tile, 1)
+    ref = torch.lerp(block_neighborhood_attention(q, k, v, geom, backend="reference"), end, w)
+    out = bna_lerp_into(q, k, v, geom, end, w)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="row chunks"):
+        bna_lerp_into(q, k, v, make_geometry(grid, (2, 2), 1), end, w)

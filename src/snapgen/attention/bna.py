@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TileGeometry", "make_geometry", "bna_mask", "block_neighborhood_attention", "BNA_BACKENDS"]
+__all__ = ["TileGeometry", "make_geometry", "bna_mask", "block_neighborhood_attention", "bna_lerp_into", "BNA_BACKENDS"]
 
 BNA_BACKENDS = ("gather", "tiles", "reference", "flex")
 
@@ -188,43 +188,73 @@ def _pad_grid(x: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
     return x.reshape(B, Hp * Wp, h, d)
 
 
-def _bna_row_chunks(q, k, v, geom: TileGeometry) -> torch.Tensor:
+def _row_chunk_parts(q, k, v, geom: TileGeometry):
     """Row chunks (tiles spanning the full width, no padding): raster order is already tile-major and a
     window of consecutive chunks is a contiguous token range, so the distinct key windows are one
-    overlapping strided view of k and v -- no K/V copy. Chunks whose window is clamped at the top/bottom
-    border share the first/last window and are run as two small extra groups."""
+    overlapping strided view of k and v -- no K/V window copy. Chunks whose window is clamped at the
+    top/bottom border share the first/last window and are run as two small extra groups.
+
+    q, k and v are first copied once to heads-first ``(B, heads, N, d)``: every (chunk, head) block is then
+    a dense matrix with unit row stride, which the CPU flash-attention kernel runs markedly faster on these
+    small problems than on heads-last strides (measured on the local branch alone, net of the copies:
+    -7% forward at 4096 tokens, -20% at 1024 and 16384; ``docs/performance.md``).
+
+    Yields ``(b, first_chunk, out)`` in chunk order with ``out (chunks, Hq, T, d)`` (heads-first)."""
     B, N, Hq, d = q.shape
     n, wn, r = geom.n_tiles[0], geom.window[0], geom.radius
     T = geom.tile_tokens
+    span = wn * T
     n_windows = n - wn + 1
     lo, hi = min(r, n), min(r + n_windows, n)  # chunks [lo, hi) use window (i - r): the regular ones
+    q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, heads, N, d)
     # split/unbind rather than slicing: their backward is one cat/stack, slicing's is a zero-fill per slice
     sizes = [lo, hi - lo, n - hi]
-    q_groups = [g.unbind(0) for g in q.reshape(B, n, T, Hq, d).split(sizes, dim=1)]
-    outs = []
+    q_groups = [g.unbind(0) for g in q.reshape(B, Hq, n, T, d).transpose(1, 2).split(sizes, dim=1)]
     for b, (kb, vb) in enumerate(zip(k.unbind(0), v.unbind(0))):  # per image the windows are a view
         # unfold (not as_strided): the same overlapping view, with a fast dedicated backward
-        win_k = kb.unfold(0, wn * T, T).permute(0, 3, 1, 2)  # (n_windows, wn*T, Hk, d)
-        win_v = vb.unfold(0, wn * T, T).permute(0, 3, 1, 2)
-        head, mid, tail = (g[b] for g in q_groups)
+        win_k = kb.unfold(1, span, T).permute(1, 0, 3, 2)  # (n_windows, Hk, span, d)
+        win_v = vb.unfold(1, span, T).permute(1, 0, 3, 2)
+        head, mid, tail = (g[b] for g in q_groups)  # (chunks, Hq, T, d)
         # Slicing the window view would cost a zero-filled gradient of the whole (3x K-sized) view per slice
         # in backward: the regular chunks use every window, and border chunks take their window from k/v.
         regular = (win_k, win_v) if hi - lo == n_windows else (win_k[: hi - lo], win_v[: hi - lo])
-        groups = [(mid, *regular)]
-        span = wn * T
+        groups = [(lo, mid, *regular)]
         if lo > 0:  # top border chunks: all use window 0
-            groups.insert(0, (head, *(x.narrow(0, 0, span).unsqueeze(0).expand(lo, -1, -1, -1) for x in (kb, vb))))
+            groups.insert(0, (0, head, *(x.narrow(1, 0, span).unsqueeze(0).expand(lo, -1, -1, -1)
+                                         for x in (kb, vb))))
         if hi < n:  # bottom border chunks: all use the last window
             m = n - hi
-            groups.append((tail, *(x.narrow(0, N - span, span).unsqueeze(0).expand(m, -1, -1, -1)
-                                   for x in (kb, vb))))
-        for qg, kg, vg in groups:
+            groups.append((hi, tail, *(x.narrow(1, N - span, span).unsqueeze(0).expand(m, -1, -1, -1)
+                                       for x in (kb, vb))))
+        for first, qg, kg, vg in groups:
             if qg.shape[0] == 0:
                 continue
-            o = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
-                                               enable_gqa=True)
-            outs.append(o.transpose(1, 2))  # (chunks, T, Hq, d)
-    return torch.cat(outs, dim=0).reshape(B, N, Hq, d)
+            yield b, first, F.scaled_dot_product_attention(qg, kg, vg, enable_gqa=True)
+
+
+def _bna_row_chunks(q, k, v, geom: TileGeometry) -> torch.Tensor:
+    B, N, Hq, d = q.shape
+    outs = [o.transpose(1, 2) for _, _, o in _row_chunk_parts(q, k, v, geom)]  # (chunks, T, Hq, d)
+    return torch.cat(outs, dim=0).reshape(B, N, Hq, d)  # the one copy back to heads-last
+
+
+@torch.no_grad()
+def bna_lerp_into(q, k, v, geom: TileGeometry, end: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Inference-only fusion for ASSA: ``torch.lerp(BNA(q, k, v), end, weight)`` without materialising the
+    local branch in heads-last order -- each chunk group's attention output is mixed straight into its rows
+    of one output tensor, so the concatenation copy disappears into the mix. Row-chunk geometries only
+    (``geom.is_identity_tiling``); ``end (B, N, Hq, d)``, ``weight`` broadcastable to it as ``(B, N, Hq, 1)``.
+    Equal to the unfused expression (tested)."""
+    if not geom.is_identity_tiling:
+        raise ValueError("bna_lerp_into needs row chunks (tiles spanning the grid width, no padding)")
+    B, N, Hq, d = q.shape
+    T = geom.tile_tokens
+    out = torch.empty(B, N, Hq, d, dtype=torch.result_type(q, end), device=q.device)
+    rows = lambda x, b, c, n: x[b].unflatten(0, (-1, T))[c:c + n]  # noqa: E731  (chunks, T, ...)
+    for b, first, o in _row_chunk_parts(q, k, v, geom):
+        n = o.shape[0]
+        torch.lerp(o.transpose(1, 2), rows(end, b, first, n), rows(weight, b, first, n), out=rows(out, b, first, n))
+    return out
 
 
 def _explicit_attention(q, k, v, mask=None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bna import TileGeometry, block_neighborhood_attention
+from .bna import TileGeometry, block_neighborhood_attention, bna_lerp_into
 from .rope import apply_rope
 
 __all__ = ["attention", "compress_tokens", "assa_attention"]
@@ -87,8 +87,12 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kc = apply_rope(kc, *rope_coarse)
     out_global = attention(q, kc, vc)
-    out_local = block_neighborhood_attention(q, k, v, geom, backend=backend, compile=compile)
     g = torch.sigmoid(gate_logits).unsqueeze(-1)  # (B, N, Hq, 1)
+    if backend == "gather" and geom.is_identity_tiling and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, out_global, g))):
+        # inference on row chunks: mix each chunk group's local output straight into the result
+        return bna_lerp_into(q, k, v, geom, out_global, g)
+    out_local = block_neighborhood_attention(q, k, v, geom, backend=backend, compile=compile)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out_local, out_global, g)):
         return torch.lerp(out_local, out_global, g)  # local + g * (global - local), one pass
     return out_local.lerp_(out_global, g)  # inference: reuse the local output's (fresh) memory

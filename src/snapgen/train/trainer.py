@@ -23,6 +23,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from ..utils.memory import retain_freed_memory
 from .checkpoint import latest_checkpoint, optimizer_from_tensors, save_checkpoint
 from .config import TrainConfig
 
@@ -74,6 +75,8 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if self.device.type == "cpu":  # reuse freed step memory instead of page-faulting it in each step
+            retain_freed_memory()
         torch.manual_seed(cfg.seed)
         self.task = task if task is not None else build_task(cfg, self.device)
         d = cfg.distributed
