@@ -10,6 +10,7 @@ function actually performs; ``flop_ratio = dense FLOPs / ASSA FLOPs``; the goal 
 
     python benchmarks/attention.py                      # full table -> benchmarks/results/attention.{md,json}
     python benchmarks/attention.py --tokens 4096 --json # one JSON object (default geometry, gather backend)
+    python benchmarks/attention.py --kernels            # the flash kernel alone on each problem shape
 """
 
 from __future__ import annotations
@@ -110,11 +111,70 @@ def measure(tokens: int, grad: bool, tile, backend: str):
             "dense_gflops": round(dense_flops / dense_ms / 1e6, 1), "assa_gflops": round(assa_flops / assa_ms / 1e6, 1)}
 
 
+def kernel_rates(tokens: int, repeats: int = 5) -> list[dict]:
+    """The three attention problems alone, as one SDPA each on contiguous heads-first tensors, fwd+bwd,
+    timed round-robin: dense (N x N), ASSA's global branch (N x N/4) and its local branch (chunks x
+    T x 3T) -- how fast the flash kernel runs each shape on this CPU, without anything around it."""
+    import torch.nn.functional as F
+
+    side = int(math.isqrt(tokens))
+    geom = make_geometry((side, side), CFG.bna_tile, CFG.bna_radius)
+    T, n = geom.tile_tokens, geom.n_tiles[0]
+    Hq, Hk, d = CFG.heads, CFG.kv_heads, CFG.head_dim
+    shapes = {"dense": (1, tokens, tokens), "global": (1, tokens, tokens // 4),
+              "local": (n, T, geom.keys_per_query)}
+    g = torch.Generator().manual_seed(0)
+    cases = {}
+    for name, (C, Tq, Tk) in shapes.items():
+        q = torch.randn(C, Hq, Tq, d, generator=g, requires_grad=True)
+        k, v = (torch.randn(C, Hk, Tk, d, generator=g, requires_grad=True) for _ in range(2))
+        go = torch.randn(C, Hq, Tq, d, generator=g)
+        fn = (lambda q=q, k=k, v=v, go=go: torch.autograd.grad(
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True), (q, k, v), go))
+        cases[name] = (fn, 4 * C * Hq * Tq * Tk * d * 3.5)  # fwd 2 matmuls, bwd 5 (flash recomputes)
+    times = {name: [] for name in cases}
+    for fn, _ in cases.values():
+        fn()
+    for _ in range(repeats):
+        for name, (fn, _) in cases.items():
+            times[name].append(median_ms(fn, repeats=1, warmup=0)[0])
+    dense_rate = None
+    rows = []
+    for name, (fn, fl) in cases.items():
+        ms = statistics.median(times[name])
+        rate = fl / ms / 1e6
+        dense_rate = dense_rate or rate
+        rows.append({"tokens": tokens, "problem": name, "shape": list(shapes[name]), "ms": round(ms, 1),
+                     "gflops": round(rate, 1), "vs_dense": round(rate / dense_rate, 3)})
+    return rows
+
+
+def main_kernels(allocator: str):
+    rows = [r for tokens in (4096, 16384) for r in kernel_rates(tokens)]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    table = md_table(["tokens", "problem", "batch x queries x keys", "fwd+bwd ms", "GFLOP/s", "rate vs dense"],
+                     [[r["tokens"], r["problem"], " x ".join(map(str, r["shape"])), r["ms"], r["gflops"],
+                       r["vs_dense"]] for r in rows])
+    m = machine()
+    md = (f"# Flash-attention kernel rates on ASSA's problem shapes\n\n{m['cpu']}, {m['threads']} threads, torch "
+          f"{m['torch']}, fp32, medians of 5 round-robin repeats; allocator: {allocator}; {m['date']}.\n\n"
+          f"`python benchmarks/attention.py --kernels`. One SDPA call each ({CFG.heads} query heads, "
+          f"{CFG.kv_heads} KV heads, head size {CFG.head_dim}), contiguous heads-first inputs, forward + "
+          f"backward. ASSA's own time is these two kernels plus its extra passes over memory "
+          f"(`attention.md`).\n\n{table}\n")
+    print("\n" + table)
+    write_results("attention_kernels", {"machine": m, "allocator": allocator, "rows": rows}, md)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, help="one token count (square grid); prints one JSON object with --json")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-flex", action="store_true", help="skip the compiled flex_attention backend")
+    ap.add_argument("--kernels", action="store_true",
+                    help="time the flash kernel alone on the dense, global and local problem shapes "
+                         "-> benchmarks/results/attention_kernels.{md,json}")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="leave glibc's allocator at its defaults (one mmap per large tensor, page faults on "
                          "every reuse) instead of snapgen's training setting (snapgen.utils.memory)")
@@ -122,6 +182,9 @@ def main():
     allocator = "glibc default" if args.glibc_malloc else "freed memory retained"
     if not args.glibc_malloc and not retain_freed_memory():
         allocator = "platform default"
+    if args.kernels:
+        main_kernels(allocator)
+        return
     warnings.filterwarnings("ignore")
     default_tile = CFG.bna_tile
 
