@@ -23,7 +23,8 @@ Backends (all heads-last: ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)``, ``Hq % H
 * ``"gather"``: gather each query tile and its neighbour tiles, fold tiles into the batch and run
   one dense SDPA of shape ``(B * tiles, heads, T, window * T)``. No data-dependent control flow:
   the indices depend on shapes only, so it exports (ONNX, ExecuTorch, Core ML). Default. For row
-  chunks the key windows are an overlapping strided view of k/v (no copy at all).
+  chunks the key windows are an overlapping strided view of k/v (no window copy; q/k/v are copied once to
+  heads-first, which the CPU flash kernel runs faster).
 * ``"tiles"``: ``gather`` without the strided-view shortcut: always index gathers + one batched SDPA
   (the paper's on-device form, "blockwise attention as a batch of small dense attentions"); used by the
   Core ML / ExecuTorch exports.
