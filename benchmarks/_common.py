@@ -93,6 +93,9 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 def write_results(name: str, payload: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    for path, text in ((RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n"),
+                       (RESULTS / f"{name}.md", markdown.rstrip() + "\n")):
+        tmp = path.with_name(path.name + ".tmp")  # an interrupted write never leaves half a table
+        tmp.write_text(text)
+        os.replace(tmp, path)
     print(f"\nwrote {RESULTS / (name + '.md')} and .json")

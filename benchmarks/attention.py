@@ -66,8 +66,20 @@ def assa_fn(inp, tile, backend):
     return assa_attention(q, k, v, gate, geom, wk, wv, backend=backend, compile=backend == "flex")
 
 
+def timed_round_robin(fns, repeats: int) -> list[float]:
+    """Median ms of each no-argument callable, timed in turn (a, b, ..., a, b, ...) after one warmup each,
+    so drift of this shared VM's speed hits all of them alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, fn in zip(times, fns):
+            t.append(median_ms(fn, repeats=1, warmup=0)[0])
+    return [statistics.median(t) for t in times]
+
+
 def timed_pair(fn_a, fn_b, inp, grad: bool, repeats: int) -> tuple[float, float]:
-    """Medians of ``fn_a`` and ``fn_b`` timed alternately (a, b, a, b, ...) after one warmup each."""
+    """Medians of ``fn_a(inp)`` and ``fn_b(inp)`` (forward, or forward + backward of the sum), alternating."""
     def runner(fn):
         def run():
             if grad:
@@ -77,13 +89,7 @@ def timed_pair(fn_a, fn_b, inp, grad: bool, repeats: int) -> tuple[float, float]
                     fn(inp)
         return run
 
-    ra, rb = runner(fn_a), runner(fn_b)
-    ra(), rb()
-    ta, tb = [], []
-    for _ in range(repeats):
-        ta.append(median_ms(ra, repeats=1, warmup=0)[0])
-        tb.append(median_ms(rb, repeats=1, warmup=0)[0])
-    return statistics.median(ta), statistics.median(tb)
+    return tuple(timed_round_robin([runner(fn_a), runner(fn_b)], repeats))
 
 
 def flops(fn, inp, grad: bool) -> int:
@@ -131,22 +137,14 @@ def kernel_rates(tokens: int, repeats: int = 5) -> list[dict]:
         go = torch.randn(C, Hq, Tq, d, generator=g)
         fn = (lambda q=q, k=k, v=v, go=go: torch.autograd.grad(
             F.scaled_dot_product_attention(q, k, v, enable_gqa=True), (q, k, v), go))
-        cases[name] = (fn, 4 * C * Hq * Tq * Tk * d * 3.5)  # fwd 2 matmuls, bwd 5 (flash recomputes)
-    times = {name: [] for name in cases}
-    for fn, _ in cases.values():
-        fn()
-    for _ in range(repeats):
-        for name, (fn, _) in cases.items():
-            times[name].append(median_ms(fn, repeats=1, warmup=0)[0])
-    dense_rate = None
-    rows = []
-    for name, (fn, fl) in cases.items():
-        ms = statistics.median(times[name])
-        rate = fl / ms / 1e6
-        dense_rate = dense_rate or rate
-        rows.append({"tokens": tokens, "problem": name, "shape": list(shapes[name]), "ms": round(ms, 1),
-                     "gflops": round(rate, 1), "vs_dense": round(rate / dense_rate, 3)})
-    return rows
+        with flop_counter() as fc:  # the same counting as the ASSA table (runs the case once: the warmup)
+            fn()
+        cases[name] = (fn, fc.get_total_flops())
+    medians = timed_round_robin([fn for fn, _ in cases.values()], repeats)
+    rates = [fl / ms / 1e6 for (_, fl), ms in zip(cases.values(), medians)]
+    return [{"tokens": tokens, "problem": name, "shape": list(shapes[name]), "ms": round(ms, 1),
+             "gflops": round(rate, 1), "vs_dense": round(rate / rates[0], 3)}  # "dense" is the first case
+            for name, ms, rate in zip(cases, medians, rates)]
 
 
 def main_kernels(allocator: str):
@@ -179,6 +177,8 @@ def main():
                     help="leave glibc's allocator at its defaults (one mmap per large tensor, page faults on "
                          "every reuse) instead of snapgen's training setting (snapgen.utils.memory)")
     args = ap.parse_args()
+    if args.kernels and args.tokens:
+        ap.error("--kernels measures 4096 and 16384 tokens itself; drop --tokens (or drop --kernels)")
     allocator = "glibc default" if args.glibc_malloc else "freed memory retained"
     if not args.glibc_malloc and not retain_freed_memory():
         allocator = "platform default"

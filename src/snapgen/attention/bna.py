@@ -198,7 +198,7 @@ def _row_chunk_parts(q, k, v, geom: TileGeometry):
     q, k and v are first copied once to heads-first ``(B, heads, N, d)``: every (chunk, head) block is then
     a dense matrix with unit row stride, which the CPU flash-attention kernel runs markedly faster on these
     small problems than on heads-last strides (measured on the local branch alone, net of the copies:
-    -7% forward at 4096 tokens, -20% at 1024 and 16384; ``docs/performance.md``).
+    -7% forward at 4096 tokens, -20% at 1024 and 16384, in one-off A/B runs; ``docs/performance.md``).
 
     Yields ``(b, first_chunk, out)`` in chunk order with ``out (chunks, Hq, T, d)`` (heads-first)."""
     B, N, Hq, d = q.shape

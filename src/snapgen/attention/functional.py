@@ -88,11 +88,11 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
         kc = apply_rope(kc, *rope_coarse)
     out_global = attention(q, kc, vc)
     g = torch.sigmoid(gate_logits).unsqueeze(-1)  # (B, N, Hq, 1)
-    if backend == "gather" and geom.is_identity_tiling and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, out_global, g))):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, out_global, g))
+    if not needs_grad and backend == "gather" and geom.is_identity_tiling:
         # inference on row chunks: mix each chunk group's local output straight into the result
         return bna_lerp_into(q, k, v, geom, out_global, g)
     out_local = block_neighborhood_attention(q, k, v, geom, backend=backend, compile=compile)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (out_local, out_global, g)):
+    if needs_grad:
         return torch.lerp(out_local, out_global, g)  # local + g * (global - local), one pass
     return out_local.lerp_(out_global, g)  # inference: reuse the local output's (fresh) memory
