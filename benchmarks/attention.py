@@ -9,7 +9,8 @@ function actually performs; ``flop_ratio = dense FLOPs / ASSA FLOPs``; the goal 
 ``speedup >= 0.9 * flop_ratio`` at 4096 and 16384 tokens, forward and forward+backward.
 
     python benchmarks/attention.py                      # full table -> benchmarks/results/attention.{md,json}
-    python benchmarks/attention.py --tokens 4096 --json # one JSON object (default geometry, gather backend)
+    python benchmarks/attention.py --tokens 4096 --json # one JSON object (default geometry, the model's
+                                                        # default backend "auto"; --backend to choose)
     python benchmarks/attention.py --kernels            # the flash kernel alone on each problem shape
 """
 
@@ -29,6 +30,8 @@ from _common import machine, md_table, median_ms, setup_torch, write_results  # 
 torch = setup_torch()
 from snapgen.utils.memory import retain_freed_memory  # noqa: E402
 from snapgen.attention import assa_attention, attention, make_geometry  # noqa: E402
+from snapgen.attention.bna import use_fused_kernel  # noqa: E402
+from snapgen.attention.cpu_kernel import bna_rows, kernel_error, load_kernel  # noqa: E402
 from snapgen.models import PRESETS  # noqa: E402
 from snapgen.utils.flops import flop_counter  # noqa: E402
 
@@ -102,6 +105,15 @@ def flops(fn, inp, grad: bool) -> int:
     return fc.get_total_flops()
 
 
+def resolved_backend(tokens: int, tile, backend: str) -> str:
+    """What ``backend`` runs as for this geometry ("auto" resolves to "fused" or "gather")."""
+    if backend != "auto":
+        return backend
+    side = int(math.isqrt(tokens))
+    x = torch.empty(1, tokens, 1, 1)
+    return "fused" if use_fused_kernel(x, x, x, make_geometry((side, side), tile, CFG.bna_radius)) else "gather"
+
+
 def measure(tokens: int, grad: bool, tile, backend: str):
     inp = make_inputs(tokens, grad)
     reps = REPEATS.get(tokens, 3)
@@ -111,6 +123,8 @@ def measure(tokens: int, grad: bool, tile, backend: str):
     assa_flops = flops(lambda i: assa_fn(i, tile, "gather"), inp, grad)  # the sparse algorithm's own work
     ratio = dense_flops / assa_flops
     speedup = dense_ms / assa_ms
+    if backend == "auto":
+        backend = f"auto ({resolved_backend(tokens, tile, backend)})"
     return {"tokens": tokens, "pass": "fwd+bwd" if grad else "fwd", "backend": backend, "tile": list(tile),
             "dense_ms": round(dense_ms, 2), "assa_ms": round(assa_ms, 2), "speedup": round(speedup, 3),
             "flop_ratio": round(ratio, 3), "efficiency": round(speedup / ratio, 3),
@@ -140,6 +154,16 @@ def kernel_rates(tokens: int, repeats: int = 5) -> list[dict]:
         with flop_counter() as fc:  # the same counting as the ASSA table (runs the case once: the warmup)
             fn()
         cases[name] = (fn, fc.get_total_flops())
+    if load_kernel():  # the same local problem through snapgen's fused kernel (heads-last, one call)
+        q = torch.randn(1, tokens, Hq, d, generator=g, requires_grad=True)
+        k, v = (torch.randn(1, tokens, Hk, d, generator=g, requires_grad=True) for _ in range(2))
+        go = torch.randn(1, tokens, Hq, d, generator=g)
+        fn = (lambda q=q, k=k, v=v, go=go: torch.autograd.grad(
+            bna_rows(q, k, v, T, geom.window[0], geom.radius), (q, k, v), go))
+        with flop_counter() as fc:
+            fn()
+        shapes["local (fused)"] = shapes["local"]
+        cases["local (fused)"] = (fn, fc.get_total_flops())
     medians = timed_round_robin([fn for fn, _ in cases.values()], repeats)
     rates = [fl / ms / 1e6 for (_, fl), ms in zip(cases.values(), medians)]
     return [{"tokens": tokens, "problem": name, "shape": list(shapes[name]), "ms": round(ms, 1),
@@ -159,8 +183,9 @@ def main_kernels(allocator: str):
           f"{m['torch']}, fp32, medians of 5 round-robin repeats; allocator: {allocator}; {m['date']}.\n\n"
           f"`python benchmarks/attention.py --kernels`. One SDPA call each ({CFG.heads} query heads, "
           f"{CFG.kv_heads} KV heads, head size {CFG.head_dim}), contiguous heads-first inputs, forward + "
-          f"backward. ASSA's own time is these two kernels plus its extra passes over memory "
-          f"(`attention.md`).\n\n{table}\n")
+          f"backward; `local (fused)` is the same local problem through snapgen's fused BNA kernel "
+          f"(`snapgen.attention.cpu_kernel`, one call on heads-last tensors, no window gradient). ASSA's own time "
+          f"is the global and local kernels plus its extra passes over memory (`attention.md`).\n\n{table}\n")
     print("\n" + table)
     write_results("attention_kernels", {"machine": m, "allocator": allocator, "rows": rows}, md)
 
@@ -169,6 +194,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, help="one token count (square grid); prints one JSON object with --json")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--backend", default="auto", choices=("auto", "gather", "fused", "tiles"),
+                    help="BNA backend for --tokens (default: auto, the model's default)")
     ap.add_argument("--no-flex", action="store_true", help="skip the compiled flex_attention backend")
     ap.add_argument("--kernels", action="store_true",
                     help="time the flash kernel alone on the dense, global and local problem shapes "
@@ -188,11 +215,13 @@ def main():
     warnings.filterwarnings("ignore")
     default_tile = CFG.bna_tile
 
+    if not load_kernel():
+        print(f"note: fused BNA kernel unavailable ({kernel_error()}); 'auto' runs 'gather'", file=sys.stderr)
     if args.tokens:
-        fwd = measure(args.tokens, False, default_tile, "gather")
-        bwd = measure(args.tokens, True, default_tile, "gather")
+        fwd = measure(args.tokens, False, default_tile, args.backend)
+        bwd = measure(args.tokens, True, default_tile, args.backend)
         out = {k: fwd[k] for k in ("tokens", "dense_ms", "assa_ms", "speedup", "flop_ratio")}
-        out.update({"backend": "gather", "tile": list(default_tile), "allocator": allocator, "fwd_bwd": {
+        out.update({"backend": fwd["backend"], "tile": list(default_tile), "allocator": allocator, "fwd_bwd": {
             k: bwd[k] for k in ("dense_ms", "assa_ms", "speedup", "flop_ratio")}})
         print(json.dumps(out) if args.json else out)
         return
@@ -201,8 +230,10 @@ def main():
     for tokens in (1024, 4096, 16384):
         tiles_2d = (8, 8)  # the 2-D tile alternative (3x3 tiles of 8x8 around each query tile)
         for grad in (False, True):
-            for tile, backend in [(default_tile, "gather"), (tiles_2d, "gather"), (default_tile, "reference"),
-                                  (default_tile, "flex")]:
+            for tile, backend in [(default_tile, "auto"), (default_tile, "gather"), (default_tile, "fused"),
+                                  (tiles_2d, "gather"), (default_tile, "reference"), (default_tile, "flex")]:
+                if backend == "fused" and not load_kernel():
+                    continue
                 if backend == "flex" and (grad or args.no_flex):
                     continue  # flex has no CPU backward
                 if backend == "reference" and tokens > 4096 and grad:
@@ -220,7 +251,7 @@ def main():
     table = md_table(headers, [[r["tokens"], r["pass"], r["backend"], "x".join(map(str, r["tile"])).replace("x0", "xW"),
                                 r["dense_ms"], r["assa_ms"], r["speedup"], r["flop_ratio"], r["efficiency"],
                                 r["dense_gflops"], r["assa_gflops"]] for r in rows])
-    goal = [r for r in rows if r["tokens"] in (4096, 16384) and r["backend"] == "gather"
+    goal = [r for r in rows if r["tokens"] in (4096, 16384) and r["backend"].startswith("auto")
             and tuple(r["tile"]) == tuple(default_tile)]
     met = all(r["efficiency"] >= 0.9 for r in goal)
     summary = ", ".join(f"{r['tokens']} {r['pass']}: {r['efficiency']:.2f}" for r in goal)
@@ -229,9 +260,10 @@ def main():
           f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, fp32, batch 1, medians of "
           f"{REPEATS} repeats; allocator: {allocator}; {m['date']}.\n\n"
           f"`python benchmarks/attention.py{' --glibc-malloc' if args.glibc_malloc else ''}`. Tile `4xW` = chunks of 4 full rows (default; the paper's 16 "
-          f"blocks at 64x64), `8x8` = 2-D tiles. Radius 1. The `reference` backend computes the full masked N^2 attention, so its "
+          f"blocks at 64x64), `8x8` = 2-D tiles. Radius 1. `auto` is the model's default: the fused CPU kernel for row chunks "
+          f"under 768 tokens, else `gather` (flash attention on strided windows). The `reference` backend computes the full masked N^2 attention, so its "
           f"speedup is expected below 1; `flex` is compiled flex_attention (forward only on CPU).\n\n{table}\n\n"
-          f"Goal (default geometry, gather backend, 4096 and 16384 tokens, fwd and fwd+bwd): speedup >= 0.9 x "
+          f"Goal (default geometry, default backend `auto`, 4096 and 16384 tokens, fwd and fwd+bwd): speedup >= 0.9 x "
           f"FLOP ratio: **{'met' if met else 'NOT met'}** "
           f"({summary}).\n")
     print("\n" + table)

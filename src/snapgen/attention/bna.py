@@ -30,6 +30,12 @@ Backends (all heads-last: ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)``, ``Hq % H
   Core ML / ExecuTorch exports.
 * ``"flex"``: ``torch.nn.attention.flex_attention`` on tile-major tokens with a cached block mask.
   Inference only on CPU (flex has no CPU backward); compiled when ``compile=True``.
+* ``"fused"``: snapgen's own CPU kernel for row chunks (``cpu_kernel.py``, ``csrc/bna_rows_cpu.cpp``): one
+  exact-softmax block per (chunk, head), dK/dV accumulated straight into the key/value gradient. fp32 CPU,
+  row-chunk geometries only; compiled with g++ on first use.
+* ``"auto"`` (the model default): ``fused`` where it applies and is faster -- CPU, fp32, row chunks of fewer
+  than 768 tokens (from 768 query rows PyTorch's flash kernel switches to 256-row blocks and matches it),
+  not while tracing/exporting/compiling, kernel built -- otherwise ``gather``.
 """
 
 from __future__ import annotations
@@ -42,9 +48,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TileGeometry", "make_geometry", "bna_mask", "block_neighborhood_attention", "bna_lerp_into", "BNA_BACKENDS"]
+from .cpu_kernel import bna_rows, load_kernel
 
-BNA_BACKENDS = ("gather", "tiles", "reference", "flex")
+__all__ = ["TileGeometry", "make_geometry", "bna_mask", "block_neighborhood_attention", "bna_lerp_into", "BNA_BACKENDS",
+           "use_fused_kernel"]
+
+BNA_BACKENDS = ("auto", "gather", "fused", "tiles", "reference", "flex")
+
+# From this many tokens per row chunk PyTorch's CPU flash kernel uses 256-row query blocks (q_len >= 768) and
+# runs as fast as the fused kernel (measured at 16384 tokens, 1024-token chunks; docs/performance.md).
+FUSED_MAX_TILE_TOKENS = 767
 
 
 @dataclass(frozen=True)
@@ -365,11 +378,38 @@ def _bna_flex(q, k, v, geom: TileGeometry, compile: bool = False) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------
+# Fused CPU kernel (row chunks)
+# ----------------------------------------------------------------------------------------------
+
+def _exporting() -> bool:
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
+
+
+def _check_fused(q, k, v, geom: TileGeometry) -> None:
+    if not geom.is_identity_tiling:
+        raise ValueError(f"BNA backend 'fused' needs row chunks (tiles spanning the grid width, no padding); got "
+                         f"tile {geom.tile} on grid {geom.grid}. Use backend='gather' or 'auto' for 2-D tiles.")
+    bad = [f"{name} {t.dtype} on {t.device}" for name, t in (("q", q), ("k", k), ("v", v))
+           if t.device.type != "cpu" or t.dtype != torch.float32]
+    if bad:
+        raise ValueError(f"BNA backend 'fused' runs float32 CPU tensors only; got {', '.join(bad)}. "
+                         f"Use backend='gather' or 'auto'.")
+
+
+def use_fused_kernel(q, k, v, geom: TileGeometry) -> bool:
+    """Whether backend ``"auto"`` runs the fused CPU kernel for these inputs (see the module docstring)."""
+    return (geom.is_identity_tiling and geom.tile_tokens <= FUSED_MAX_TILE_TOKENS
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
+            and not _exporting() and load_kernel())
+
+
+# ----------------------------------------------------------------------------------------------
 # Dispatcher
 # ----------------------------------------------------------------------------------------------
 
 def block_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geom: TileGeometry,
-                                 backend: str = "gather", compile: bool = False) -> torch.Tensor:
+                                 backend: str = "auto", compile: bool = False) -> torch.Tensor:
     """Blockwise neighborhood attention on heads-last tensors; returns ``(B, N, Hq, d)``.
 
     ``q``: ``(B, N, Hq, d)``; ``k``, ``v``: ``(B, N, Hkv, d)`` with ``Hq % Hkv == 0`` (GQA);
@@ -385,8 +425,13 @@ def block_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if k.shape != v.shape or q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"BNA needs k and v of equal shape and query heads divisible by key heads; got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if backend == "auto":
+        backend = "fused" if use_fused_kernel(q, k, v, geom) else "gather"
     if backend == "gather":
         return _bna_gather(q, k, v, geom)
+    if backend == "fused":
+        _check_fused(q, k, v, geom)
+        return bna_rows(q, k, v, geom.tile_tokens, geom.window[0], geom.radius)
     if backend == "tiles":
         return _bna_gather(q, k, v, geom, views=False)
     if backend == "reference":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bna import TileGeometry, block_neighborhood_attention, bna_lerp_into
+from .bna import TileGeometry, block_neighborhood_attention, bna_lerp_into, use_fused_kernel
 from .rope import apply_rope
 
 __all__ = ["attention", "compress_tokens", "assa_attention"]
@@ -68,7 +68,7 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
                    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                    rope_coarse: tuple[torch.Tensor, torch.Tensor] | None = None,
                    k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
-                   backend: str = "gather", compile: bool = False) -> torch.Tensor:
+                   backend: str = "auto", compile: bool = False) -> torch.Tensor:
     """Adaptive Sparse Self-Attention on one token grid.
 
     ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)`` after QK-norm and *before* RoPE; ``gate_logits (B, N, Hq)``.
@@ -81,6 +81,8 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
 
     ``backend``/``compile`` choose the BNA backend (``compile`` applies to ``"flex"`` only).
     """
+    if backend == "auto":  # decided on the projected tensors, before RoPE makes new ones
+        backend = "fused" if use_fused_kernel(q, k, v, geom) else "gather"
     kc = compress_tokens(k, geom.grid, k_weight, k_bias)
     vc = compress_tokens(v, geom.grid, v_weight, v_bias)
     if rope is not None:

@@ -92,7 +92,7 @@ class AdaptiveSparseSelfAttention(_QKVProjection):
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, bna_tile: tuple[int, int] = (4, 0),
-                 bna_radius: int = 1, bna_backend: str = "gather", variants: tuple[tuple[str, float], ...] = ()):
+                 bna_radius: int = 1, bna_backend: str = "auto", variants: tuple[tuple[str, float], ...] = ()):
         super().__init__(dim, heads, kv_heads, head_dim, variants=variants)
         if bna_backend not in BNA_BACKENDS:
             raise ValueError(f"unknown BNA backend {bna_backend!r}; choose one of {BNA_BACKENDS}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..utils.config import JSONConfigMixin
+from ..attention.bna import BNA_BACKENDS
 
 __all__ = ["PAPER_PARAMS", "PRESETS", "WIDTH_RATIOS", "ThreeStageDiTConfig", "preset"]
 
@@ -44,7 +45,8 @@ class ThreeStageDiTConfig(JSONConfigMixin):
     bna_tile: tuple[int, int] = (4, 0)   # BNA tile in tokens, 0 = whole axis: (4, 0) = 4-row chunks, the
                                          # paper's 16 blocks at 64x64; (8, 8) = 2-D tiles
     bna_radius: int = 1              # neighbour tiles on each side
-    bna_backend: str = "gather"      # "gather" (train + export), "reference", "flex" (inference only)
+    bna_backend: str = "auto"        # "auto" (fused CPU kernel where it applies, else gather), "gather" (train +
+    #                                  export), "fused", "tiles", "reference", "flex" (inference only)
     rope_theta: float = 10000.0
     # --- text -------------------------------------------------------------------------------------------
     text_dim: int = 2560             # width of the text-encoder features fed to cross-attention
@@ -95,8 +97,8 @@ class ThreeStageDiTConfig(JSONConfigMixin):
             bad(f"depths must be three non-negative block counts (down, middle, up), got {self.depths}")
         if self.outer_attention not in ATTENTION_KINDS:
             bad(f"outer_attention must be one of {ATTENTION_KINDS}, got {self.outer_attention!r}")
-        if self.bna_backend not in ("gather", "tiles", "reference", "flex"):
-            bad(f"bna_backend must be 'gather', 'tiles', 'reference' or 'flex', got {self.bna_backend!r}")
+        if self.bna_backend not in BNA_BACKENDS:
+            bad(f"bna_backend must be one of {', '.join(map(repr, BNA_BACKENDS))}, got {self.bna_backend!r}")
         if len(self.bna_tile) != 2 or min(self.bna_tile) < 0:
             bad(f"bna_tile must be two non-negative ints (0 = whole axis), got {self.bna_tile}")
         if self.bna_radius < 0:

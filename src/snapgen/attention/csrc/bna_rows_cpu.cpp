@@ -1,0 +1,237 @@
+// Fused CPU kernel for blockwise neighbourhood attention (BNA) on row chunks, fp32, forward and backward.
+//
+// Geometry (see snapgen/attention/bna.py): the N tokens of an image, in raster order, are cut into n chunks of
+// T consecutive tokens; query chunk c attends to the `window` consecutive chunks starting at
+// clamp(c - radius, 0, n - window) (NATTEN's border rule: the window shifts at the borders, never shrinks).
+// Every window is one contiguous block of span = window * T key/value rows, so each (query chunk, head) is a
+// small dense attention whose scores fit in L2.
+//
+// Why a kernel of our own: PyTorch's CPU flash-attention picks 64-row query blocks for sequences shorter than
+// 768 tokens and computes one gradient per overlapping window, which a view's backward must then sum back
+// (a zero-filled buffer plus one pass per window). Here the whole chunk is one query block (rows <= 256)
+// with an exact one-pass softmax over its window, and the backward accumulates dK/dV straight into the
+// key/value gradient rows of the window (GEMM with beta = 1): no window-sized gradient exists.
+//
+// Layout: heads-last (B, N, heads, d) tensors with unit stride over d; the token stride is the GEMM leading
+// dimension, so q/k/v may be strided views (e.g. slices of a fused qkv projection). GQA: query head h reads
+// key/value head h / (Hq / Hk).
+//
+// Threads (at::parallel_for, the same OpenMP pool as PyTorch): the forward splits over (batch, query head,
+// chunk, row block); the backward over (batch, key/value head), so each thread owns the dK/dV rows it
+// accumulates into -- no atomics, deterministic results.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);  // BLAS, exported by libtorch_cpu (MKL)
+
+namespace {
+
+// Row-major C (M x N, ldc) = alpha * op(A) * op(B) + beta * C, through column-major sgemm on the transposes.
+inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int m = (int)M, n = (int)N, k = (int)K, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
+  sgemm_(&tb, &ta, &n, &m, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+}
+
+// exp(x) for the softmax arguments (x <= ~0): Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial for
+// e^r (Cephes expf coefficients, ~1 ulp), 2^n through the exponent bits. Branch-free, so loops over it
+// vectorise (AVX2/AVX-512 with -march=native) without libm calls.
+inline float exp_softmax(float x) {
+  x = std::max(x, -87.0f);  // below: e^x < 2^-125, clamped to a tiny normal (0 after the sum)
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
+
+// Row softmax in place; returns the row's log-sum-exp. Separate functions with restrict pointers so that gcc
+// vectorises each loop (inside the parallel lambdas it kept scalar versions).
+float softmax_row(float* __restrict s, int64_t n) {
+  float m = s[0];
+  for (int64_t j = 0; j < n; ++j) m = std::fmax(m, s[j]);  // fmax (not std::max) vectorises
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_softmax(s[j] - m);
+    s[j] = e;
+    sum += e;
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+  return m + std::log(sum);
+}
+
+// p = exp(p - lse): the probabilities again, from the forward's log-sum-exp.
+void exp_row(float* __restrict p, int64_t n, float lse) {
+  for (int64_t j = 0; j < n; ++j) p[j] = exp_softmax(p[j] - lse);
+}
+
+// p = p * (dp - delta): the softmax gradient dS, in place of P.
+void softmax_grad_row(float* __restrict p, const float* __restrict dp, int64_t n, float delta) {
+  for (int64_t j = 0; j < n; ++j) p[j] *= dp[j] - delta;
+}
+
+float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc = 0.f;
+  for (int64_t x = 0; x < n; ++x) acc += a[x] * b[x];
+  return acc;
+}
+
+struct Geometry {
+  int64_t B, N, Hq, Hk, d, T, n, window, radius, span;
+  int64_t window_start(int64_t c) const { return std::min(std::max<int64_t>(c - radius, 0), n - window) * T; }
+};
+
+Geometry check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t tile_tokens,
+                      int64_t window, int64_t radius) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "bna_rows: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "bna_rows: float32 only (got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type(), ")");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "bna_rows: expects heads-last (B, N, heads, d)");
+  TORCH_CHECK(k.sizes() == v.sizes(), "bna_rows: k and v must have equal shapes");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "bna_rows: q and k/v disagree in batch, tokens or head size");
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "bna_rows: query heads must be a multiple of kv heads");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->stride(3) == 1, "bna_rows: the head dimension must have unit stride");
+  Geometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), tile_tokens, 0, window, radius, 0};
+  TORCH_CHECK(g.T > 0 && g.N % g.T == 0, "bna_rows: tile_tokens must divide the token count");
+  g.n = g.N / g.T;
+  TORCH_CHECK(window >= 1 && window <= g.n && radius >= 0, "bna_rows: need 1 <= window <= chunks, radius >= 0");
+  g.span = window * g.T;
+  TORCH_CHECK(g.span * g.d < (int64_t)1 << 31 && g.N * g.Hq * g.d < (int64_t)1 << 31, "bna_rows: too large");
+  return g;
+}
+
+// Query rows per block: the whole chunk up to 256 rows, so a score block stays within L2.
+inline int64_t row_block(const Geometry& g) { return std::min<int64_t>(g.T, 256); }
+
+std::tuple<at::Tensor, at::Tensor> bna_rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    int64_t tile_tokens, int64_t window, int64_t radius) {
+  const Geometry g = check_inputs(q, k, v, tile_tokens, window, radius);
+  at::Tensor out = at::empty({g.B, g.N, g.Hq, g.d}, q.options());
+  at::Tensor lse = at::empty({g.B, g.Hq, g.N}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t qsb = q.stride(0), qsn = q.stride(1), qsh = q.stride(2);
+  const int64_t ksb = k.stride(0), ksn = k.stride(1), ksh = k.stride(2);
+  const int64_t vsb = v.stride(0), vsn = v.stride(1), vsh = v.stride(2);
+  const int64_t osn = g.Hq * g.d, G = g.Hq / g.Hk, QB = row_block(g), blocks = (g.T + QB - 1) / QB;
+  const float scale = 1.0f / std::sqrt((float)g.d);
+  at::parallel_for(0, g.B * g.Hq * g.n * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(QB * g.span);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t blk = w % blocks, c = (w / blocks) % g.n, h = (w / (blocks * g.n)) % g.Hq;
+      const int64_t b = w / (blocks * g.n * g.Hq), hk = h / G;
+      const int64_t row0 = c * g.T + blk * QB, rows = std::min(QB, g.T - blk * QB), s0 = g.window_start(c);
+      const float* Q = qp + b * qsb + row0 * qsn + h * qsh;
+      const float* K = kp + b * ksb + s0 * ksn + hk * ksh;
+      const float* V = vp + b * vsb + s0 * vsn + hk * vsh;
+      float* L = lp + (b * g.Hq + h) * g.N + row0;
+      gemm(false, true, rows, g.span, g.d, scale, Q, qsn, K, ksn, 0.f, S.data(), g.span);
+      for (int64_t i = 0; i < rows; ++i) L[i] = softmax_row(S.data() + i * g.span, g.span);
+      gemm(false, false, rows, g.d, g.span, 1.f, S.data(), g.span, V, vsn, 0.f,
+           op + (b * g.N + row0) * osn + h * g.d, osn);
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bna_rows_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, int64_t tile_tokens, int64_t window, int64_t radius) {
+  const Geometry g = check_inputs(q, k, v, tile_tokens, window, radius);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == at::kFloat,
+              "bna_rows_backward: grad_out/out must match q");
+  TORCH_CHECK(grad_out.stride(3) == 1, "bna_rows_backward: grad_out's head dimension must have unit stride");
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.numel() == g.B * g.Hq * g.N,
+              "bna_rows_backward: out and lse must be the forward's outputs");
+  at::Tensor dq = at::empty({g.B, g.N, g.Hq, g.d}, q.options());
+  at::Tensor dk = at::zeros({g.B, g.N, g.Hk, g.d}, k.options());
+  at::Tensor dv = at::zeros({g.B, g.N, g.Hk, g.d}, v.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* op = out.data_ptr<float>();
+  const float* gp = grad_out.data_ptr<float>();
+  const float* lp = lse.data_ptr<float>();
+  float* dqp = dq.data_ptr<float>();
+  float* dkp = dk.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
+  const int64_t qsb = q.stride(0), qsn = q.stride(1), qsh = q.stride(2);
+  const int64_t ksb = k.stride(0), ksn = k.stride(1), ksh = k.stride(2);
+  const int64_t vsb = v.stride(0), vsn = v.stride(1), vsh = v.stride(2);
+  const int64_t gsb = grad_out.stride(0), gsn = grad_out.stride(1), gsh = grad_out.stride(2);
+  const int64_t osn = g.Hq * g.d, kvn = g.Hk * g.d, G = g.Hq / g.Hk, QB = row_block(g);
+  const float scale = 1.0f / std::sqrt((float)g.d);
+  at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> P(QB * g.span), dP(QB * g.span), delta(QB);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / g.Hk, hk = w % g.Hk;
+      for (int64_t c = 0; c < g.n; ++c) {
+        const int64_t s0 = g.window_start(c);
+        const float* K = kp + b * ksb + s0 * ksn + hk * ksh;
+        const float* V = vp + b * vsb + s0 * vsn + hk * vsh;
+        float* dK = dkp + (b * g.N + s0) * kvn + hk * g.d;
+        float* dV = dvp + (b * g.N + s0) * kvn + hk * g.d;
+        for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+          for (int64_t r0 = 0; r0 < g.T; r0 += QB) {
+            const int64_t row0 = c * g.T + r0, rows = std::min(QB, g.T - r0);
+            const float* Q = qp + b * qsb + row0 * qsn + h * qsh;
+            const float* dO = gp + b * gsb + row0 * gsn + h * gsh;
+            const float* O = op + (b * g.N + row0) * osn + h * g.d;
+            const float* L = lp + (b * g.Hq + h) * g.N + row0;
+            // P = softmax(scale * Q K^T), recomputed from the saved log-sum-exp
+            gemm(false, true, rows, g.span, g.d, scale, Q, qsn, K, ksn, 0.f, P.data(), g.span);
+            for (int64_t i = 0; i < rows; ++i) {
+              exp_row(P.data() + i * g.span, g.span, L[i]);
+              delta[i] = dot(O + i * osn, dO + i * gsn, g.d);  // rowsum(dO * O) = rowsum(P * dP)
+            }
+            gemm(true, false, g.span, g.d, rows, 1.f, P.data(), g.span, dO, gsn, 1.f, dV, kvn);  // dV += P^T dO
+            gemm(false, true, rows, g.span, g.d, 1.f, dO, gsn, V, vsn, 0.f, dP.data(), g.span);  // dP = dO V^T
+            for (int64_t i = 0; i < rows; ++i)  // dS = P * (dP - delta), in place of P
+              softmax_grad_row(P.data() + i * g.span, dP.data() + i * g.span, g.span, delta[i]);
+            gemm(false, false, rows, g.d, g.span, scale, P.data(), g.span, K, ksn, 0.f,
+                 dqp + (b * g.N + row0) * osn + h * g.d, osn);                                   // dQ = s dS K
+            gemm(true, false, g.span, g.d, rows, scale, P.data(), g.span, Q, qsn, 1.f, dK, kvn);  // dK += s dS^T Q
+          }
+        }
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+// The op schemas, fake-tensor rules and FLOP formulas are defined in Python (snapgen/attention/cpu_kernel.py),
+// so they exist before this library is built; this file only supplies the CPU implementations.
+TORCH_LIBRARY_IMPL(snapgen, CPU, m) {
+  m.impl("bna_rows_forward", &bna_rows_forward);
+  m.impl("bna_rows_backward", &bna_rows_backward);
+}
