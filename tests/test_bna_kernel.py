@@ -1,0 +1,213 @@
+"""snapgen's fused CPU BNA kernel (backend "fused", and "auto" which picks it) against the float64 reference:
+values and gradients over row-chunk geometries, GQA/MQA/MHA, batches, strided inputs, ragged row blocks;
+determinism across runs and thread counts; dispatch rules; FLOP counts; the op registrations."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from snapgen.attention import assa_attention, block_neighborhood_attention, make_geometry
+from snapgen.attention.bna import FUSED_MAX_TILE_TOKENS, use_fused_kernel
+from snapgen.attention.cpu_kernel import bna_rows, kernel_error, load_kernel
+from snapgen.utils.flops import flop_counter
+
+DISABLED = os.environ.get("SNAPGEN_BNA_KERNEL", "1") in ("0", "false", "off", "no")
+needs_kernel = pytest.mark.skipif(DISABLED, reason="fused kernel disabled by SNAPGEN_BNA_KERNEL=0")
+
+
+@needs_kernel
+def test_kernel_builds_and_loads():
+    """The project's CI has g++: a kernel that fails to build must fail here, not silently fall back."""
+    assert load_kernel(), kernel_error()
+
+
+# (grid, tile, radius): row chunks of 1-4 rows, non-square grids, radius 0 and 2 (window wider than the
+# grid's chunks), a single chunk, and a 320-token chunk (two row blocks, the second one ragged).
+GEOMETRIES = [
+    ((8, 8), (2, 0), 1),
+    ((16, 4), (4, 0), 1),
+    ((6, 10), (1, 0), 1),
+    ((12, 5), (3, 0), 2),
+    ((9, 6), (3, 0), 0),
+    ((4, 4), (4, 0), 1),
+    ((16, 40), (8, 0), 1),
+]
+HEADS = [(4, 2), (4, 4), (6, 2), (4, 1)]  # GQA, MHA, 3 query heads per KV head, MQA
+
+
+def qkv(N, heads, kv_heads, d=16, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, N, heads, d, generator=g), torch.randn(B, N, kv_heads, d, generator=g),
+            torch.randn(B, N, kv_heads, d, generator=g))
+
+
+def run(backend, geom, q, k, v, w):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = block_neighborhood_attention(q, k, v, geom, backend=backend)
+    (out * w).sum().backward()
+    return out.detach(), [t.grad for t in (q, k, v)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("grid,tile,radius", GEOMETRIES)
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+def test_fused_matches_reference_values_and_grads(grid, tile, radius, heads, kv_heads):
+    geom = make_geometry(grid, tile, radius)
+    q, k, v = qkv(grid[0] * grid[1], heads, kv_heads, B=1 if grid == (16, 40) else 2)
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    out, grads = run("fused", geom, q, k, v, w)
+    ref, ref_grads = run("reference", geom, q.double(), k.double(), v.double(), w.double())
+    assert out.dtype == torch.float32 and out.shape == q.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    for name, g, g_ref in zip("qkv", grads, ref_grads):
+        assert g.shape == g_ref.shape and g.dtype == torch.float32, name
+        torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+@needs_kernel
+def test_fused_takes_strided_views_of_a_fused_projection():
+    """q/k/v sliced out of one qkv tensor (token stride 3x the row) give the same result as copies."""
+    geom = make_geometry((8, 6), (2, 0), 1)
+    g = torch.Generator().manual_seed(3)
+    qkv_t = torch.randn(2, 48, 3, 4, 8, generator=g)
+    q, k, v = qkv_t[:, :, 0], qkv_t[:, :, 1, :2], qkv_t[:, :, 2, :2]
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    w = torch.randn(q.shape, generator=g)
+    out, grads = run("fused", geom, q, k, v, w)
+    out_c, grads_c = run("fused", geom, q.contiguous(), k.contiguous(), v.contiguous(), w)
+    torch.testing.assert_close(out, out_c, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, grads_c):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_fused_is_deterministic_across_runs_and_thread_counts():
+    """No atomics: forward and backward are bitwise reproducible, with 1 or 2 threads."""
+    geom = make_geometry((16, 8), (4, 0), 1)
+    q, k, v = qkv(128, 4, 2)
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (2, 2, 1):
+            torch.set_num_threads(threads)
+            results.append(run("fused", geom, q, k, v, w))
+    finally:
+        torch.set_num_threads(before)
+    for out, grads in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
+
+
+@needs_kernel
+def test_fused_flops_equal_gather_flops():
+    """The registered FLOP formulas count what the gather backend's SDPA calls count (fwd and fwd+bwd)."""
+    geom = make_geometry((8, 8), (2, 0), 1)
+    q, k, v = (t.requires_grad_(True) for t in qkv(64, 4, 2))
+    counts = {}
+    for backend in ("gather", "fused"):
+        with flop_counter() as fwd:
+            with torch.no_grad():
+                block_neighborhood_attention(q, k, v, geom, backend=backend)
+        with flop_counter() as both:
+            block_neighborhood_attention(q, k, v, geom, backend=backend).sum().backward()
+        counts[backend] = (fwd.get_total_flops(), both.get_total_flops())
+    assert counts["fused"] == counts["gather"] and counts["gather"][0] > 0
+
+
+@needs_kernel
+def test_ops_pass_torch_library_opcheck():
+    """Schema, fake-tensor (meta) shapes and dispatcher registration of both ops (torch.library.opcheck)."""
+    q, k, v = qkv(64, 4, 2, d=8)
+    out, lse = torch.ops.snapgen.bna_rows_forward(q, k, v, 16, 3, 1)
+    torch.library.opcheck(torch.ops.snapgen.bna_rows_forward.default, (q, k, v, 16, 3, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.snapgen.bna_rows_backward.default,
+                          (torch.randn_like(out), q, k, v, out, lse, 16, 3, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+    meta = torch.ops.snapgen.bna_rows_forward(*(t.to("meta") for t in (q, k, v)), 16, 3, 1)
+    assert meta[0].shape == out.shape and meta[1].shape == lse.shape == (2, 4, 64)
+
+
+@needs_kernel
+def test_fused_rejects_what_it_cannot_run():
+    q, k, v = qkv(64, 4, 2)
+    with pytest.raises(ValueError, match="row chunks"):
+        block_neighborhood_attention(q, k, v, make_geometry((8, 8), (4, 4), 1), backend="fused")
+    with pytest.raises(ValueError, match="row chunks"):  # 3-row chunks of an 8-row grid need padding
+        block_neighborhood_attention(q, k, v, make_geometry((8, 8), (3, 0), 1), backend="fused")
+    with pytest.raises(ValueError, match="float32"):
+        block_neighborhood_attention(q.double(), k.double(), v.double(), make_geometry((8, 8), (2, 0), 1),
+                                     backend="fused")
+    with pytest.raises(RuntimeError, match="tile_tokens must divide"):
+        bna_rows(q, k, v, 48, 1, 1)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        bna_rows(q[:, :, :3], k, v, 16, 3, 1)
+
+
+@needs_kernel
+def test_auto_picks_fused_only_where_it_applies():
+    rows, tiles = make_geometry((8, 8), (2, 0), 1), make_geometry((8, 8), (4, 4), 1)
+    q, k, v = qkv(64, 4, 2)
+    assert use_fused_kernel(q, k, v, rows)
+    assert not use_fused_kernel(q, k, v, tiles)  # 2-D tiles
+    assert not use_fused_kernel(q.double(), k.double(), v.double(), rows)  # float64
+    assert not use_fused_kernel(*(t.to("meta") for t in (q, k, v)), rows)  # meta (FLOP counting in `info`)
+    big = make_geometry((64, 64), (FUSED_MAX_TILE_TOKENS // 64 + 1, 0), 1)  # chunks of >= 768 tokens
+    x = torch.empty(1, 64 * 64, 1, 1)
+    assert big.tile_tokens > FUSED_MAX_TILE_TOKENS and not use_fused_kernel(x, x, x, big)
+    seen = []
+
+    def traced(q):  # exporters trace: the exported graph must hold the portable gather backend
+        seen.append(use_fused_kernel(q, k, v, rows))
+        return q * 2
+
+    torch.jit.trace(traced, (q,), check_trace=False)
+    assert seen == [False]
+
+
+@needs_kernel
+def test_assa_auto_matches_gather_values_and_grads():
+    """End to end through ASSA (RoPE, compression, gate): the default backend equals the gather backend."""
+    geom = make_geometry((8, 8), (2, 0), 1)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = qkv(64, 4, 2)
+    gate = torch.randn(2, 64, 4, generator=g)
+    wk, wv = (torch.randn(2 * 16, 1, 2, 2, generator=g) * 0.3 for _ in range(2))
+    results = {}
+    for backend in ("gather", "auto"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, gate, wk, wv)]
+        out = assa_attention(*leaves[:4], geom, *leaves[4:], backend=backend)
+        (out * out.detach()).sum().backward()
+        results[backend] = (out.detach(), [t.grad for t in leaves])
+        with torch.no_grad():  # the inference path (fused: kernel then in-place mix)
+            torch.testing.assert_close(assa_attention(*leaves[:4], geom, *leaves[4:], backend=backend), out,
+                                       rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results["auto"][0], results["gather"][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results["auto"][1], results["gather"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_can_be_disabled_and_auto_falls_back():
+    """SNAPGEN_BNA_KERNEL=0: no build is attempted, 'auto' runs gather, 'fused' names the switch."""
+    code = (
+        "import torch, pytest\n"
+        "from snapgen.attention import block_neighborhood_attention, make_geometry\n"
+        "from snapgen.attention.bna import use_fused_kernel\n"
+        "from snapgen.attention.cpu_kernel import kernel_error\n"
+        "q = torch.randn(1, 64, 4, 8); k = torch.randn(1, 64, 2, 8)\n"
+        "geom = make_geometry((8, 8), (2, 0), 1)\n"
+        "assert not use_fused_kernel(q, k, k, geom)\n"
+        "ref = block_neighborhood_attention(q, k, k, geom, backend='gather')\n"
+        "assert torch.equal(block_neighborhood_attention(q, k, k, geom), ref)\n"
+        "with pytest.raises(RuntimeError, match='SNAPGEN_BNA_KERNEL=0'):\n"
+        "    block_neighborhood_attention(q, k, k, geom, backend='fused')\n"
+        "print('ok', kernel_error())\n"
+    )
+    env = {**os.environ, "SNAPGEN_BNA_KERNEL": "0"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "ok disabled by SNAPGEN_BNA_KERNEL=0" in res.stdout
