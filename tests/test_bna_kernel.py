@@ -211,3 +211,54 @@ def test_kernel_can_be_disabled_and_auto_falls_back():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "ok disabled by SNAPGEN_BNA_KERNEL=0" in res.stdout
+
+
+@needs_kernel
+@pytest.mark.parametrize("grid,tile,radius,heads,kv_heads", [((8, 8), (2, 0), 1, 4, 2), ((12, 5), (3, 0), 2, 6, 2),
+                                                             ((16, 40), (8, 0), 1, 2, 1)])
+def test_fused_gate_mix_matches_lerp_of_reference(grid, tile, radius, heads, kv_heads):
+    """bna_rows_lerp = lerp(BNA, end, weight) in one kernel: values and the gradients of all five inputs, with
+    `end` laid out as SDPA returns it (a heads-first buffer seen heads-last), and the no-grad path."""
+    from snapgen.attention.cpu_kernel import bna_rows_lerp
+
+    geom = make_geometry(grid, tile, radius)
+    N = grid[0] * grid[1]
+    g = torch.Generator().manual_seed(11)
+    q, k, v = qkv(N, heads, kv_heads, B=2, seed=4)
+    end = torch.randn(2, heads, N, 16, generator=g).transpose(1, 2)  # (B, N, Hq, d), not contiguous
+    weight = torch.rand(2, N, heads, generator=g)
+    w = torch.randn(q.shape, generator=g)
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v, end, weight)]
+        out = fn(*leaves)
+        (out * w.to(dtype)).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    out, got = grads(lambda *t: bna_rows_lerp(*t, geom.tile_tokens, geom.window[0], geom.radius), torch.float32)
+    ref, want = grads(lambda q, k, v, e, wt: torch.lerp(block_neighborhood_attention(q, k, v, geom, backend="reference"),
+                                                        e, wt.unsqueeze(-1)), torch.float64)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(["q", "k", "v", "end", "weight"], got, want):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(bna_rows_lerp(q, k, v, end, weight, geom.tile_tokens, geom.window[0],
+                                                 geom.radius), out, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_mix_ops_pass_torch_library_opcheck():
+    q, k, v = qkv(64, 4, 2, d=8)
+    end, weight = torch.randn_like(q), torch.rand(2, 64, 4)
+    args = (q, k, v, end, weight, 16, 3, 1)
+    out, local, lse = torch.ops.snapgen.bna_rows_mix_forward(*args, True)
+    assert local.shape == out.shape
+    assert torch.ops.snapgen.bna_rows_mix_forward(*args, False)[1].numel() == 0  # inference saves nothing
+    for save in (True, False):
+        torch.library.opcheck(torch.ops.snapgen.bna_rows_mix_forward.default, (*args, save),
+                              test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.snapgen.bna_rows_mix_backward.default,
+                          (torch.randn_like(out), q, k, v, local, lse, end, weight, 16, 3, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="weight must be a contiguous"):
+        torch.ops.snapgen.bna_rows_mix_forward(q, k, v, end, weight[:, :, :2], 16, 3, 1, False)

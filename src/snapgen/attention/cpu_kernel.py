@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["kernel_available", "kernel_error", "load_kernel", "bna_rows"]
+__all__ = ["kernel_available", "kernel_error", "load_kernel", "bna_rows", "bna_rows_lerp"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "bna_rows_cpu.cpp"
@@ -60,6 +60,12 @@ _lib.define("bna_rows_forward(Tensor q, Tensor k, Tensor v, int tile_tokens, int
             "-> (Tensor, Tensor)")
 _lib.define("bna_rows_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
             "int tile_tokens, int window, int radius) -> (Tensor, Tensor, Tensor)")
+# ASSA's gate mix fused in: out = lerp(BNA(q, k, v), end, weight), end = the global branch, weight = the gate
+_lib.define("bna_rows_mix_forward(Tensor q, Tensor k, Tensor v, Tensor end, Tensor weight, int tile_tokens, "
+            "int window, int radius, bool save_local) -> (Tensor, Tensor, Tensor)")
+_lib.define("bna_rows_mix_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor local, Tensor lse, "
+            "Tensor end, Tensor weight, int tile_tokens, int window, int radius) "
+            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 @torch.library.register_fake("snapgen::bna_rows_forward")
@@ -71,6 +77,20 @@ def _(q, k, v, tile_tokens, window, radius):
 @torch.library.register_fake("snapgen::bna_rows_backward")
 def _(grad_out, q, k, v, out, lse, tile_tokens, window, radius):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+@torch.library.register_fake("snapgen::bna_rows_mix_forward")
+def _(q, k, v, end, weight, tile_tokens, window, radius, save_local):
+    B, N, Hq, _ = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    local = torch.empty_like(out) if save_local else q.new_empty(0)
+    return out, local, q.new_empty(B, Hq, N)
+
+
+@torch.library.register_fake("snapgen::bna_rows_mix_backward")
+def _(grad_out, q, k, v, local, lse, end, weight, tile_tokens, window, radius):
+    return (*(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, q)),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))
 
 
 def _one_matmul(q_shape, tile_tokens: int, window: int) -> int:
@@ -89,6 +109,17 @@ def _(q_shape, k_shape, v_shape, tile_tokens, window, radius, *args, **kwargs) -
 def _(grad_out_shape, q_shape, k_shape, v_shape, saved_out_shape, lse_shape, tile_tokens, window, radius,
       *args, **kwargs) -> int:
     return 5 * _one_matmul(q_shape, tile_tokens, window)  # recomputed Q K^T, dV, dP, dQ, dK
+
+
+@register_flop_formula(torch.ops.snapgen.bna_rows_mix_forward)
+def _(q_shape, k_shape, v_shape, end_shape, weight_shape, tile_tokens, window, radius, *args, **kwargs) -> int:
+    return 2 * _one_matmul(q_shape, tile_tokens, window)  # the mix is elementwise (uncounted, like lerp)
+
+
+@register_flop_formula(torch.ops.snapgen.bna_rows_mix_backward)
+def _(grad_out_shape, q_shape, k_shape, v_shape, local_shape, lse_shape, end_shape, weight_shape, tile_tokens,
+      window, radius, *args, **kwargs) -> int:
+    return 5 * _one_matmul(q_shape, tile_tokens, window)
 
 
 def load_kernel(raise_on_error: bool = False) -> bool:
@@ -146,10 +177,45 @@ class _BNARows(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class _BNARowsMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, end, weight, tile_tokens: int, window: int, radius: int):
+        save_local = any(ctx.needs_input_grad[:5])
+        out, local, lse = torch.ops.snapgen.bna_rows_mix_forward(q, k, v, end, weight, tile_tokens, window, radius,
+                                                                save_local)
+        if save_local:
+            ctx.save_for_backward(q, k, v, local, lse, end, weight)
+        ctx.geometry = (tile_tokens, window, radius)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, local, lse, end, weight = ctx.saved_tensors
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        grads = torch.ops.snapgen.bna_rows_mix_backward(grad_out, q, k, v, local, lse, end, weight, *ctx.geometry)
+        return (*grads, None, None, None)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def bna_rows_lerp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: torch.Tensor, weight: torch.Tensor,
+                  tile_tokens: int, window: int, radius: int) -> torch.Tensor:
+    """``torch.lerp(bna_rows(q, k, v, ...), end, weight)`` in one kernel call -- ASSA's gate mix with ``end`` the
+    global branch ``(B, N, Hq, d)`` and ``weight`` the gate ``(B, N, Hq)`` -- so neither the mix nor its
+    backward makes extra passes over memory. Differentiable in all five tensors."""
+    load_kernel(raise_on_error=True)
+    if weight.dim() == 4 and weight.shape[-1] == 1:
+        weight = weight.squeeze(-1)
+    return _BNARowsMix.apply(*map(_unit_stride, (q, k, v, end)), weight.contiguous(), tile_tokens, window, radius)
+
+
 def bna_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_tokens: int, window: int,
              radius: int) -> torch.Tensor:
     """BNA on row chunks of ``tile_tokens`` tokens with the fused kernel (loads it, raising if it cannot).
     Heads-last fp32 CPU tensors ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)``, unit stride over ``d``."""
     load_kernel(raise_on_error=True)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return _BNARows.apply(q, k, v, tile_tokens, window, radius)
+    return _BNARows.apply(*map(_unit_stride, (q, k, v)), tile_tokens, window, radius)

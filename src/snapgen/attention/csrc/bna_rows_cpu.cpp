@@ -99,6 +99,23 @@ float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   return acc;
 }
 
+// out = local + w * (end - local), one row.
+void lerp_row(const float* __restrict local, const float* __restrict end, float w, float* __restrict out, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) out[x] = local[x] + w * (end[x] - local[x]);
+}
+
+// The gate mix's backward for one row: d_local = (1 - w) dO, d_end = w dO; returns d_w = <dO, end - local>.
+float mix_grad_row(const float* __restrict dO, const float* __restrict local, const float* __restrict end, float w,
+                   float* __restrict d_local, float* __restrict d_end, int64_t n) {
+  float acc = 0.f;
+  for (int64_t x = 0; x < n; ++x) {
+    d_local[x] = (1.0f - w) * dO[x];
+    d_end[x] = w * dO[x];
+    acc += dO[x] * (end[x] - local[x]);
+  }
+  return acc;
+}
+
 struct Geometry {
   int64_t B, N, Hq, Hk, d, T, n, window, radius, span;
   int64_t window_start(int64_t c) const { return std::min(std::max<int64_t>(c - radius, 0), n - window) * T; }
@@ -128,23 +145,43 @@ Geometry check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // Query rows per block: the whole chunk up to 256 rows, so a score block stays within L2.
 inline int64_t row_block(const Geometry& g) { return std::min<int64_t>(g.T, 256); }
 
-std::tuple<at::Tensor, at::Tensor> bna_rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                    int64_t tile_tokens, int64_t window, int64_t radius) {
-  const Geometry g = check_inputs(q, k, v, tile_tokens, window, radius);
-  at::Tensor out = at::empty({g.B, g.N, g.Hq, g.d}, q.options());
-  at::Tensor lse = at::empty({g.B, g.Hq, g.N}, q.options());
+// The ASSA gate mix, optionally fused in: out = lerp(local, end, weight) = local + weight * (end - local), with
+// `end` (B, N, Hq, d) the global branch's output (unit stride over d) and `weight` (B, N, Hq) the sigmoid gate.
+struct Mix {
+  const float* end = nullptr;
+  const float* weight = nullptr;
+  int64_t esb = 0, esn = 0, esh = 0;
+  explicit operator bool() const { return end != nullptr; }
+};
+
+Mix check_mix(const Geometry& g, const at::Tensor& end, const at::Tensor& weight) {
+  TORCH_CHECK(end.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && end.device().is_cpu() &&
+              weight.device().is_cpu(), "bna_rows mix: end and weight must be float32 CPU tensors");
+  TORCH_CHECK(end.dim() == 4 && end.size(0) == g.B && end.size(1) == g.N && end.size(2) == g.Hq &&
+              end.size(3) == g.d && end.stride(3) == 1, "bna_rows mix: end must be (B, N, Hq, d) like q, unit stride over d");
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == g.B && weight.size(1) == g.N && weight.size(2) == g.Hq &&
+              weight.is_contiguous(), "bna_rows mix: weight must be a contiguous (B, N, Hq) tensor");
+  Mix m;
+  m.end = end.data_ptr<float>();
+  m.weight = weight.data_ptr<float>();
+  m.esb = end.stride(0), m.esn = end.stride(1), m.esh = end.stride(2);
+  return m;
+}
+
+// Forward. Writes `out` (the local branch, or the mix when `mix`), `lse`, and -- when `local` is non-null --
+// the local branch itself (the mixed backward needs it).
+void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Mix& mix,
+                  float* op, float* local, float* lp) {
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  float* lp = lse.data_ptr<float>();
   const int64_t qsb = q.stride(0), qsn = q.stride(1), qsh = q.stride(2);
   const int64_t ksb = k.stride(0), ksn = k.stride(1), ksh = k.stride(2);
   const int64_t vsb = v.stride(0), vsn = v.stride(1), vsh = v.stride(2);
   const int64_t osn = g.Hq * g.d, G = g.Hq / g.Hk, QB = row_block(g), blocks = (g.T + QB - 1) / QB;
   const float scale = 1.0f / std::sqrt((float)g.d);
   at::parallel_for(0, g.B * g.Hq * g.n * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(QB * g.span);
+    std::vector<float> S(QB * g.span), O(mix && !local ? QB * g.d : 0);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t blk = w % blocks, c = (w / blocks) % g.n, h = (w / (blocks * g.n)) % g.Hq;
       const int64_t b = w / (blocks * g.n * g.Hq), hk = h / G;
@@ -152,37 +189,32 @@ std::tuple<at::Tensor, at::Tensor> bna_rows_forward(const at::Tensor& q, const a
       const float* Q = qp + b * qsb + row0 * qsn + h * qsh;
       const float* K = kp + b * ksb + s0 * ksn + hk * ksh;
       const float* V = vp + b * vsb + s0 * vsn + hk * vsh;
+      const int64_t ooff = (b * g.N + row0) * osn + h * g.d;
       float* L = lp + (b * g.Hq + h) * g.N + row0;
       gemm(false, true, rows, g.span, g.d, scale, Q, qsn, K, ksn, 0.f, S.data(), g.span);
       for (int64_t i = 0; i < rows; ++i) L[i] = softmax_row(S.data() + i * g.span, g.span);
-      gemm(false, false, rows, g.d, g.span, 1.f, S.data(), g.span, V, vsn, 0.f,
-           op + (b * g.N + row0) * osn + h * g.d, osn);
+      // the local branch goes to `out` (no mix), to `local` (mix, saved), or to a scratch block (mix, inference)
+      float* dst = !mix ? op + ooff : (local ? local + ooff : O.data());
+      const int64_t ldd = (!mix || local) ? osn : g.d;
+      gemm(false, false, rows, g.d, g.span, 1.f, S.data(), g.span, V, vsn, 0.f, dst, ldd);
+      if (mix) {
+        for (int64_t i = 0; i < rows; ++i)
+          lerp_row(dst + i * ldd, mix.end + b * mix.esb + (row0 + i) * mix.esn + h * mix.esh,
+                   mix.weight[(b * g.N + row0 + i) * g.Hq + h], op + ooff + i * osn, g.d);
+      }
     }
   });
-  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bna_rows_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, int64_t tile_tokens, int64_t window, int64_t radius) {
-  const Geometry g = check_inputs(q, k, v, tile_tokens, window, radius);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == at::kFloat,
-              "bna_rows_backward: grad_out/out must match q");
-  TORCH_CHECK(grad_out.stride(3) == 1, "bna_rows_backward: grad_out's head dimension must have unit stride");
-  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.numel() == g.B * g.Hq * g.N,
-              "bna_rows_backward: out and lse must be the forward's outputs");
-  at::Tensor dq = at::empty({g.B, g.N, g.Hq, g.d}, q.options());
-  at::Tensor dk = at::zeros({g.B, g.N, g.Hk, g.d}, k.options());
-  at::Tensor dv = at::zeros({g.B, g.N, g.Hk, g.d}, v.options());
+// Backward. Without `mix`, grad_out is the local branch's gradient; with it, grad_out is the mix's, and the
+// kernel also returns the gradients of `end` and `weight` (d_end, d_weight non-null).
+void backward_impl(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const float* op, const float* lp, const Mix& mix, float* dqp, float* dkp,
+                   float* dvp, float* d_end, float* d_weight) {
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  const float* op = out.data_ptr<float>();
   const float* gp = grad_out.data_ptr<float>();
-  const float* lp = lse.data_ptr<float>();
-  float* dqp = dq.data_ptr<float>();
-  float* dkp = dk.data_ptr<float>();
-  float* dvp = dv.data_ptr<float>();
   const int64_t qsb = q.stride(0), qsn = q.stride(1), qsh = q.stride(2);
   const int64_t ksb = k.stride(0), ksn = k.stride(1), ksh = k.stride(2);
   const int64_t vsb = v.stride(0), vsn = v.stride(1), vsh = v.stride(2);
@@ -190,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bna_rows_backward(
   const int64_t osn = g.Hq * g.d, kvn = g.Hk * g.d, G = g.Hq / g.Hk, QB = row_block(g);
   const float scale = 1.0f / std::sqrt((float)g.d);
   at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> P(QB * g.span), dP(QB * g.span), delta(QB);
+    std::vector<float> P(QB * g.span), dP(QB * g.span), delta(QB), dO_local(mix ? QB * g.d : 0);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / g.Hk, hk = w % g.Hk;
       for (int64_t c = 0; c < g.n; ++c) {
@@ -202,29 +234,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bna_rows_backward(
         for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
           for (int64_t r0 = 0; r0 < g.T; r0 += QB) {
             const int64_t row0 = c * g.T + r0, rows = std::min(QB, g.T - r0);
+            const int64_t ooff = (b * g.N + row0) * osn + h * g.d;
             const float* Q = qp + b * qsb + row0 * qsn + h * qsh;
             const float* dO = gp + b * gsb + row0 * gsn + h * gsh;
-            const float* O = op + (b * g.N + row0) * osn + h * g.d;
+            const float* O = op + ooff;
             const float* L = lp + (b * g.Hq + h) * g.N + row0;
+            int64_t ldo = gsn;
+            if (mix) {  // split the mix's gradient: local (1 - w) dO, end w dO, weight <dO, end - local>
+              for (int64_t i = 0; i < rows; ++i) {
+                const int64_t t = (b * g.N + row0 + i) * g.Hq + h;
+                d_weight[t] = mix_grad_row(dO + i * gsn, O + i * osn,
+                                           mix.end + b * mix.esb + (row0 + i) * mix.esn + h * mix.esh,
+                                           mix.weight[t], dO_local.data() + i * g.d, d_end + ooff + i * osn, g.d);
+              }
+              dO = dO_local.data();
+              ldo = g.d;
+            }
             // P = softmax(scale * Q K^T), recomputed from the saved log-sum-exp
             gemm(false, true, rows, g.span, g.d, scale, Q, qsn, K, ksn, 0.f, P.data(), g.span);
             for (int64_t i = 0; i < rows; ++i) {
               exp_row(P.data() + i * g.span, g.span, L[i]);
-              delta[i] = dot(O + i * osn, dO + i * gsn, g.d);  // rowsum(dO * O) = rowsum(P * dP)
+              delta[i] = dot(O + i * osn, dO + i * ldo, g.d);  // rowsum(dO * O) = rowsum(P * dP)
             }
-            gemm(true, false, g.span, g.d, rows, 1.f, P.data(), g.span, dO, gsn, 1.f, dV, kvn);  // dV += P^T dO
-            gemm(false, true, rows, g.span, g.d, 1.f, dO, gsn, V, vsn, 0.f, dP.data(), g.span);  // dP = dO V^T
+            gemm(true, false, g.span, g.d, rows, 1.f, P.data(), g.span, dO, ldo, 1.f, dV, kvn);  // dV += P^T dO
+            gemm(false, true, rows, g.span, g.d, 1.f, dO, ldo, V, vsn, 0.f, dP.data(), g.span);  // dP = dO V^T
             for (int64_t i = 0; i < rows; ++i)  // dS = P * (dP - delta), in place of P
               softmax_grad_row(P.data() + i * g.span, dP.data() + i * g.span, g.span, delta[i]);
-            gemm(false, false, rows, g.d, g.span, scale, P.data(), g.span, K, ksn, 0.f,
-                 dqp + (b * g.N + row0) * osn + h * g.d, osn);                                   // dQ = s dS K
+            gemm(false, false, rows, g.d, g.span, scale, P.data(), g.span, K, ksn, 0.f, dqp + ooff, osn);  // dQ
             gemm(true, false, g.span, g.d, rows, scale, P.data(), g.span, Q, qsn, 1.f, dK, kvn);  // dK += s dS^T Q
           }
         }
       }
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> bna_rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    int64_t tile_tokens, int64_t window, int64_t radius) {
+  const Geometry g = check_inputs(q, k, v, tile_tokens, window, radius);
+  at::Tensor out = at::empty({g.B, g.N, g.Hq, g.d}, q.options());
+  at::Tensor lse = at::empty({g.B, g.Hq, g.N}, q.options());
+  forward_impl(g, q, k, v, Mix{}, out.data_ptr<float>(), nullptr, lse.data_ptr<float>());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bna_rows_mix_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& end, const at::Tensor& weight,
+    int64_t tile_tokens, int64_t window, int64_t radius, bool save_local) {
+  const Geometry g = check_inputs(q, k, v, tile_tokens, window, radius);
+  const Mix mix = check_mix(g, end, weight);
+  at::Tensor out = at::empty({g.B, g.N, g.Hq, g.d}, q.options());
+  at::Tensor local = save_local ? at::empty({g.B, g.N, g.Hq, g.d}, q.options()) : at::empty({0}, q.options());
+  at::Tensor lse = at::empty({g.B, g.Hq, g.N}, q.options());
+  forward_impl(g, q, k, v, mix, out.data_ptr<float>(), save_local ? local.data_ptr<float>() : nullptr,
+               lse.data_ptr<float>());
+  return {out, local, lse};
+}
+
+void check_saved(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse) {
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == g.B && grad_out.size(1) == g.N && grad_out.size(2) == g.Hq &&
+              grad_out.size(3) == g.d && grad_out.scalar_type() == at::kFloat && grad_out.stride(3) == 1,
+              "bna_rows backward: grad_out must be float32 (B, N, Hq, d) like q, unit stride over d");
+  TORCH_CHECK(out.sizes() == grad_out.sizes() && out.is_contiguous() && lse.is_contiguous() &&
+              lse.numel() == g.B * g.Hq * g.N, "bna_rows backward: out/local and lse must be the forward's outputs");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bna_rows_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, int64_t tile_tokens, int64_t window, int64_t radius) {
+  const Geometry g = check_inputs(q, k, v, tile_tokens, window, radius);
+  check_saved(g, grad_out, out, lse);
+  at::Tensor dq = at::empty({g.B, g.N, g.Hq, g.d}, q.options());
+  at::Tensor dk = at::zeros({g.B, g.N, g.Hk, g.d}, k.options());
+  at::Tensor dv = at::zeros({g.B, g.N, g.Hk, g.d}, v.options());
+  backward_impl(g, grad_out, q, k, v, out.data_ptr<float>(), lse.data_ptr<float>(), Mix{}, dq.data_ptr<float>(),
+                dk.data_ptr<float>(), dv.data_ptr<float>(), nullptr, nullptr);
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bna_rows_mix_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& local, const at::Tensor& lse, const at::Tensor& end, const at::Tensor& weight,
+    int64_t tile_tokens, int64_t window, int64_t radius) {
+  const Geometry g = check_inputs(q, k, v, tile_tokens, window, radius);
+  check_saved(g, grad_out, local, lse);
+  const Mix mix = check_mix(g, end, weight);
+  at::Tensor dq = at::empty({g.B, g.N, g.Hq, g.d}, q.options());
+  at::Tensor dk = at::zeros({g.B, g.N, g.Hk, g.d}, k.options());
+  at::Tensor dv = at::zeros({g.B, g.N, g.Hk, g.d}, v.options());
+  at::Tensor d_end = at::empty({g.B, g.N, g.Hq, g.d}, q.options());
+  at::Tensor d_weight = at::empty({g.B, g.N, g.Hq}, q.options());
+  backward_impl(g, grad_out, q, k, v, local.data_ptr<float>(), lse.data_ptr<float>(), mix, dq.data_ptr<float>(),
+                dk.data_ptr<float>(), dv.data_ptr<float>(), d_end.data_ptr<float>(), d_weight.data_ptr<float>());
+  return {dq, dk, dv, d_end, d_weight};
 }
 
 }  // namespace
@@ -234,4 +336,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bna_rows_backward(
 TORCH_LIBRARY_IMPL(snapgen, CPU, m) {
   m.impl("bna_rows_forward", &bna_rows_forward);
   m.impl("bna_rows_backward", &bna_rows_backward);
+  m.impl("bna_rows_mix_forward", &bna_rows_mix_forward);
+  m.impl("bna_rows_mix_backward", &bna_rows_mix_backward);
 }
