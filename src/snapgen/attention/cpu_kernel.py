@@ -10,17 +10,19 @@ Why it exists (``docs/performance.md``): PyTorch's CPU flash attention runs the 
 paper's geometry (16 blocks at 64x64 tokens) with 64-row query blocks and returns one gradient per
 overlapping key window; this kernel uses the whole chunk as one query block and accumulates dK/dV straight
 into the key/value gradient. Measured against the ``gather`` backend on the local branch alone at 4096
-tokens: forward -10%, forward+backward -20%.
+tokens: forward -12%, forward+backward -20% (``docs/performance.md``).
 
 ``SNAPGEN_BNA_KERNEL=0`` disables it (``backend="auto"`` then uses ``gather``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 
@@ -122,6 +124,24 @@ def _(grad_out_shape, q_shape, k_shape, v_shape, local_shape, lse_shape, end_sha
     return 5 * _one_matmul(q_shape, tile_tokens, window)
 
 
+@contextlib.contextmanager
+def _ninja_on_path():
+    """cpp_extension runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency) puts it next to the venv's
+    python, which is not on PATH when ``.venv/bin/python`` runs without an activated venv."""
+    old = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+        except ImportError:
+            pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 def load_kernel(raise_on_error: bool = False) -> bool:
     """Build (once per machine) and load the kernel; ``True`` when ``torch.ops.snapgen.bna_rows_*`` exist.
     On failure returns ``False`` (the reason in :func:`kernel_error`), or raises with ``raise_on_error``."""
@@ -134,9 +154,10 @@ def load_kernel(raise_on_error: bool = False) -> bool:
                     from torch.utils.cpp_extension import load
 
                     _log.info("building/loading the fused CPU BNA kernel (first build takes ~10 s)")
-                    load(name=f"snapgen_bna_rows_{_cpu_tag()}", sources=[str(_SOURCE)],
-                         extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                         is_python_module=False, verbose=False)
+                    with _ninja_on_path():
+                        load(name=f"snapgen_bna_rows_{_cpu_tag()}", sources=[str(_SOURCE)],
+                             extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                             is_python_module=False, verbose=False)
                     _state["loaded"] = True
                 except Exception as exc:  # no compiler, no ninja, unsupported platform...
                     _state["error"] = f"{type(exc).__name__}: {exc}".strip()[:2000]
