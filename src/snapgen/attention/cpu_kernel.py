@@ -2,7 +2,8 @@
 
 Built on first use with ``torch.utils.cpp_extension`` (g++, about 10 s, cached per machine under
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) as the CPU implementation of the torch
-ops ``torch.ops.snapgen.bna_rows_forward`` / ``bna_rows_backward`` (defined below, with fake-tensor and
+ops ``torch.ops.snapgen.bna_rows_forward`` / ``bna_rows_backward`` and their ASSA variants with the gate
+mix fused in, ``bna_rows_mix_forward`` / ``bna_rows_mix_backward`` (defined below, with fake-tensor and
 FLOP-counter formulas).
 ``-march=native``: the build is tied to this CPU, so the cache name carries a hash of the CPU's flags.
 
