@@ -145,13 +145,22 @@ Geometry check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // Query rows per block: the whole chunk up to 256 rows, so a score block stays within L2.
 inline int64_t row_block(const Geometry& g) { return std::min<int64_t>(g.T, 256); }
 
+// A heads-last (B, N, heads, d) tensor with unit stride over d: row (b, n) of head h, and the row stride, which
+// is the GEMM leading dimension.
+struct Rows {
+  const float* p = nullptr;
+  int64_t sb = 0, sn = 0, sh = 0;
+  Rows() = default;
+  explicit Rows(const at::Tensor& t) : p(t.data_ptr<float>()), sb(t.stride(0)), sn(t.stride(1)), sh(t.stride(2)) {}
+  const float* at(int64_t b, int64_t n, int64_t h) const { return p + b * sb + n * sn + h * sh; }
+};
+
 // The ASSA gate mix, optionally fused in: out = lerp(local, end, weight) = local + weight * (end - local), with
 // `end` (B, N, Hq, d) the global branch's output (unit stride over d) and `weight` (B, N, Hq) the sigmoid gate.
 struct Mix {
-  const float* end = nullptr;
+  Rows end;
   const float* weight = nullptr;
-  int64_t esb = 0, esn = 0, esh = 0;
-  explicit operator bool() const { return end != nullptr; }
+  explicit operator bool() const { return weight != nullptr; }
 };
 
 Mix check_mix(const Geometry& g, const at::Tensor& end, const at::Tensor& weight) {
@@ -162,9 +171,8 @@ Mix check_mix(const Geometry& g, const at::Tensor& end, const at::Tensor& weight
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == g.B && weight.size(1) == g.N && weight.size(2) == g.Hq &&
               weight.is_contiguous(), "bna_rows mix: weight must be a contiguous (B, N, Hq) tensor");
   Mix m;
-  m.end = end.data_ptr<float>();
+  m.end = Rows(end);
   m.weight = weight.data_ptr<float>();
-  m.esb = end.stride(0), m.esn = end.stride(1), m.esh = end.stride(2);
   return m;
 }
 
@@ -172,12 +180,7 @@ Mix check_mix(const Geometry& g, const at::Tensor& end, const at::Tensor& weight
 // the local branch itself (the mixed backward needs it).
 void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Mix& mix,
                   float* op, float* local, float* lp) {
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const int64_t qsb = q.stride(0), qsn = q.stride(1), qsh = q.stride(2);
-  const int64_t ksb = k.stride(0), ksn = k.stride(1), ksh = k.stride(2);
-  const int64_t vsb = v.stride(0), vsn = v.stride(1), vsh = v.stride(2);
+  const Rows qr(q), kr(k), vr(v);
   const int64_t osn = g.Hq * g.d, G = g.Hq / g.Hk, QB = row_block(g), blocks = (g.T + QB - 1) / QB;
   const float scale = 1.0f / std::sqrt((float)g.d);
   at::parallel_for(0, g.B * g.Hq * g.n * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -186,21 +189,21 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
       const int64_t blk = w % blocks, c = (w / blocks) % g.n, h = (w / (blocks * g.n)) % g.Hq;
       const int64_t b = w / (blocks * g.n * g.Hq), hk = h / G;
       const int64_t row0 = c * g.T + blk * QB, rows = std::min(QB, g.T - blk * QB), s0 = g.window_start(c);
-      const float* Q = qp + b * qsb + row0 * qsn + h * qsh;
-      const float* K = kp + b * ksb + s0 * ksn + hk * ksh;
-      const float* V = vp + b * vsb + s0 * vsn + hk * vsh;
+      const float* Q = qr.at(b, row0, h);
+      const float* K = kr.at(b, s0, hk);
+      const float* V = vr.at(b, s0, hk);
       const int64_t ooff = (b * g.N + row0) * osn + h * g.d;
       float* L = lp + (b * g.Hq + h) * g.N + row0;
-      gemm(false, true, rows, g.span, g.d, scale, Q, qsn, K, ksn, 0.f, S.data(), g.span);
+      gemm(false, true, rows, g.span, g.d, scale, Q, qr.sn, K, kr.sn, 0.f, S.data(), g.span);
       for (int64_t i = 0; i < rows; ++i) L[i] = softmax_row(S.data() + i * g.span, g.span);
       // the local branch goes to `out` (no mix), to `local` (mix, saved), or to a scratch block (mix, inference)
       float* dst = !mix ? op + ooff : (local ? local + ooff : O.data());
       const int64_t ldd = (!mix || local) ? osn : g.d;
-      gemm(false, false, rows, g.d, g.span, 1.f, S.data(), g.span, V, vsn, 0.f, dst, ldd);
+      gemm(false, false, rows, g.d, g.span, 1.f, S.data(), g.span, V, vr.sn, 0.f, dst, ldd);
       if (mix) {
         for (int64_t i = 0; i < rows; ++i)
-          lerp_row(dst + i * ldd, mix.end + b * mix.esb + (row0 + i) * mix.esn + h * mix.esh,
-                   mix.weight[(b * g.N + row0 + i) * g.Hq + h], op + ooff + i * osn, g.d);
+          lerp_row(dst + i * ldd, mix.end.at(b, row0 + i, h), mix.weight[(b * g.N + row0 + i) * g.Hq + h],
+                   op + ooff + i * osn, g.d);
       }
     }
   });
@@ -211,14 +214,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
 void backward_impl(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const float* op, const float* lp, const Mix& mix, float* dqp, float* dkp,
                    float* dvp, float* d_end, float* d_weight) {
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const float* gp = grad_out.data_ptr<float>();
-  const int64_t qsb = q.stride(0), qsn = q.stride(1), qsh = q.stride(2);
-  const int64_t ksb = k.stride(0), ksn = k.stride(1), ksh = k.stride(2);
-  const int64_t vsb = v.stride(0), vsn = v.stride(1), vsh = v.stride(2);
-  const int64_t gsb = grad_out.stride(0), gsn = grad_out.stride(1), gsh = grad_out.stride(2);
+  const Rows qr(q), kr(k), vr(v), gr(grad_out);
   const int64_t osn = g.Hq * g.d, kvn = g.Hk * g.d, G = g.Hq / g.Hk, QB = row_block(g);
   const float scale = 1.0f / std::sqrt((float)g.d);
   at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
@@ -227,41 +223,40 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_out, const at::Tens
       const int64_t b = w / g.Hk, hk = w % g.Hk;
       for (int64_t c = 0; c < g.n; ++c) {
         const int64_t s0 = g.window_start(c);
-        const float* K = kp + b * ksb + s0 * ksn + hk * ksh;
-        const float* V = vp + b * vsb + s0 * vsn + hk * vsh;
+        const float* K = kr.at(b, s0, hk);
+        const float* V = vr.at(b, s0, hk);
         float* dK = dkp + (b * g.N + s0) * kvn + hk * g.d;
         float* dV = dvp + (b * g.N + s0) * kvn + hk * g.d;
         for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
           for (int64_t r0 = 0; r0 < g.T; r0 += QB) {
             const int64_t row0 = c * g.T + r0, rows = std::min(QB, g.T - r0);
             const int64_t ooff = (b * g.N + row0) * osn + h * g.d;
-            const float* Q = qp + b * qsb + row0 * qsn + h * qsh;
-            const float* dO = gp + b * gsb + row0 * gsn + h * gsh;
+            const float* Q = qr.at(b, row0, h);
+            const float* dO = gr.at(b, row0, h);
             const float* O = op + ooff;
             const float* L = lp + (b * g.Hq + h) * g.N + row0;
-            int64_t ldo = gsn;
+            int64_t ldo = gr.sn;
             if (mix) {  // split the mix's gradient: local (1 - w) dO, end w dO, weight <dO, end - local>
               for (int64_t i = 0; i < rows; ++i) {
                 const int64_t t = (b * g.N + row0 + i) * g.Hq + h;
-                d_weight[t] = mix_grad_row(dO + i * gsn, O + i * osn,
-                                           mix.end + b * mix.esb + (row0 + i) * mix.esn + h * mix.esh,
-                                           mix.weight[t], dO_local.data() + i * g.d, d_end + ooff + i * osn, g.d);
+                d_weight[t] = mix_grad_row(dO + i * gr.sn, O + i * osn, mix.end.at(b, row0 + i, h), mix.weight[t],
+                                           dO_local.data() + i * g.d, d_end + ooff + i * osn, g.d);
               }
               dO = dO_local.data();
               ldo = g.d;
             }
             // P = softmax(scale * Q K^T), recomputed from the saved log-sum-exp
-            gemm(false, true, rows, g.span, g.d, scale, Q, qsn, K, ksn, 0.f, P.data(), g.span);
+            gemm(false, true, rows, g.span, g.d, scale, Q, qr.sn, K, kr.sn, 0.f, P.data(), g.span);
             for (int64_t i = 0; i < rows; ++i) {
               exp_row(P.data() + i * g.span, g.span, L[i]);
               delta[i] = dot(O + i * osn, dO + i * ldo, g.d);  // rowsum(dO * O) = rowsum(P * dP)
             }
             gemm(true, false, g.span, g.d, rows, 1.f, P.data(), g.span, dO, ldo, 1.f, dV, kvn);  // dV += P^T dO
-            gemm(false, true, rows, g.span, g.d, 1.f, dO, ldo, V, vsn, 0.f, dP.data(), g.span);  // dP = dO V^T
+            gemm(false, true, rows, g.span, g.d, 1.f, dO, ldo, V, vr.sn, 0.f, dP.data(), g.span);  // dP = dO V^T
             for (int64_t i = 0; i < rows; ++i)  // dS = P * (dP - delta), in place of P
               softmax_grad_row(P.data() + i * g.span, dP.data() + i * g.span, g.span, delta[i]);
-            gemm(false, false, rows, g.d, g.span, scale, P.data(), g.span, K, ksn, 0.f, dqp + ooff, osn);  // dQ
-            gemm(true, false, g.span, g.d, rows, scale, P.data(), g.span, Q, qsn, 1.f, dK, kvn);  // dK += s dS^T Q
+            gemm(false, false, rows, g.d, g.span, scale, P.data(), g.span, K, kr.sn, 0.f, dqp + ooff, osn);  // dQ
+            gemm(true, false, g.span, g.d, rows, scale, P.data(), g.span, Q, qr.sn, 1.f, dK, kvn);  // dK += s dS^T Q
           }
         }
       }
