@@ -2,12 +2,14 @@
 values and gradients over row-chunk geometries, GQA/MQA/MHA, batches, strided inputs, ragged row blocks;
 determinism across runs and thread counts; dispatch rules; FLOP counts; the op registrations."""
 
+import functools
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from test_bna import make_qkv
 
 from snapgen.attention import assa_attention, block_neighborhood_attention, make_geometry
 from snapgen.attention.bna import FUSED_MAX_TILE_TOKENS, use_fused_kernel
@@ -38,10 +40,7 @@ GEOMETRIES = [
 HEADS = [(4, 2), (4, 4), (6, 2), (4, 1)]  # GQA, MHA, 3 query heads per KV head, MQA
 
 
-def qkv(N, heads, kv_heads, d=16, B=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, N, heads, d, generator=g), torch.randn(B, N, kv_heads, d, generator=g),
-            torch.randn(B, N, kv_heads, d, generator=g))
+qkv = functools.partial(make_qkv, dtype=torch.float32)  # the kernel runs float32 only
 
 
 def run(backend, geom, q, k, v, w):

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from .cpu_kernel import bna_rows, load_kernel
 
 __all__ = ["TileGeometry", "make_geometry", "bna_mask", "block_neighborhood_attention", "bna_lerp_into", "BNA_BACKENDS",
-           "use_fused_kernel"]
+           "check_fused_inputs", "use_fused_kernel"]
 
 BNA_BACKENDS = ("auto", "gather", "fused", "tiles", "reference", "flex")
 
@@ -386,7 +386,7 @@ def _exporting() -> bool:
             or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
 
 
-def _check_fused(q, k, v, geom: TileGeometry) -> None:
+def check_fused_inputs(q, k, v, geom: TileGeometry) -> None:
     if not geom.is_identity_tiling:
         raise ValueError(f"BNA backend 'fused' needs row chunks (tiles spanning the grid width, no padding); got "
                          f"tile {geom.tile} on grid {geom.grid}. Use backend='gather' or 'auto' for 2-D tiles.")
@@ -430,7 +430,7 @@ def block_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if backend == "gather":
         return _bna_gather(q, k, v, geom)
     if backend == "fused":
-        _check_fused(q, k, v, geom)
+        check_fused_inputs(q, k, v, geom)
         return bna_rows(q, k, v, geom.tile_tokens, geom.window[0], geom.radius)
     if backend == "tiles":
         return _bna_gather(q, k, v, geom, views=False)

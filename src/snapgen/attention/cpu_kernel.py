@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["kernel_available", "kernel_error", "load_kernel", "bna_rows", "bna_rows_lerp"]
+__all__ = ["kernel_error", "load_kernel", "bna_rows", "bna_rows_lerp"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "bna_rows_cpu.cpp"
@@ -146,6 +146,8 @@ def _ninja_on_path():
 def load_kernel(raise_on_error: bool = False) -> bool:
     """Build (once per machine) and load the kernel; ``True`` when ``torch.ops.snapgen.bna_rows_*`` exist.
     On failure returns ``False`` (the reason in :func:`kernel_error`), or raises with ``raise_on_error``."""
+    if _state["loaded"]:  # the hot path (every ASSA call with backend "auto"): no lock once loaded
+        return True
     with _lock:
         if not _state["loaded"] and _state["error"] is None:
             if os.environ.get("SNAPGEN_BNA_KERNEL", "1").strip().lower() in ("0", "false", "off", "no"):
@@ -172,13 +174,13 @@ def load_kernel(raise_on_error: bool = False) -> bool:
         return bool(_state["loaded"])
 
 
-def kernel_available() -> bool:
-    return load_kernel()
-
-
 def kernel_error() -> str | None:
     """Why the kernel is unavailable (after a failed :func:`load_kernel`), else ``None``."""
     return _state["error"]  # type: ignore[return-value]
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 class _BNARows(torch.autograd.Function):
@@ -193,9 +195,7 @@ class _BNARows(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        dq, dk, dv = torch.ops.snapgen.bna_rows_backward(grad_out, q, k, v, out, lse, *ctx.geometry)
+        dq, dk, dv = torch.ops.snapgen.bna_rows_backward(_unit_stride(grad_out), q, k, v, out, lse, *ctx.geometry)
         return dq, dk, dv, None, None, None
 
 
@@ -214,14 +214,9 @@ class _BNARowsMix(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, local, lse, end, weight = ctx.saved_tensors
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        grads = torch.ops.snapgen.bna_rows_mix_backward(grad_out, q, k, v, local, lse, end, weight, *ctx.geometry)
+        grads = torch.ops.snapgen.bna_rows_mix_backward(_unit_stride(grad_out), q, k, v, local, lse, end, weight,
+                                                        *ctx.geometry)
         return (*grads, None, None, None)
-
-
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def bna_rows_lerp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: torch.Tensor, weight: torch.Tensor,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bna import TileGeometry, _check_fused, block_neighborhood_attention, bna_lerp_into, use_fused_kernel
+from .bna import (TileGeometry, block_neighborhood_attention, bna_lerp_into, check_fused_inputs,
+                  use_fused_kernel)
 from .cpu_kernel import bna_rows_lerp
 from .rope import apply_rope
 
@@ -91,7 +92,7 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
         kc = apply_rope(kc, *rope_coarse)
     out_global = attention(q, kc, vc)
     if backend == "fused":  # the local branch and the gate mix in one kernel call, forward and backward
-        _check_fused(q, k, v, geom)
+        check_fused_inputs(q, k, v, geom)
         return bna_rows_lerp(q, k, v, out_global, torch.sigmoid(gate_logits), geom.tile_tokens, geom.window[0],
                              geom.radius)
     g = torch.sigmoid(gate_logits).unsqueeze(-1)  # (B, N, Hq, 1)
