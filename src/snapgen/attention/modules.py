@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..elastic.ops import ElasticConv2d, ElasticLinear, ElasticModule, WidthSpec
+from ..nn.elastic import ElasticConv2d, ElasticLinear, ElasticModule, WidthSpec
 from .bna import BNA_BACKENDS, make_geometry
 from .functional import assa_attention, attention
 from .rope import apply_rope

@@ -31,7 +31,7 @@ __all__ = ["build_latent_cache", "load_latent_cache", "save_latent_cache"]
 def save_latent_cache(path: str | os.PathLike, latents: torch.Tensor, caption_index: torch.Tensor,
                       text_tokens: torch.Tensor, text_mask: torch.Tensor, captions: list[str],
                       spec: dict | None = None) -> Path:
-    from ..models.io import atomic_save_safetensors
+    from ..nn.io import atomic_save_safetensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

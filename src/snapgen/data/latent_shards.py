@@ -51,7 +51,7 @@ def encode_shards(src: str | os.PathLike, out: str | os.PathLike, autoencoder, t
     """
     from tqdm.auto import tqdm
 
-    from ..models.io import atomic_save_safetensors
+    from ..nn.io import atomic_save_safetensors
     from .base import center_crop_resize, image_to_tensor
     from .buckets import assign_bucket
 

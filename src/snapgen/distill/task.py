@@ -29,7 +29,7 @@ from torch import nn
 
 from ..train.config import TrainConfig
 from .kdmd import KDMDConfig, KDMDLoss
-from .lora import add_lora, load_lora, set_adapter
+from ..nn.lora import add_lora, load_lora, set_adapter
 
 __all__ = ["DistillTask"]
 

@@ -1,7 +1,8 @@
 """Elastic width (SnapGen++ Sec. 3.2): one weight-sharing supernetwork whose width-sliced sub-networks
 (tiny 0.375x, small 0.5x, full 1x by default) are trained together and extracted as standalone models.
 
-* :mod:`snapgen.elastic.ops` -- the sliced layers (``ElasticLinear``, ``ElasticConv2d``) and ``WidthSpec``.
+* :mod:`snapgen.nn.elastic` -- the sliced layers (``ElasticLinear``, ``ElasticConv2d``) and ``WidthSpec``
+  (re-exported here; ``snapgen.elastic.ops`` is a deprecated alias).
 * :mod:`snapgen.elastic.supernet` -- ``make_elastic``, ``extract_variant``, ``variant_table``.
 * :mod:`snapgen.elastic.training` -- sandwich sub-network sampling and the elastic flow loss
   (flow matching for every width + self-distillation of each sub-network toward the full one).
@@ -12,19 +13,11 @@ sub-network with ``model.set_variant("small")``.
 
 from __future__ import annotations
 
-import importlib
+from ..nn.elastic import ElasticConv2d, ElasticLinear, ElasticModule, WidthSpec
+from .supernet import (DEFAULT_VARIANTS, extract_variant, make_elastic, repeat_kv_heads, using_variant,
+                       variant_parameters)
+from .training import ElasticFlowLoss, WidthWeights, sample_subnetworks
 
-_EXPORTS = {
-    "WidthSpec": "ops", "ElasticLinear": "ops", "ElasticConv2d": "ops", "ElasticModule": "ops",
-    "DEFAULT_VARIANTS": "supernet", "make_elastic": "supernet", "repeat_kv_heads": "supernet", "extract_variant": "supernet",
-    "variant_parameters": "supernet", "using_variant": "supernet",
-    "sample_subnetworks": "training", "ElasticFlowLoss": "training", "WidthWeights": "training",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):  # lazy: snapgen.models imports snapgen.elastic.ops, and supernet imports models
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = sorted(["WidthSpec", "ElasticLinear", "ElasticConv2d", "ElasticModule", "DEFAULT_VARIANTS", "make_elastic",
+                  "repeat_kv_heads", "extract_variant", "variant_parameters", "using_variant", "sample_subnetworks",
+                  "ElasticFlowLoss", "WidthWeights"])

@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from ..models import ThreeStageDiT
-from .ops import ElasticModule, WidthSpec
+from ..nn.elastic import ElasticModule, WidthSpec
 
 __all__ = ["DEFAULT_VARIANTS", "make_elastic", "repeat_kv_heads", "variant_parameters", "extract_variant", "using_variant"]
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from ..models.io import ModelIOMixin
+from ..nn.io import ModelIOMixin
 from ..utils.config import JSONConfigMixin
 from ..utils.paths import shipped_dir
 

@@ -92,7 +92,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
 from ..data.scenes import COLORS, SHAPES, SceneDataset
-from ..models.io import ModelIOMixin
+from ..nn.io import ModelIOMixin
 from ..utils.config import JSONConfigMixin
 from ..utils.paths import shipped_dir
 

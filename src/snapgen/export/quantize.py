@@ -194,7 +194,7 @@ def _relative_error(model, reference, calibration) -> float:
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike, report: dict | None = None) -> Path:
     """Write ``config.json`` + ``quantized.safetensors`` (packed indices, fp16 tables, other tensors fp16)."""
-    from ..models.io import atomic_save_safetensors
+    from ..nn.io import atomic_save_safetensors
 
     qt = getattr(model, "_snapgen_quant", None)
     if not qt:
@@ -221,7 +221,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, report: dict 
 def load_quantized(directory: str | os.PathLike):
     """A ``ThreeStageDiT`` (fp32 compute) from a ``save_quantized`` folder, weights dequantized."""
     from ..models import ThreeStageDiT, ThreeStageDiTConfig
-    from ..models.io import read_safetensors
+    from ..nn.io import read_safetensors
 
     d = Path(directory)
     path = d / "quantized.safetensors"

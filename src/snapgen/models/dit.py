@@ -29,8 +29,8 @@ from torch import nn
 
 from ..attention import grid_positions, rope_angles
 from .config import ThreeStageDiTConfig
-from ..elastic.ops import ElasticConv2d, ElasticModule, WidthSpec
-from .io import ModelIOMixin
+from ..nn.elastic import ElasticConv2d, ElasticModule, WidthSpec
+from ..nn.io import ModelIOMixin
 from .layers import MOD_CHUNKS, AdaLNSingle, DiTBlock, FinalLayer, SkipFusion, TimestepEmbedder, TokenDownsample, TokenUpsample
 
 __all__ = ["ThreeStageDiT", "basic_init", "check_inputs", "check_latent_size", "unpatchify"]

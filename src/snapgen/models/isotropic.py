@@ -14,7 +14,7 @@ from torch import nn
 from ..attention import grid_positions, rope_angles
 from .config import ThreeStageDiTConfig
 from .dit import basic_init, check_inputs, unpatchify
-from .io import ModelIOMixin
+from ..nn.io import ModelIOMixin
 from .layers import MOD_CHUNKS, AdaLNSingle, DiTBlock, FinalLayer, TimestepEmbedder
 
 __all__ = ["IsotropicDiT"]

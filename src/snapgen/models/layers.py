@@ -8,7 +8,7 @@ the three sub-layers (self-attention, cross-attention, FFN), and every block add
 the output layer is zero too, so a new model outputs exactly zero (adaLN-Zero). The per-block table is
 the "lightweight width-specific modulation" that elastic training keeps per width.
 
-Every projection is an :class:`~snapgen.elastic.ops.ElasticLinear`: at full width (the default, and any
+Every projection is an :class:`~snapgen.nn.elastic.ElasticLinear`: at full width (the default, and any
 non-elastic model) it is a plain ``nn.Linear``; under ``ThreeStageDiT.set_variant`` it computes with the
 leading slice of its weights (see :mod:`snapgen.elastic`). ``variants`` (name -> width ratio) gives the
 modules that hold per-width parameters one copy per sub-network.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AdaptiveSparseSelfAttention, CrossAttention, SelfAttention
-from ..elastic.ops import ElasticLayerNorm, ElasticLinear, ElasticModule, WidthSpec, active_size
+from ..nn.elastic import ElasticLayerNorm, ElasticLinear, ElasticModule, WidthSpec, active_size
 
 __all__ = ["timestep_embedding", "TimestepEmbedder", "AdaLNSingle", "Mlp", "DiTBlock", "TokenDownsample", "TokenUpsample",
            "SkipFusion", "FinalLayer", "modulate", "variant_tables"]

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from ..data.base import tensor_to_image
 from ..flow import cfg_velocity, euler_sample, few_step_sample, sampling_times
 from ..models import ThreeStageDiT
-from ..models.io import atomic_save_safetensors
+from ..nn.io import atomic_save_safetensors
 from ..utils.config import JSONConfigMixin
 from ..utils.paths import shipped_dir
 
@@ -120,7 +120,7 @@ class TextToImagePipeline:
     def _activate_adapter(self) -> None:
         if not self.distilled:
             return
-        from ..distill.lora import set_adapter
+        from ..nn.lora import set_adapter
 
         set_adapter(self.transformer, self._adapter_for(self.transformer.variant))
 
@@ -149,7 +149,7 @@ class TextToImagePipeline:
         Distilled pipelines: the variant's few-step adapter is merged into those weights (exactly), so the
         result is a plain model that samples like the few-step generator; after ``use_base()`` it is the base
         model with the base sampler instead. Either way the result carries no adapters."""
-        from ..distill.lora import merge_lora, set_adapter
+        from ..nn.lora import merge_lora, set_adapter
         from ..elastic.supernet import extract_variant
 
         model = self.transformer
@@ -177,7 +177,7 @@ class TextToImagePipeline:
                                  for k, v in self.conditioning.state_dict().items()},
                                 directory / "text_conditioning.safetensors")
         if self.config.adapters:
-            from ..distill.lora import save_lora
+            from ..nn.lora import save_lora
 
             for name in sorted(set(self.config.adapters.values())):
                 save_lora(self.transformer, name, directory / "adapters" / f"{name}.safetensors")
@@ -221,7 +221,7 @@ class TextToImagePipeline:
         except RuntimeError as e:
             raise ValueError(f"{cond_path} does not match pipeline.json's conditioning settings: {e}") from None
         for name in sorted(set(config.adapters.values())):
-            from ..distill.lora import load_lora
+            from ..nn.lora import load_lora
 
             path = directory / "adapters" / f"{name}.safetensors"
             if not path.is_file():

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..models.io import atomic_save_safetensors
+from ..nn.io import atomic_save_safetensors
 from .base import TextEncoder, check_captions
 
 __all__ = ["CachedTextEncoder"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.io import ModelIOMixin
+from ..nn.io import ModelIOMixin
 from ..utils.config import JSONConfigMixin
 
 __all__ = ["AutoencoderConfig", "Autoencoder", "DiagonalGaussian"]

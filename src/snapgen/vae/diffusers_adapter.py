@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..models.io import CONFIG_NAME
+from ..nn.io import CONFIG_NAME
 
 __all__ = ["DiffusersAutoencoder", "load_autoencoder"]
 
