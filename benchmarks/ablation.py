@@ -45,7 +45,7 @@ def worker(spec: dict) -> dict:
     t = torch.tensor([0.5])
     rss_model = current_rss_mib()
     with torch.inference_mode():
-        ms, times = median_ms(lambda: model(x, t, text), repeats=spec["repeats"], warmup=1)
+        ms, times = median_ms(lambda: model(x, t, {"text": text}), repeats=spec["repeats"], warmup=1)
     return {"params": sum(p.numel() for p in model.parameters()), "median_ms": ms, "times_ms": times,
             "flops": flops, "weights_mib": rss_model - rss0, "peak_rss_mib": peak_rss_mib()}
 

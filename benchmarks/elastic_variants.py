@@ -38,7 +38,7 @@ def worker(spec: dict) -> dict:
         text = torch.randn(2, pipe.config.text_max_length, c.text_dim)
         t = torch.full((2,), 0.5)
         with torch.inference_mode():
-            ms, _ = median_ms(lambda: model(x, t, text), repeats=spec["repeats"], warmup=2)
+            ms, _ = median_ms(lambda: model(x, t, {"text": text}), repeats=spec["repeats"], warmup=2)
         out[f"step_ms_{res}"] = round(ms, 2)
     pipe(["a red circle to the left of a blue square"], steps=4, height=spec["resolutions"][-1],
          width=spec["resolutions"][-1])

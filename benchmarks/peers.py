@@ -107,7 +107,7 @@ def build(name: str, resolution: int):
         t, mask = torch.tensor([0.5]), ones.bool()
 
         def forward():
-            return model(x, t, text, mask)
+            return model(x, t, {"text": text, "text_mask": mask})
 
         tokens = (latent // cfg.patch_size) ** 2
     else:

@@ -232,31 +232,31 @@ def _batch(seed=20, shape=(6, 3, 4, 4)):
 def test_flow_loss_oracle_is_zero():
     x0, eps, t = _batch()
     loss_fn = FlowMatchingLoss()
-    loss, per_sample, t_out = loss_fn(lambda x_t, tt: eps - x0, x0, t=t, eps=eps)
+    loss, per_sample, t_out = loss_fn(lambda x_t, tt, cond=None: eps - x0, x0, t=t, eps=eps)
     assert float(loss) == 0.0 and per_sample.shape == (6,) and torch.equal(t_out, t)
 
     # an oracle that must actually read x_t and t: v = (eps - x_t) / (1 - t), from eps = x_t + (1 - t) v
-    def oracle_from_xt(x_t, tt):
+    def oracle_from_xt(x_t, tt, cond=None):
         return (eps - x_t) / (1 - tt).view(-1, 1, 1, 1)
 
     t_in = t.clamp(max=0.95)
     loss, per_sample, _ = loss_fn(oracle_from_xt, x0, t=t_in, eps=eps)
     assert float(loss) < 1e-10
     # likewise v = (x_t - x0) / t
-    loss, _, _ = loss_fn(lambda x_t, tt: (x_t - x0) / tt.view(-1, 1, 1, 1), x0, t=t.clamp(min=0.05), eps=eps)
+    loss, _, _ = loss_fn(lambda x_t, tt, cond=None: (x_t - x0) / tt.view(-1, 1, 1, 1), x0, t=t.clamp(min=0.05), eps=eps)
     assert float(loss) < 1e-10
     # with sampled times too
-    loss, _, t_s = loss_fn(lambda x_t, tt: (x_t - x0) / tt.view(-1, 1, 1, 1), x0, eps=eps, generator=_gen(0))
+    loss, _, t_s = loss_fn(lambda x_t, tt, cond=None: (x_t - x0) / tt.view(-1, 1, 1, 1), x0, eps=eps, generator=_gen(0))
     assert float(loss) < 1e-8 and torch.all((t_s > 0) & (t_s < 1))
 
 
 def test_flow_loss_zero_model_and_per_sample():
     x0, eps, t = _batch(21)
-    loss, per_sample, _ = FlowMatchingLoss()(lambda x_t, tt: torch.zeros_like(x_t), x0, t=t, eps=eps)
+    loss, per_sample, _ = FlowMatchingLoss()(lambda x_t, tt, cond=None: torch.zeros_like(x_t), x0, t=t, eps=eps)
     torch.testing.assert_close(loss, ((eps - x0) ** 2).mean())
     torch.testing.assert_close(per_sample, ((eps - x0) ** 2).flatten(1).mean(1))
     # a model predicting the wrong sign (x0 - eps) has loss 4 mean((eps - x0)^2)
-    loss_neg, _, _ = FlowMatchingLoss()(lambda x_t, tt: x0 - eps, x0, t=t, eps=eps)
+    loss_neg, _, _ = FlowMatchingLoss()(lambda x_t, tt, cond=None: x0 - eps, x0, t=t, eps=eps)
     torch.testing.assert_close(loss_neg, 4 * ((eps - x0) ** 2).mean())
 
 
@@ -264,13 +264,13 @@ def test_flow_loss_sampling_reproducible_and_passes_cond():
     x0, eps, _ = _batch(22)
     seen = {}
 
-    def model(x_t, t, *, y, scale):
-        seen.update(x_t=x_t, t=t, y=y, scale=scale)
+    def model(x_t, t, cond):
+        seen.update(x_t=x_t, t=t, **cond)
         return torch.zeros_like(x_t)
 
     y = torch.arange(6)
     loss_fn = FlowMatchingLoss(mean=0.2, std=0.7, shift=None)  # 4x4 latent, patch 2 -> 4 tokens: shift 1/8
-    _, _, t1 = loss_fn(model, x0, eps=eps, generator=_gen(5), y=y, scale=2.0)
+    _, _, t1 = loss_fn(model, x0, eps=eps, generator=_gen(5), cond={"y": y}, scale=2.0)  # both forms merge
     assert seen["y"] is y and seen["scale"] == 2.0
     torch.testing.assert_close(seen["x_t"], interpolate(x0, eps, t1))
     torch.testing.assert_close(seen["t"], t1)
@@ -289,7 +289,7 @@ def test_flow_loss_gradients_reach_model():
     lin = nn.Linear(D, D)
     g = _gen(23)
     x0, eps, t = torch.randn(16, D, generator=g), torch.randn(16, D, generator=g), torch.rand(16, generator=g)
-    loss, _, _ = FlowMatchingLoss()(lambda x_t, tt: lin(x_t), x0, t=t, eps=eps)
+    loss, _, _ = FlowMatchingLoss()(lambda x_t, tt, cond=None: lin(x_t), x0, t=t, eps=eps)
     loss.backward()
     assert lin.weight.grad is not None and lin.bias.grad is not None
     assert float(lin.weight.grad.abs().sum()) > 0
@@ -329,7 +329,7 @@ class _ToyVelocity(nn.Module):
         self.net = nn.Sequential(nn.Linear(7, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
 
-    def forward(self, x, t):
+    def forward(self, x, t, cond=None):
         t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
         f = torch.tensor([1.0, 2.0], dtype=x.dtype) * math.pi
         return self.net(torch.cat([x, t, torch.sin(t * f), torch.cos(t * f)], 1))
@@ -516,9 +516,9 @@ class _CountingModel:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, x, t, *, y, offset=0.0):
+    def __call__(self, x, t, cond):  # the Denoiser calling convention: model(x, t, cond)
         self.calls.append(x.shape[0])
-        return x * y.view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) + offset
+        return x * cond["y"].view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) + cond.get("offset", 0.0)
 
 
 def test_cfg_velocity_formula_and_single_batch():
@@ -527,7 +527,7 @@ def test_cfg_velocity_formula_and_single_batch():
     cond = {"y": torch.tensor([2.0, 3.0, -1.0]), "offset": 0.5}
     uncond = {"y": torch.tensor([0.1, 0.2, 0.3]), "offset": 0.5}
     ref = _CountingModel()
-    v_c, v_u = ref(x, t, **cond), ref(x, t, **uncond)
+    v_c, v_u = ref(x, t, cond), ref(x, t, uncond)
     for w in [0.0, 2.0, 4.5, -1.0]:
         m = _CountingModel()
         v = cfg_velocity(m, x, t, cond, uncond, w)
@@ -540,8 +540,8 @@ def test_cfg_velocity_formula_and_single_batch():
 def test_cfg_velocity_batch_order_conditional_first():
     seen = {}
 
-    def model(x, t, *, y):
-        seen.update(x=x, t=t, y=y)
+    def model(x, t, cond):
+        seen.update(x=x, t=t, **cond)
         return torch.zeros_like(x)
 
     x, t = torch.randn(2, 3), torch.tensor([0.2, 0.7])
@@ -557,10 +557,10 @@ def test_cfg_velocity_no_guidance_single_call():
     x, t = torch.randn(3, 2, 4, 4, generator=g), torch.rand(3, generator=g)
     cond, uncond = {"y": torch.tensor([2.0, 3.0, -1.0])}, {"y": torch.zeros(3)}
     m = _CountingModel()
-    torch.testing.assert_close(cfg_velocity(m, x, t, cond, uncond, 1.0), m(x, t, **cond))
+    torch.testing.assert_close(cfg_velocity(m, x, t, cond, uncond, 1.0), m(x, t, cond))
     assert m.calls == [3, 3]  # cfg made exactly one call with batch B (the second is ours)
     m = _CountingModel()
-    torch.testing.assert_close(cfg_velocity(m, x, t, cond, None, 5.0), m(x, t, **cond))
+    torch.testing.assert_close(cfg_velocity(m, x, t, cond, None, 5.0), m(x, t, cond))
     assert m.calls == [3, 3]
 
 
@@ -575,7 +575,7 @@ def test_cfg_inside_euler_sample():
     x = noise
     for i in range(5):
         tt = torch.full((2,), float(times[i]))
-        v_c, v_u = m(x, tt, **cond), m(x, tt, **uncond)
+        v_c, v_u = m(x, tt, cond), m(x, tt, uncond)
         x = x + (times[i + 1] - times[i]) * (v_u + 3.0 * (v_c - v_u))
     torch.testing.assert_close(out, x)
 

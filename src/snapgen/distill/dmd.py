@@ -68,5 +68,5 @@ def critic_loss(critic, x0: torch.Tensor, cond: dict, generator: torch.Generator
     x0 = x0.detach()
     t = (torch.rand(x0.shape[0], generator=generator, device=x0.device) * (t_high - t_low) + t_low).clamp(1e-5, 1 - 1e-5)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    v = critic(interpolate(x0, eps, t), t, **cond)
+    v = critic(interpolate(x0, eps, t), t, cond)
     return F.mse_loss(v.float(), velocity_target(x0, eps).float())

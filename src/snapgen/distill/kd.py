@@ -49,8 +49,8 @@ def timestep_aware_scaling(task: torch.Tensor, kd: torch.Tensor, alpha: torch.Te
 class KnowledgeDistillationLoss(nn.Module):
     """Task + teacher distillation for one student model (any width of a supernetwork).
 
-    ``teacher(x, t, return_features=True, **teacher_cond)`` gives ``(v_T, f_T)``; the student is called the
-    same way with ``student_cond``. ``projectors`` maps a width name to its ``phi`` (trainable; not exported).
+    ``teacher(x, t, teacher_cond, features=("last",))`` gives ``(v_T, {"last": f_T})`` (the Denoiser
+    interface's feature tap); the student is called the same way with ``student_cond``. ``projectors`` maps a width name to its ``phi`` (trainable; not exported).
     """
 
     def __init__(self, teacher, projectors: dict[str, nn.Module], scaling: str = "snapgen",
@@ -64,9 +64,9 @@ class KnowledgeDistillationLoss(nn.Module):
         self.mean, self.std = mean, std
 
     @torch.no_grad()
-    def teacher_targets(self, x_t, t, **teacher_cond):
-        v, f = self.teacher(x_t, t, return_features=True, **teacher_cond)
-        return v.float(), f.float()
+    def teacher_targets(self, x_t, t, teacher_cond: dict | None = None, tap: str = "last", **cond_kw):
+        v, f = self.teacher(x_t, t, {**(teacher_cond or {}), **cond_kw}, features=(tap,))
+        return v.float(), f[tap].float()
 
     def per_width(self, width: str, v: torch.Tensor, f: torch.Tensor, target: torch.Tensor, v_t: torch.Tensor,
                   f_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict]:

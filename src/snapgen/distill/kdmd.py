@@ -21,8 +21,8 @@ computed without gradient, the critic's loss sees detached samples), so one opti
 groups equals DMD2's two optimizers (the generator's parameters simply get no gradient off-turn).
 Plain DMD is the same with no few-step teacher.
 
-Models are called as ``model(x, t, **cond)`` (velocity) and ``model(x, t, return_features=True, **cond)``
-(velocity, last-block features); ``cond``/``uncond`` are keyword dicts of batch tensors.
+Models are Denoisers, called as ``model(x, t, cond)`` (velocity) and ``model(x, t, cond, features=("last",))``
+(velocity, ``{"last": last-block features}``); ``cond``/``uncond`` are dicts of batch tensors.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class KDMDLoss:
         return step % self.cfg.gen_every == 0
 
     def _student_velocity(self, cond):
-        return lambda x, t: self.student(x, t, **cond)
+        return lambda x, t: self.student(x, t, cond)
 
     def __call__(self, step: int, cond: dict, uncond: dict | None, shape: tuple, generator=None,
                  device=None) -> tuple[torch.Tensor, dict]:
@@ -96,7 +96,8 @@ class KDMDLoss:
         gen_turn = self.is_generator_step(step)
         metrics = {"k": k}
         with torch.set_grad_enabled(gen_turn):
-            v, feats = self.student(x_t, t_k, return_features=True, **cond)
+            v, feats = self.student(x_t, t_k, cond, features=("last",))
+            feats = feats["last"]
             x0_hat = x_t - t_k.view(-1, *([1] * (x_t.dim() - 1))) * v
         loss = x0_hat.new_zeros(())
         if gen_turn:
@@ -106,14 +107,15 @@ class KDMDLoss:
                 eps = torch.randn(shape, generator=generator, device=noise.device)
                 x_tau = (1 - tau_b) * x0_hat.detach() + tau_b * eps
                 v_real = cfg_velocity(self.teacher, x_tau, tau, cond, uncond, c.guidance)
-                v_fake = self.critic(x_tau, tau, **cond)
+                v_fake = self.critic(x_tau, tau, cond)
                 x0_real, x0_fake = x_tau - tau_b * v_real, x_tau - tau_b * v_fake
             l_dmd, grad = dmd_loss(x0_hat, x0_real, x0_fake)
             loss = loss + c.dmd_weight * l_dmd
             metrics.update(loss_dmd=float(l_dmd.detach()), dmd_grad=float(grad.abs().mean()))
             if self.few_step_teacher is not None:
                 with torch.no_grad():
-                    v_t, f_t = self.few_step_teacher(x_t, t_k, return_features=True, **cond)
+                    v_t, f_t = self.few_step_teacher(x_t, t_k, cond, features=("last",))
+                    f_t = f_t["last"]
                 l_out = F.mse_loss(v.float(), v_t.float())
                 f_s = self.projector(feats) if self.projector is not None else feats
                 l_feat = feature_loss(f_s.float(), f_t.float(), c.feat_loss)

@@ -44,10 +44,10 @@ class _Role(nn.Module):
         super().__init__()
         self.model, self.variant, self.adapter = model, variant, adapter
 
-    def forward(self, x, t, return_features: bool = False, **cond):
+    def forward(self, x, t, cond=None, *, features=()):
         self.model.set_variant(self.variant)
         set_adapter(self.model, self.adapter)
-        return self.model(x, t, return_features=return_features, **cond)
+        return self.model(x, t, cond, features=features)
 
 
 class DistillTask:

@@ -33,7 +33,8 @@ class GaussianMixture2D:
 
 
 class ToyVelocity(nn.Module):
-    """MLP velocity ``v(x, t)``; ``return_features=True`` also returns the last hidden layer."""
+    """MLP velocity ``v(x, t)``, an unconditional Denoiser: ``cond`` is ignored; ``features=("last",)`` also
+    returns the last hidden layer as ``{"last": h}``."""
 
     def __init__(self, hidden: int = 128, depth: int = 3, time_dim: int = 32):
         super().__init__()
@@ -42,13 +43,17 @@ class ToyVelocity(nn.Module):
         self.hidden = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(depth - 1)])
         self.out = nn.Linear(hidden, 2)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False, **_):
+    feature_taps = ("last",)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None, *, features=(), return_features: bool = False):
         t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])
         h = F.silu(self.inp(torch.cat([x, timestep_embedding(t, self.time_dim)], dim=1)))
         for layer in self.hidden:
             h = F.silu(layer(h))
         v = self.out(h)
-        return (v, h) if return_features else v
+        if return_features:  # deprecated form
+            return v, h
+        return (v, {"last": h}) if features else v
 
 
 def train_toy_flow(model: nn.Module, data: GaussianMixture2D, steps: int = 2000, batch: int = 256,

@@ -29,11 +29,11 @@ def measure_step_latency(model, variant: str, latent_hw: tuple[int, int], text_l
     model.eval().set_variant(variant)
     try:
         for _ in range(warmup):
-            model(x, t, text)
+            model(x, t, {"text": text})
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model(x, t, text)
+            model(x, t, {"text": text})
             times.append((time.perf_counter() - t0) * 1e3)
     finally:
         model.set_variant(previous)

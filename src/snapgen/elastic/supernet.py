@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from ..models import ThreeStageDiT
+from ..models import ThreeStageDiT  # type hints; every function builds type(model)
 from ..nn.elastic import ElasticModule, WidthSpec
 
 __all__ = ["DEFAULT_VARIANTS", "make_elastic", "repeat_kv_heads", "variant_parameters", "extract_variant", "using_variant"]
@@ -37,7 +37,7 @@ def variant_parameters(model: ThreeStageDiT, name: str) -> dict[str, torch.Tenso
         raise ValueError(f"unknown variant {name!r}; this model serves {sorted(model.variants)}")
     spec = None if name == "full" else WidthSpec(name, model.variants[name])
     with torch.device("meta"):
-        target = ThreeStageDiT(model.config.variant_config(name))
+        target = type(model)(model.config.variant_config(name))
     wanted = target.state_dict()
     resolved: dict[str, torch.Tensor] = {}
     for prefix, module in model.named_modules():
@@ -63,7 +63,7 @@ def extract_variant(model: ThreeStageDiT, name: str) -> ThreeStageDiT:
     """A standalone ``ThreeStageDiT`` holding only sub-network ``name``'s weights (copies, same dtype/device)."""
     state = variant_parameters(model, name)
     ref = next(model.parameters())
-    sub = ThreeStageDiT(model.config.variant_config(name)).to(device=ref.device, dtype=ref.dtype)
+    sub = type(model)(model.config.variant_config(name)).to(device=ref.device, dtype=ref.dtype)
     sub.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
     sub.gradient_checkpointing = model.gradient_checkpointing
     return sub.train(model.training)
@@ -79,7 +79,7 @@ def make_elastic(model: ThreeStageDiT, variants=DEFAULT_VARIANTS) -> ThreeStageD
         raise ValueError("model is already elastic")
     cfg = model.config.replace(elastic_variants=tuple(variants))
     ref = next(model.parameters())
-    sup = ThreeStageDiT(cfg).to(device=ref.device, dtype=ref.dtype)
+    sup = type(model)(cfg).to(device=ref.device, dtype=ref.dtype)
     missing, unexpected = sup.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any("_variants." not in k for k in missing):
         raise RuntimeError(f"cannot map weights: missing {missing}, unexpected {unexpected}")
@@ -117,6 +117,6 @@ def repeat_kv_heads(model: ThreeStageDiT, kv_heads: int) -> ThreeStageDiT:
             t = t.reshape(kv_heads * cfg.head_dim, *t.shape[2:])
         state[key] = t.clone()
     ref = next(model.parameters())
-    out = ThreeStageDiT(cfg.replace(kv_heads=kv_heads)).to(device=ref.device, dtype=ref.dtype)
+    out = type(model)(cfg.replace(kv_heads=kv_heads)).to(device=ref.device, dtype=ref.dtype)
     out.load_state_dict(state, strict=True)
     return out

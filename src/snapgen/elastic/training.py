@@ -54,7 +54,7 @@ class WidthWeights:
 class ElasticFlowLoss:
     """Sandwich-rule elastic flow-matching loss for a ``ThreeStageDiT`` with ``elastic_variants``.
 
-    ``__call__(model, x0, step, generator=..., **cond)`` returns ``(loss, per_sample_full, t, metrics)`` where
+    ``__call__(model, x0, step, generator=..., cond=...)`` returns ``(loss, per_sample_full, t, metrics)`` where
     ``metrics`` holds ``fm_<variant>`` and ``kd_<variant>`` (floats) for the widths trained this step. The
     model is left at the full width.
     """
@@ -65,7 +65,9 @@ class ElasticFlowLoss:
         self.weights, self.num_random, self.seed = weights, num_random, seed
 
     def __call__(self, model, x0: torch.Tensor, step: int, generator: torch.Generator | None = None,
-                 t: torch.Tensor | None = None, eps: torch.Tensor | None = None, **cond):
+                 t: torch.Tensor | None = None, eps: torch.Tensor | None = None, cond: dict | None = None,
+                 **cond_kw):
+        cond = {**(cond or {}), **cond_kw}
         if not model.config.elastic_variants:
             raise ValueError("ElasticFlowLoss needs an elastic model (config.elastic_variants is empty)")
         o = self.objective
@@ -76,7 +78,7 @@ class ElasticFlowLoss:
         x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps).float()
         w = self.weights
         model.set_variant("full")
-        v_full = model(x_t, t, **cond).float()
+        v_full = model(x_t, t, cond).float()
         per_sample = F.mse_loss(v_full, target, reduction="none").flatten(1).mean(1)
         loss = w.full_weight * per_sample.mean()
         metrics = {"fm_full": float(per_sample.detach().mean())}
@@ -84,7 +86,7 @@ class ElasticFlowLoss:
         try:
             for name in sample_subnetworks(model.variants, step, self.seed, self.num_random):
                 model.set_variant(name)
-                v = model(x_t, t, **cond).float()
+                v = model(x_t, t, cond).float()
                 fm, kd = F.mse_loss(v, target), F.mse_loss(v, teacher)
                 loss = loss + w.subnet_weight * (fm + w.distill_weight * kd)
                 metrics[f"fm_{name}"], metrics[f"kd_{name}"] = float(fm.detach()), float(kd.detach())

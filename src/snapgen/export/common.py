@@ -40,6 +40,18 @@ class TextGraph(nn.Module):
         return tokens, attention_mask.bool()
 
 
+class DenoiserGraph(nn.Module):
+    """One denoiser step with flat tensor inputs ``(x, t, text, text_mask)`` (graphs take tensors, not the
+    Denoiser's ``cond`` dict). The model's parameters keep their names under ``model.``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t, {"text": text, "text_mask": text_mask})
+
+
 class DecoderGraph(nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -69,7 +81,7 @@ def device_rewrite(model: nn.Module) -> nn.Module:
 
 def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bool = False) -> dict:
     """The three graphs of ``pipe`` (its current variant and mode) with example inputs and I/O names."""
-    from ..models.dit import check_latent_size
+    from ..models.three_stage_dit import check_latent_size
 
     H, W = resolution or pipe.config.resolution
     f = pipe.vae_factor
@@ -103,7 +115,7 @@ def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bo
         "graphs": {
             "text": (text_graph, (ids, torch.ones(1, L, dtype=torch.long)), ["input_ids", "attention_mask"],
                      ["text", "text_mask"]),
-            "dit": (dit, (torch.randn(batch, *latent), torch.full((batch,), 0.5),
+            "dit": (DenoiserGraph(dit), (torch.randn(batch, *latent), torch.full((batch,), 0.5),
                           torch.randn(batch, tokens.shape[1], tokens.shape[2]),
                           torch.ones(batch, tokens.shape[1], dtype=torch.bool)),
                     ["x", "t", "text", "text_mask"], ["v"]),

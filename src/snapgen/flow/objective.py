@@ -89,8 +89,8 @@ def loss_per_time_bin(loss: torch.Tensor, t: torch.Tensor, n_bins: int = 5) -> l
 class FlowMatchingLoss:
     """Rectified-flow loss ``|| model(x_t, t, ...) - (eps - x0) ||^2`` with logit-normal times.
 
-    ``__call__(model, x0, **cond)`` returns ``(loss, per_sample_loss, t)``; extra keyword arguments go
-    to the model. ``shift=None`` uses :func:`resolution_shift` of the latent's token count.
+    ``__call__(model, x0, cond=...)`` returns ``(loss, per_sample_loss, t)``; the model is called as a
+    Denoiser, ``model(x_t, t, cond)`` (extra keyword arguments, e.g. ``text=``, are merged into ``cond``). ``shift=None`` uses :func:`resolution_shift` of the latent's token count.
     """
 
     def __init__(self, mean: float = 0.0, std: float = 1.0, shift: float | None = 1.0,
@@ -105,13 +105,13 @@ class FlowMatchingLoss:
         return resolution_shift((h // self.patch_size) * (w // self.patch_size), self.base_tokens)
 
     def __call__(self, model, x0: torch.Tensor, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, **cond):
+                 generator: torch.Generator | None = None, cond: dict | None = None, **cond_kw):
         if t is None:
             t = logit_normal_times(x0.shape[0], self.mean, self.std, self.shift_for(x0), generator, x0.device)
         if eps is None:
             eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = interpolate(x0, eps, t)
-        v = model(x_t, t, **cond)
+        v = model(x_t, t, {**(cond or {}), **cond_kw})
         per_sample = F.mse_loss(v.float(), velocity_target(x0, eps).float(), reduction="none")
         per_sample = per_sample.flatten(1).mean(1)
         return per_sample.mean(), per_sample, t

@@ -31,12 +31,13 @@ def cfg_velocity(model_fn: Callable, x: torch.Tensor, t: torch.Tensor, cond: dic
                  guidance: float) -> torch.Tensor:
     """One guided velocity. Runs conditional and unconditional branches as one batch of 2B.
 
-    ``cond``/``uncond`` are keyword arguments of ``model_fn(x, t, **kw)`` whose tensors have batch B.
+    ``model_fn`` is a Denoiser, called as ``model_fn(x, t, cond)``; ``cond``/``uncond`` are dicts whose
+    tensors have batch B.
     """
     if uncond is None or guidance == 1.0:
-        return model_fn(x, t, **cond)
+        return model_fn(x, t, cond)
     kw = {k: torch.cat([cond[k], uncond[k]]) if torch.is_tensor(cond[k]) else cond[k] for k in cond}
-    v_c, v_u = model_fn(torch.cat([x, x]), torch.cat([t, t]), **kw).chunk(2)
+    v_c, v_u = model_fn(torch.cat([x, x]), torch.cat([t, t]), kw).chunk(2)
     return v_u + guidance * (v_c - v_u)
 
 

@@ -79,6 +79,16 @@ class ThreeStageDiTConfig(JSONConfigMixin):
         """Latent pixels per Middle-stage token along each axis (patchify x stage downsample)."""
         return self.patch_size * 2
 
+    @property
+    def latent_multiple(self) -> int:
+        """The Denoiser interface's name for :attr:`downsample`: latent height and width must be multiples."""
+        return self.downsample
+
+    @property
+    def cond_dims(self) -> dict[str, int]:
+        """Feature width of each ``cond`` tensor the model reads (``text_mask`` is a bool mask)."""
+        return {"text": self.text_dim}
+
     def validate(self) -> None:
         def bad(msg):
             raise ValueError(f"invalid ThreeStageDiTConfig: {msg}")

@@ -13,15 +13,19 @@ from torch import nn
 
 from ..attention import grid_positions, rope_angles
 from .config import ThreeStageDiTConfig
-from .dit import basic_init, check_inputs, unpatchify
+from .base import check_features, denoiser_call
+from .registry import register_model
+from .three_stage_dit import basic_init, check_inputs, read_text_cond, unpatchify
 from ..nn.io import ModelIOMixin
 from .layers import MOD_CHUNKS, AdaLNSingle, DiTBlock, FinalLayer, TimestepEmbedder
 
 __all__ = ["IsotropicDiT"]
 
 
+@register_model("isotropic_dit", config=ThreeStageDiTConfig, default_for_config=False)
 class IsotropicDiT(ModelIOMixin, nn.Module):
     config_class = ThreeStageDiTConfig
+    feature_taps = ("last",)
 
     def __init__(self, config: ThreeStageDiTConfig):
         super().__init__()
@@ -37,8 +41,11 @@ class IsotropicDiT(ModelIOMixin, nn.Module):
         self.final_layer = FinalLayer(D, p * p * cfg.in_channels)
         basic_init(self)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None, *legacy, features=(), **legacy_kw):
+        """The Denoiser interface (:mod:`snapgen.models.base`); ``cond = {"text": ..., "text_mask": ...}``."""
+        cond, features, legacy_return = denoiser_call(cond, legacy, legacy_kw, features)
+        features = check_features(features, self.feature_taps, self.family)
+        text, text_mask = read_text_cond(cond, self.family)
         cfg = self.config
         t = check_inputs(cfg, x, t, text, text_mask, cfg.patch_size)
         B, _, h, w = x.shape
@@ -50,7 +57,16 @@ class IsotropicDiT(ModelIOMixin, nn.Module):
         rope = rope_angles(grid_positions(*grid, device=x.device), cfg.head_dim, cfg.rope_theta)
         for blk in self.blocks:
             xs = blk(xs, cond, grid, rope, None, text, text_mask)
-        return unpatchify(self.final_layer(xs, t_emb), grid, cfg.patch_size, cfg.in_channels)
+        out = unpatchify(self.final_layer(xs, t_emb), grid, cfg.patch_size, cfg.in_channels)
+        if legacy_return:
+            return out, xs
+        return (out, {"last": xs}) if features else out
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def stages(self, latent_hw: tuple[int, int]) -> list[dict]:
+        cfg = self.config
+        gh, gw = latent_hw[0] // cfg.patch_size, latent_hw[1] // cfg.patch_size
+        return [{"name": "blocks", "blocks": sum(cfg.depths), "grid": [gh, gw], "tokens": gh * gw,
+                 "attention": "dense"}]

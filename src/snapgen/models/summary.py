@@ -11,7 +11,7 @@ import torch
 
 from ..utils.flops import flop_counter
 from .config import PAPER_PARAMS, ThreeStageDiTConfig
-from .dit import ThreeStageDiT, check_latent_size
+from .three_stage_dit import ThreeStageDiT, check_latent_size
 
 __all__ = ["parse_resolution", "count_flops", "summarize"]
 
@@ -51,7 +51,7 @@ def count_flops(model: torch.nn.Module, latent_shape: tuple[int, ...], text_len:
     text = torch.zeros(batch, text_len, text_dim, device=device)
     mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
     with flop_counter() as counter, torch.no_grad():
-        model(x, t, text, mask)
+        model(x, t, {"text": text, "text_mask": mask})
     return int(counter.get_total_flops())
 
 
@@ -69,8 +69,10 @@ def summarize(config: ThreeStageDiTConfig, resolution: tuple[int, int], text_len
               name: str | None = None) -> dict:
     """Everything ``snapgen info`` reports, computed on the meta device."""
     h, w = latent_size(config, resolution)
+    from .registry import build_model
+
     with torch.device("meta"):
-        model = ThreeStageDiT(config)
+        model = build_model(config)
     params = model.num_parameters()
     flops = count_flops(model, (config.in_channels, h, w), text_len, config.text_dim)
     out = {

@@ -54,7 +54,7 @@ class ModelIOMixin:
         # Tied/shared tensors are not expected here; safetensors refuses them, which is what we want.
         atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
         tmp = directory / f".{CONFIG_NAME}.tmp"
-        self.config.to_json(tmp)
+        self.config.to_json(tmp, class_name=type(self).__name__)  # load_model dispatches on it
         os.replace(tmp, directory / CONFIG_NAME)
         return directory
 

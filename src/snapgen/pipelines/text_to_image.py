@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 
 from ..data.base import tensor_to_image
 from ..flow import cfg_velocity, euler_sample, few_step_sample, sampling_times
-from ..models import ThreeStageDiT
+from .. import compress  # noqa: F401  (registers the quantized-folder loader with load_model)
+from ..models import ThreeStageDiT, load_model
 from ..nn.io import atomic_save_safetensors
 from ..utils.config import JSONConfigMixin
 from ..utils.paths import shipped_dir
@@ -201,12 +202,7 @@ class TextToImagePipeline:
             raise FileNotFoundError(f"{directory} is not a snapgen pipeline folder: pipeline.json is missing "
                                     f"(expected pipeline.json, transformer/, vae/, text_conditioning.safetensors)")
         config = PipelineConfig.from_json(directory / "pipeline.json")
-        if (directory / "transformer" / "quantized.safetensors").is_file():  # snapgen quantize output
-            from ..export.quantize import load_quantized
-
-            transformer = load_quantized(directory / "transformer")
-        else:
-            transformer = ThreeStageDiT.from_pretrained(directory / "transformer")
+        transformer = load_model(directory / "transformer")  # any registered family, or a quantized folder
         vae = load_autoencoder(directory / "vae")
         cond_path = directory / "text_conditioning.safetensors"
         if not cond_path.is_file():

@@ -51,7 +51,7 @@ def activation_bytes_per_sample(model, latent_shape: tuple[int, int, int], text_
     text = torch.randn(1, text_len, cfg.text_dim, device="meta")
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x, t, text)
+            model(x, t, {"text": text})
     finally:
         for h in handles:
             h.remove()
@@ -93,14 +93,14 @@ def plan_memory(model_config, resolution: int, text_len: int, gpus: int, batch_p
                 widths: list[str] | None = None) -> MemoryPlan:
     """Per-GPU memory of training ``model_config`` at ``resolution`` px (square) on ``gpus`` GPUs. ``widths``:
     the elastic sub-networks trained per step (their activations are all kept until the one backward)."""
-    from ..models import ThreeStageDiT
+    from ..models import build_model
 
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
     if gpus < 1 or batch_per_gpu < 1:
         raise ValueError("gpus and batch_per_gpu must be >= 1")
     with torch.device("meta"):
-        model = ThreeStageDiT(model_config)
+        model = build_model(model_config)
     P = sum(p.numel() for p in model.parameters())
     f = model_config.vae_factor
     latent = (model_config.in_channels, resolution // f, resolution // f)

@@ -201,8 +201,8 @@ def validation_loss(model, conditioning, cache: dict, variant: str | None = None
             feats = (cache["text_tokens"][cap].float().to(device), cache["text_mask"][cap].to(device))
             text, mask = conditioning([feats])
             x0 = latents[sl].float().to(device)
-            loss, per_sample, _ = objective(model, x0, t=times[sl].to(device), eps=noise[sl].to(device), text=text,
-                                            text_mask=mask)
+            loss, per_sample, _ = objective(model, x0, t=times[sl].to(device), eps=noise[sl].to(device),
+                                            cond={"text": text, "text_mask": mask})
             total += float(per_sample.sum())
     finally:
         if variant is not None:
@@ -217,8 +217,7 @@ class FlowTask:
     """Text-to-image flow matching of a ThreeStageDiT on cached latents and caption features."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        from ..models import ThreeStageDiT, preset
-        from ..models.config import ThreeStageDiTConfig
+        from ..models import build_model
         from ..text import TextConditioning
 
         self.cfg, self.device = cfg, device
@@ -233,9 +232,8 @@ class FlowTask:
         model_kw = dict(cfg.model)
         # warm start from an exported pipeline folder (e.g. continue the shipped model on a new data mix)
         self.init_from = model_kw.pop("init_from", None)
-        name = model_kw.pop("preset", None)
-        mcfg = preset(name, **model_kw) if name else ThreeStageDiTConfig(**model_kw)
-        self.model = ThreeStageDiT(mcfg).to(device)
+        self.model = build_model(model_kw, device=device)
+        mcfg = self.model.config
         self.model.gradient_checkpointing = cfg.grad_checkpointing
         self.text_spec = cfg.text.get("encoder", "minilm")
         self.text_max_length = int(cfg.text.get("max_length", 32))
@@ -318,7 +316,7 @@ class FlowTask:
         text, mask = self.conditioning([feats], drop=drops)
         t_text, t_mask = self.kd_conditioning([feats], drop=drops)  # the teacher sees the same dropped captions
         x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps).float()
-        v_t, f_t = self.kd.teacher_targets(x_t, t, text=t_text, text_mask=t_mask)
+        v_t, f_t = self.kd.teacher_targets(x_t, t, {"text": t_text, "text_mask": t_mask})
         widths = ["full"]
         if self.elastic_loss is not None:
             from ..elastic.training import sample_subnetworks
@@ -328,7 +326,8 @@ class FlowTask:
         try:
             for name in widths:
                 self.model.set_variant(name)
-                v, f = self.model(x_t, t, text=text, text_mask=mask, return_features=True)
+                v, f = self.model(x_t, t, {"text": text, "text_mask": mask}, features=("last",))
+                f = f["last"]
                 loss, parts = self.kd.per_width(name, v, f, target, v_t, f_t, t)
                 total = total + loss
                 logs.update({f"{k}_{name}": val for k, val in parts.items()})
@@ -544,10 +543,10 @@ class FlowTask:
         from ..flow import loss_per_time_bin
 
         if self.elastic_loss is not None:
-            loss, per_sample, t, logs = self.elastic_loss(self.model, x0, step, t=t, eps=eps, text=text,
-                                                          text_mask=mask)
+            loss, per_sample, t, logs = self.elastic_loss(self.model, x0, step, t=t, eps=eps,
+                                                          cond={"text": text, "text_mask": mask})
             return loss, {"bins": loss_per_time_bin(per_sample, t, self.cfg.time_bins), **logs}
-        loss, per_sample, t = self.objective(self.model, x0, t=t, eps=eps, text=text, text_mask=mask)
+        loss, per_sample, t = self.objective(self.model, x0, t=t, eps=eps, cond={"text": text, "text_mask": mask})
         return loss, {"bins": loss_per_time_bin(per_sample, t, self.cfg.time_bins)}
 
     @torch.no_grad()

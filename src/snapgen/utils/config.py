@@ -44,10 +44,12 @@ class JSONConfigMixin:
                              f"field (re-save it with save_pretrained, or add the keys)")
         return cls(**d)
 
-    def to_json(self, path: str | os.PathLike) -> None:
+    def to_json(self, path: str | os.PathLike, class_name: str | None = None) -> None:
+        """Write the config; ``_class_name`` is ``class_name`` (the model class, which
+        ``snapgen.models.load_model`` dispatches on) or the config's ``_config_kind``."""
         from .. import __version__
 
-        payload = {"_class_name": self._config_kind, "_snapgen_version": __version__, **self.to_dict()}
+        payload = {"_class_name": class_name or self._config_kind, "_snapgen_version": __version__, **self.to_dict()}
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
             f.write("\n")
