@@ -174,5 +174,14 @@ def test_coreml_palettizes_a_quantized_dit_with_its_own_clusters(folder, tmp_pat
     assert len(lut_ops) == meta["palettized_weights"]
     state = q.transformer.state_dict()
     centroids = {float(v) for t in state.values() if t.unique().numel() <= 256 for v in t.half().unique()}
-    lut_values = {float(v) for op in lut_ops for v in np.asarray(op.lut.val).ravel()}
-    assert lut_values and lut_values <= centroids
+    # only the entries the indices use: coremltools pads a LUT to 2^nbits entries with zeros (a 6-bit LUT of
+    # 64 for a weight it stores at 6 bits), and padding entries are never read
+    from coremltools.optimize._utils import restore_elements_from_packed_bits
+
+    used = set()
+    for op in lut_ops:
+        lut, idx, n = np.asarray(op.lut.val).ravel(), np.asarray(op.indices.val), int(np.prod(op.shape.val))
+        if idx.size != n:  # packed sub-byte indices
+            idx = restore_elements_from_packed_bits(idx, int(np.log2(lut.size)), n)
+        used |= {float(v) for v in lut[np.unique(idx)]}
+    assert used and used <= centroids
