@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..utils.resolution import parse_resolution
 from .base import Sample, center_crop_resize
 
 __all__ = ["TEST_PERCENT", "EmojiDataset", "EmojiEntry", "clean_name", "default_cache_dir", "is_test_split",
@@ -195,19 +196,6 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _parse_resolution(resolution: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(resolution, (int, np.integer)) and not isinstance(resolution, bool):
-        hw = (int(resolution), int(resolution))
-    elif (isinstance(resolution, (tuple, list)) and len(resolution) == 2
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in resolution)):
-        hw = (int(resolution[0]), int(resolution[1]))
-    else:
-        raise ValueError(f"resolution must be an int or an (H, W) pair of ints, got {resolution!r}")
-    if min(hw) < 1:
-        raise ValueError(f"resolution must be positive, got {resolution!r}")
-    return hw
-
-
 # ------------------------------------------------------------------------------------------- dataset
 
 class EmojiDataset(Dataset):
@@ -232,7 +220,7 @@ class EmojiDataset(Dataset):
                  cache_dir: str | os.PathLike | None = None,
                  background: Sequence[int] = (255, 255, 255), limit: int | None = None,
                  caption_mode: str = "name", seed: int = 0, fit: str = "pad", progress: bool = True):
-        self.size_hw = _parse_resolution(resolution)
+        self.size_hw = parse_resolution(resolution, too_small="resolution must be positive, got {!r}")
         self.resolution = resolution if isinstance(resolution, int) else self.size_hw
         if split not in ("all", "train", "test"):
             raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")

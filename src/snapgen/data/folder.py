@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ..utils.resolution import parse_resolution
 from .base import Sample, center_crop_resize
 
 __all__ = ["CAPTIONS_FILE", "IMAGE_EXTENSIONS", "ImageFolderDataset"]
@@ -85,13 +86,10 @@ class ImageFolderDataset(Dataset):
                                     if not self.root.exists() else f"not a folder: {self.root}")
         if resolution is None:
             self.size: int | tuple[int, int] | None = None
-        elif isinstance(resolution, int) and not isinstance(resolution, bool) and resolution > 0:
-            self.size = resolution
-        elif (isinstance(resolution, (tuple, list)) and len(resolution) == 2
-              and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in resolution)):
-            self.size = (int(resolution[0]), int(resolution[1]))
         else:
-            raise ValueError(f"resolution must be a positive int, an (H, W) pair or None, got {resolution!r}")
+            hw = parse_resolution(resolution,
+                                  error="resolution must be a positive int, an (H, W) pair or None, got {!r}")
+            self.size = hw if isinstance(resolution, (str, Sequence)) else hw[0]  # an int stays an int
         self.resolution = resolution
         self.recursive = recursive
 

@@ -80,6 +80,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..utils.resolution import parse_resolution
 from .base import Sample
 
 __all__ = [
@@ -333,18 +334,6 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _parse_resolution(resolution) -> tuple[int, int]:
-    if _is_int(resolution):
-        hw = (int(resolution), int(resolution))
-    elif isinstance(resolution, Sequence) and len(resolution) == 2 and all(map(_is_int, resolution)):
-        hw = (int(resolution[0]), int(resolution[1]))
-    else:
-        raise ValueError(f"resolution must be an int or an (H, W) pair of ints, got {resolution!r}")
-    if min(hw) < _MIN_RESOLUTION:
-        raise ValueError(f"resolution must be at least {_MIN_RESOLUTION} px per side, got {resolution!r}")
-    return hw
-
-
 class SceneDataset(torch.utils.data.Dataset):
     """Procedural compositional scenes (see the module docstring): items are :class:`Sample` objects.
 
@@ -367,7 +356,9 @@ class SceneDataset(torch.utils.data.Dataset):
         categories: Sequence[str] | None = None,
         backgrounds: Sequence[str] = BACKGROUNDS,
     ):
-        self.height, self.width = _parse_resolution(resolution)
+        self.height, self.width = parse_resolution(
+            resolution, minimum=_MIN_RESOLUTION,
+            too_small=f"resolution must be at least {_MIN_RESOLUTION} px per side, got {{!r}}")
         if not _is_int(length) or length < 0:
             raise ValueError(f"length must be a non-negative int, got {length!r}")
         if not _is_int(seed) or seed < 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..utils.flops import flop_counter
+from ..utils.resolution import parse_resolution as _parse_resolution
 from .config import PAPER_PARAMS, ThreeStageDiTConfig
 from .three_stage_dit import ThreeStageDiT, check_latent_size
 
@@ -18,16 +19,7 @@ __all__ = ["parse_resolution", "count_flops", "summarize"]
 
 def parse_resolution(text: str | int) -> tuple[int, int]:
     """``"1024"`` -> (1024, 1024); ``"768x1344"`` -> (768, 1344) as (height, width) in image pixels."""
-    s = str(text).lower().replace(" ", "")
-    try:
-        parts = [int(p) for p in s.split("x")]
-    except ValueError:
-        raise ValueError(f"resolution must look like 1024 or 768x1344 (height x width), got {text!r}") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise ValueError(f"resolution must look like 1024 or 768x1344 (height x width), got {text!r}")
-    return parts[0], parts[1]
+    return _parse_resolution(text, error="resolution must look like 1024 or 768x1344 (height x width), got {!r}")
 
 
 def latent_size(config: ThreeStageDiTConfig, resolution: tuple[int, int]) -> tuple[int, int]:
