@@ -29,7 +29,7 @@ from ..flow import cfg_velocity, euler_sample, few_step_sample, sampling_times
 from ..models import ThreeStageDiT
 from ..models.io import atomic_save_safetensors
 from ..utils.config import JSONConfigMixin
-from ..utils.paths import shipped_dir
+from .. import env
 
 __all__ = ["PipelineConfig", "TextToImagePipeline", "default_model_dir"]
 
@@ -39,7 +39,7 @@ MAX_PROMPT_CHARS = 1000
 
 def default_model_dir() -> Path:
     """The shipped model: ``$SNAPGEN_MODEL`` or ``models/snapgen-micro`` in the repository."""
-    return shipped_dir("SNAPGEN_MODEL", "models", "snapgen-micro")
+    return env.model_dir()
 
 
 @dataclass(frozen=True)
