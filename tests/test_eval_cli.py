@@ -17,6 +17,7 @@ def test_eval_quick_json_and_report(tmp_path, capsys):
     assert abs(summary["sceneeval"]["overall"] - sum(scores) / len(scores)) < 1e-3
     assert {"alignment", "fd", "steps", "cfg", "images", "seconds"} <= set(summary)
     assert summary["steps"] == 4 and summary["images"] == 18
+    assert summary["model"].endswith("snapgen-micro") and summary["image_encoder"].endswith("image-encoder")
     assert (out / "report.md").read_text().startswith("# snapgen eval")
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 18 and all("correct" in json.loads(ln) for ln in lines)

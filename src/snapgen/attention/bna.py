@@ -35,7 +35,8 @@ Backends (all heads-last: ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)``, ``Hq % H
   row-chunk geometries only; compiled with g++ on first use.
 * ``"auto"`` (the model default): ``fused`` where it applies and is faster -- CPU, fp32, row chunks of fewer
   than 768 tokens (from 768 query rows PyTorch's flash kernel switches to 256-row blocks and matches it),
-  not while tracing/exporting/compiling, kernel built -- otherwise ``gather``.
+  not while tracing/exporting/compiling, kernel built -- otherwise ``gather`` (decided in ``backend.py``, which
+  logs each choice once with its reason; :func:`snapgen.attention.backend_report`).
 """
 
 from __future__ import annotations
@@ -48,16 +49,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernel import bna_rows, load_kernel
+from .backend import FUSED_MAX_TILE_TOKENS, check_fused_inputs, use_fused_kernel
+from .cpu_kernel import bna_rows
 
-__all__ = ["TileGeometry", "make_geometry", "bna_mask", "block_neighborhood_attention", "bna_lerp_into", "BNA_BACKENDS",
-           "check_fused_inputs", "use_fused_kernel"]
+__all__ = ["TileGeometry", "make_geometry", "bna_mask", "block_neighborhood_attention", "bna_lerp_into",
+           "BNA_BACKENDS", "FUSED_MAX_TILE_TOKENS", "check_fused_inputs", "use_fused_kernel"]
 
 BNA_BACKENDS = ("auto", "gather", "fused", "tiles", "reference", "flex")
-
-# From this many tokens per row chunk PyTorch's CPU flash kernel uses 256-row query blocks (q_len >= 768) and
-# runs as fast as the fused kernel (measured at 16384 tokens, 1024-token chunks; docs/performance.md).
-FUSED_MAX_TILE_TOKENS = 767
 
 
 @dataclass(frozen=True)
@@ -375,33 +373,6 @@ def _bna_flex(q, k, v, geom: TileGeometry, compile: bool = False) -> torch.Tenso
         (H, W), (Hp, Wp) = geom.grid, geom.padded_grid
         out = out.reshape(B, Hp, Wp, Hq, d)[:, :H, :W].reshape(B, N, Hq, d)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Fused CPU kernel (row chunks)
-# ----------------------------------------------------------------------------------------------
-
-def _exporting() -> bool:
-    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
-
-
-def check_fused_inputs(q, k, v, geom: TileGeometry) -> None:
-    if not geom.is_identity_tiling:
-        raise ValueError(f"BNA backend 'fused' needs row chunks (tiles spanning the grid width, no padding); got "
-                         f"tile {geom.tile} on grid {geom.grid}. Use backend='gather' or 'auto' for 2-D tiles.")
-    bad = [f"{name} {t.dtype} on {t.device}" for name, t in (("q", q), ("k", k), ("v", v))
-           if t.device.type != "cpu" or t.dtype != torch.float32]
-    if bad:
-        raise ValueError(f"BNA backend 'fused' runs float32 CPU tensors only; got {', '.join(bad)}. "
-                         f"Use backend='gather' or 'auto'.")
-
-
-def use_fused_kernel(q, k, v, geom: TileGeometry) -> bool:
-    """Whether backend ``"auto"`` runs the fused CPU kernel for these inputs (see the module docstring)."""
-    return (geom.is_identity_tiling and geom.tile_tokens <= FUSED_MAX_TILE_TOKENS
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
-            and not _exporting() and load_kernel())
 
 
 # ----------------------------------------------------------------------------------------------

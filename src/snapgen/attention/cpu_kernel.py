@@ -13,7 +13,8 @@ overlapping key window; this kernel uses the whole chunk as one query block and 
 into the key/value gradient. Measured against the ``gather`` backend on the local branch alone at 4096
 tokens: forward -12%, forward+backward -20% (``docs/performance.md``).
 
-``SNAPGEN_BNA_KERNEL=0`` disables it (``backend="auto"`` then uses ``gather``).
+``SNAPGEN_BNA_KERNEL=0`` disables it (``backend="auto"`` then uses ``gather``; parsed by :mod:`snapgen.env`).
+:func:`kernel_status` says whether it is built, disabled, failed or not loaded yet, without building it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["kernel_error", "load_kernel", "bna_rows", "bna_rows_lerp"]
+from .. import env
+
+__all__ = ["kernel_error", "kernel_status", "load_kernel", "bna_rows", "bna_rows_lerp"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "bna_rows_cpu.cpp"
@@ -128,19 +131,28 @@ def _(grad_out_shape, q_shape, k_shape, v_shape, local_shape, lse_shape, end_sha
 @contextlib.contextmanager
 def _ninja_on_path():
     """cpp_extension runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency) puts it next to the venv's
-    python, which is not on PATH when ``.venv/bin/python`` runs without an activated venv."""
-    old = os.environ.get("PATH", "")
+    python, which is not on PATH when ``.venv/bin/python`` runs without an activated venv. The one place
+    snapgen writes to ``os.environ`` (documented in :mod:`snapgen.env`): PATH is restored exactly after."""
+    old = os.environ.get("PATH")
+    bin_dir = None
     if shutil.which("ninja") is None:
         try:
             import ninja
 
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+            bin_dir = ninja.BIN_DIR
         except ImportError:
             pass
+    if bin_dir is None:  # ninja already on PATH, or no wheel to add: PATH is left alone
+        yield
+        return
+    os.environ["PATH"] = bin_dir + os.pathsep + (old or "")
     try:
         yield
     finally:
-        os.environ["PATH"] = old
+        if old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old
 
 
 def load_kernel(raise_on_error: bool = False) -> bool:
@@ -150,7 +162,7 @@ def load_kernel(raise_on_error: bool = False) -> bool:
         return True
     with _lock:
         if not _state["loaded"] and _state["error"] is None:
-            if os.environ.get("SNAPGEN_BNA_KERNEL", "1").strip().lower() in ("0", "false", "off", "no"):
+            if not env.bna_kernel_enabled():
                 _state["error"] = "disabled by SNAPGEN_BNA_KERNEL=0"
             else:
                 try:
@@ -177,6 +189,20 @@ def load_kernel(raise_on_error: bool = False) -> bool:
 def kernel_error() -> str | None:
     """Why the kernel is unavailable (after a failed :func:`load_kernel`), else ``None``."""
     return _state["error"]  # type: ignore[return-value]
+
+
+def kernel_status() -> str:
+    """``"built"``, ``"disabled-by-env"`` (``SNAPGEN_BNA_KERNEL=0``, whether or not a load was tried),
+    ``"build-failed"`` (the reason in :func:`kernel_error`) or ``"not-loaded-yet"``; never builds it."""
+    if _state["loaded"]:
+        return "built"
+    error = _state["error"]
+    if error is not None:
+        return "disabled-by-env" if str(error).startswith("disabled by") else "build-failed"
+    try:
+        return "not-loaded-yet" if env.bna_kernel_enabled() else "disabled-by-env"
+    except ValueError:  # a bad SNAPGEN_BNA_KERNEL: load_kernel will raise with the message
+        return "not-loaded-yet"
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:

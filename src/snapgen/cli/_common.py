@@ -33,12 +33,15 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
 
 
 def load_model_config(preset: str, config: str | None):
-    """``(ThreeStageDiTConfig, label)``: from ``config`` (a config.json; label None) or the named preset."""
-    from ..models import PRESETS, ThreeStageDiTConfig
+    """``(model config, label)``: from ``config`` (a config.json of any registered family; label None) or the
+    named preset (bare or ``namespace/name``, resolved by the model registry)."""
+    from pathlib import Path
+
+    from ..models.registry import resolve_config, saved_class
 
     if config:
-        return ThreeStageDiTConfig.from_json(config), None
-    return PRESETS[preset], preset
+        return saved_class(Path(config).parent, Path(config).name)[1], None
+    return resolve_config(preset)[1], preset.rsplit("/", 1)[-1]
 
 
 def variant_grid(per_variant: list[list], prompts: list[str], names: list[str]) -> tuple[list, list[str]]:

@@ -8,16 +8,23 @@ import time
 from ._common import load_model_config
 
 
+def _namespaced_names() -> list[str]:
+    from ..models.registry import model_names
+
+    return model_names()
+
+
 def _preset_names() -> list[str]:
     """The model names ``info --preset`` offers (besides ``all``), in the order ``all`` summarises them."""
-    from ..models import PRESETS
+    from ..models.registry import MODELS
 
-    return list(PRESETS)
+    names = [p for family, _ in MODELS.items() for p in MODELS.meta(family)["presets"]]
+    return [p for p in names if names.count(p) == 1]  # bare names, unambiguous across families
 
 
 def _add_info(subparsers) -> None:
     p = subparsers.add_parser("info", help="parameters, stage layout and FLOPs of a preset or config")
-    p.add_argument("--preset", default="small", choices=[*_preset_names(), "all"],
+    p.add_argument("--preset", default="small", choices=[*_preset_names(), *_namespaced_names(), "all"],
                    help="model preset (default: small)")
     p.add_argument("--config", help="a config.json instead of a preset")
     p.add_argument("--resolution", default="1024", help="image size, 1024 or HxW such as 768x1344 (default 1024)")
@@ -86,16 +93,16 @@ def cmd_info(args) -> int:
 def _forward(config, summary) -> dict:
     import torch
 
-    from ..models import ThreeStageDiT
+    from ..models import build_model
 
     torch.manual_seed(0)
-    model = ThreeStageDiT(config).eval()
+    model = build_model(config).eval()
     c, h, w = summary["latent_shape"]
     x = torch.randn(1, c, h, w)
     text = torch.randn(1, summary["text_tokens"], config.text_dim)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(x, torch.tensor([1.0]), text)
+        out = model(x, torch.tensor([1.0]), {"text": text})
         dt = time.perf_counter() - t0
     return {"seconds": round(dt, 3), "output_shape": list(out.shape), "max_abs": float(out.abs().max()),
             "threads": torch.get_num_threads()}

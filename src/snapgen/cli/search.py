@@ -24,7 +24,7 @@ def cmd_select(args) -> int:
     import torch
 
     from ..elastic.select import measure_step_latency, select_variant
-    from ..models.dit import check_latent_size
+    from ..models.three_stage_dit import check_latent_size
     from ..pipelines import TextToImagePipeline
 
     if args.budget_ms <= 0:

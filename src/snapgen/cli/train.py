@@ -130,7 +130,7 @@ def _widths_per_step(mcfg, cfg) -> list[str]:
 
 
 def cmd_plan(args) -> int:
-    from ..models import ThreeStageDiTConfig, preset
+    from ..models import resolve_config
     from ..train import load_config
     from ..train.plan import plan_memory
 
@@ -138,8 +138,7 @@ def cmd_plan(args) -> int:
     if cfg.task != "flow":
         raise ValueError(f"snapgen plan reads flow-training configs; {args.config} has task {cfg.task!r}")
     kw = {k: v for k, v in cfg.model.items() if k != "init_from"}
-    name = kw.pop("preset", None)
-    mcfg = preset(name, **kw) if name else ThreeStageDiTConfig(**kw)
+    mcfg = resolve_config(kw)[1]
     res = args.resolution or cfg.data.get("resolution", 256)
     res = res if isinstance(res, int) else int(res[0])
     strategy = args.strategy or cfg.distributed.get("strategy", "ddp")

@@ -104,8 +104,9 @@ def _version(dist: str, module: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("SNAPGEN_CACHE")
-    return Path(env) / "emoji" if env else Path.home() / ".cache" / "snapgen" / "emoji"
+    from .. import env
+
+    return env.cache_dir() / "emoji"
 
 
 def list_openmoji() -> list[EmojiEntry]:

@@ -34,7 +34,7 @@ from PIL import Image
 
 from ..nn.io import ModelIOMixin
 from ..utils.config import JSONConfigMixin
-from ..utils.paths import shipped_dir
+from .. import env
 
 __all__ = ["ImageEncoderConfig", "ImageEncoder", "default_image_encoder_dir", "load_image_encoder",
            "train_image_encoder", "alignment_score", "evaluate_encoder", "heldout_samples",
@@ -48,7 +48,7 @@ DEFAULT_TRAIN_SOURCES = (
 
 def default_image_encoder_dir() -> Path:
     """The shipped encoder: ``$SNAPGEN_IMAGE_ENCODER`` or ``models/evaluators/image-encoder``."""
-    return shipped_dir("SNAPGEN_IMAGE_ENCODER", "models", "evaluators", "image-encoder")
+    return env.image_encoder_dir()
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ from scipy import ndimage
 from ..data.scenes import COLORS, SHAPES, SceneDataset
 from ..nn.io import ModelIOMixin
 from ..utils.config import JSONConfigMixin
-from ..utils.paths import shipped_dir
+from .. import env
 
 __all__ = [
     "DEGRADATIONS",
@@ -114,7 +114,7 @@ __all__ = [
 
 def default_detector_dir() -> Path:
     """The shipped detector: ``$SNAPGEN_SCENE_DETECTOR`` or ``models/evaluators/scene-detector``."""
-    return shipped_dir("SNAPGEN_SCENE_DETECTOR", "models", "evaluators", "scene-detector")
+    return env.scene_detector_dir()
 
 
 @dataclass(frozen=True)

@@ -108,8 +108,11 @@ def _load(folder: Path, backend: str):
 
         pipe = TextToImagePipeline.from_pretrained(folder)
         if (folder / "torchao_int8").is_file():
+            from ..utils.quiet import quiet_imports
+
             try:
-                from torchao.quantization import Int8WeightOnlyConfig, quantize_
+                with quiet_imports():
+                    from torchao.quantization import Int8WeightOnlyConfig, quantize_
             except ImportError:
                 raise ImportError("the int8 baseline needs torchao: pip install 'snapgen[device]'") from None
             quantize_(pipe.transformer, Int8WeightOnlyConfig())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..utils.quiet import quiet_imports
 from .common import ExportedPipeline, write_export
 
 __all__ = ["export_executorch", "ExecuTorchPipeline", "export_coreml", "EXECUTORCH_FORMAT", "COREML_FORMAT"]
@@ -26,7 +27,8 @@ def _require(module: str, what: str):
     import importlib
 
     try:
-        return importlib.import_module(module)
+        with quiet_imports():  # executorch imports torchao, whose import logs CUDA-extension failures
+            return importlib.import_module(module)
     except ImportError:
         raise ImportError(f"{what} needs the 'device' extra: pip install 'snapgen[device]' ({module} is "
                           f"missing)") from None
@@ -41,8 +43,9 @@ def _exported_program(module, args):
 # ----------------------------------------------------------------------------------------------- ExecuTorch
 def _write_pte(module, args, path: Path, input_names, output_names) -> None:
     _require("executorch", "ExecuTorch export")
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    with quiet_imports():
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
 
     program = to_edge_transform_and_lower(_exported_program(module, args),
                                           partitioner=[XnnpackPartitioner()]).to_executorch()
@@ -66,7 +69,8 @@ class ExecuTorchPipeline(ExportedPipeline):
         super().__init__(directory)
 
     def _load(self, path: Path):
-        from executorch.runtime import Runtime
+        with quiet_imports():
+            from executorch.runtime import Runtime
 
         return Runtime.get().load_program(str(path)).load_method("forward")
 

@@ -142,26 +142,27 @@ def build_model(spec, device: torch.device | str | None = None, **overrides) -> 
     return model.to(device) if device is not None else model
 
 
-def _class_name(folder: Path) -> str | None:
+def _class_name(folder: Path, config_file: str = "config.json") -> str | None:
     try:
-        return json.loads((folder / "config.json").read_text()).get("_class_name")
+        return json.loads((folder / config_file).read_text()).get("_class_name")
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, AttributeError) as e:
         raise ValueError(f"{folder / 'config.json'} is not a valid model config ({e}); the file is corrupt") from None
 
 
-def saved_class(folder: str | os.PathLike) -> tuple[type, object]:
+def saved_class(folder: str | os.PathLike, config_file: str = "config.json") -> tuple[type, object]:
     """``(model class, config)`` of a saved model folder, from its ``config.json``'s ``_class_name``."""
     folder = Path(folder)
-    name = _class_name(folder)
+    name = _class_name(folder, config_file)
     if name is None:
-        raise FileNotFoundError(f"{folder} has no config.json; the folder is incomplete (re-run save_pretrained)")
+        raise FileNotFoundError(f"{folder / config_file} not found (a model folder holds config.json and "
+                                f"model.safetensors, as written by save_pretrained)")
     if name not in _CLASS_NAMES:
         raise UnknownName(f"{folder} holds a {name!r}, which is not a registered model family (known classes: "
                           f"{', '.join(sorted(_CLASS_NAMES))}); is it a model folder of another kind?")
     cls = MODELS.get(_CLASS_NAMES[name])
-    return cls, cls.config_class.from_json(folder / "config.json")
+    return cls, cls.config_class.from_json(folder / config_file)
 
 
 def load_model(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:

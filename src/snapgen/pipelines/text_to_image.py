@@ -30,7 +30,7 @@ from .. import compress  # noqa: F401  (registers the quantized-folder loader wi
 from ..models import ThreeStageDiT, load_model
 from ..nn.io import atomic_save_safetensors
 from ..utils.config import JSONConfigMixin
-from ..utils.paths import shipped_dir
+from .. import env
 
 __all__ = ["PipelineConfig", "TextToImagePipeline", "default_model_dir"]
 
@@ -40,7 +40,7 @@ MAX_PROMPT_CHARS = 1000
 
 def default_model_dir() -> Path:
     """The shipped model: ``$SNAPGEN_MODEL`` or ``models/snapgen-micro`` in the repository."""
-    return shipped_dir("SNAPGEN_MODEL", "models", "snapgen-micro")
+    return env.model_dir()
 
 
 @dataclass(frozen=True)

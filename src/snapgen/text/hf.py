@@ -1,6 +1,9 @@
 """Frozen ``transformers`` text encoders loaded from a local folder (never the network).
 
-``transformers`` is imported lazily, only when an :class:`HFTextEncoder` is built.
+``transformers`` is imported lazily, only when an :class:`HFTextEncoder` is built. Every ``from_pretrained``
+passes ``local_files_only=True`` (nothing here sets ``HF_HUB_OFFLINE`` or any other environment variable), and
+the import-time log chatter of ``torchao`` that loading a model class pulls in is dropped
+(:func:`snapgen.utils.quiet.quiet_imports`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..utils.quiet import quiet_imports
 from .base import TextEncoder
 
 __all__ = ["MINILM_PACKAGE", "HFTextEncoder", "MiniLMEncoder", "minilm_path"]
@@ -30,8 +34,6 @@ _EXPECTED_FILES = ("config.json, the weights (model.safetensors, or model-*.safe
 
 
 def _transformers():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - transformers is installed wherever the tests run
@@ -43,7 +45,8 @@ def _transformers():
 @contextlib.contextmanager
 def _quiet(transformers):
     """Silence load reports and weight-loading progress bars (e.g. the unused vision tower of a CLIP
-    checkpoint, or the LM head of a causal LM) while loading; restores the previous settings."""
+    checkpoint, or the LM head of a causal LM) while loading, and the import chatter of the libraries a
+    model class pulls in (torchao via transformers' quantizers); restores the previous settings."""
     hl = transformers.utils.logging
     verbosity = hl.get_verbosity()
     bars = hl.is_progress_bar_enabled() if hasattr(hl, "is_progress_bar_enabled") else True
@@ -51,7 +54,8 @@ def _quiet(transformers):
     if hasattr(hl, "disable_progress_bar"):
         hl.disable_progress_bar()
     try:
-        yield
+        with quiet_imports():
+            yield
     finally:
         hl.set_verbosity(verbosity)
         if bars and hasattr(hl, "enable_progress_bar"):

@@ -10,12 +10,13 @@ and a run resumes at any world size (the checkpoint does not depend on it).
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .. import env
 
 __all__ = ["DistributedContext", "LossModule"]
 
@@ -37,13 +38,13 @@ class DistributedContext:
 
     @classmethod
     def from_env(cls, device_type: str) -> "DistributedContext":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = env.world_size()
         if world <= 1:
             return cls()
         backend = "nccl" if device_type == "cuda" else "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend)
+        return cls(dist.get_rank(), dist.get_world_size(), env.local_rank(), backend)
 
     def barrier(self) -> None:
         if self.enabled:

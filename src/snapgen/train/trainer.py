@@ -160,6 +160,15 @@ class Trainer:
         tmp.write_text(yaml.safe_dump(now, sort_keys=False))
         os.replace(tmp, saved)
 
+    def _record_env(self, stage: str) -> None:
+        """``env.json`` beside config.yaml: the settings in force (:func:`snapgen.env.describe`), rewritten when a
+        session starts (after resuming) and when it finishes (then with the BNA backends ``auto`` chose)."""
+        from ..attention.backend import modules_backend
+        from ..env import record
+
+        record(self.run_dir / "env.json", modules_backend(self.modules), stage=stage, step=self.step,
+               world=self.dist.world)
+
     def resume(self) -> bool:
         from .checkpoint import list_checkpoints
 
@@ -350,6 +359,8 @@ class Trainer:
             self.resume()
         else:
             self._truncate_metrics(0)
+        if self.dist.is_main:
+            self._record_env("start")
         if self.step >= cfg.steps:
             print(f"run already at step {self.step} >= steps {cfg.steps}; exporting")
             return self.finish()
@@ -475,6 +486,7 @@ class Trainer:
         self._plot()
         summary = {"steps": self.step, "train_seconds": round(self.elapsed, 1), "final_dir": str(out),
                    "strategy": "fsdp", "world": self.dist.world}
+        self._record_env("finish")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.dist.barrier()
         return summary
@@ -492,5 +504,6 @@ class Trainer:
             last = json.loads(lines[-1]) if lines else None
         if last:
             summary["final_loss"] = last["loss"]
+        self._record_env("finish")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

@@ -12,13 +12,14 @@ tcmalloc for the same reason, neither of which installs from the package registr
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 import sys
 
+from .. import env
+
 __all__ = ["retain_freed_memory", "ALLOCATOR_ENV"]
 
-ALLOCATOR_ENV = "SNAPGEN_CPU_ALLOCATOR"  # "default" leaves glibc's settings alone
+ALLOCATOR_ENV = "SNAPGEN_CPU_ALLOCATOR"  # "default" leaves glibc's settings alone (parsed by snapgen.env)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameter numbers (malloc.h)
 _applied = False
 
@@ -35,7 +36,7 @@ def retain_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if os.environ.get(ALLOCATOR_ENV, "").lower() == "default":
+    if env.cpu_allocator() == "default":
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 __all__ = ["REPO_ROOT", "shipped_dir"]
@@ -11,6 +10,8 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def shipped_dir(env_var: str, *parts: str) -> Path:
-    """``$env_var`` when set, else ``REPO_ROOT / parts`` (e.g. ``models/snapgen-micro``)."""
-    env = os.environ.get(env_var)
-    return Path(env) if env else REPO_ROOT.joinpath(*parts)
+    """``$env_var`` when set, else ``REPO_ROOT / parts`` (e.g. ``models/snapgen-micro``); ``env_var`` must be
+    one of the variables of :mod:`snapgen.env`, which reads it."""
+    from ..env import shipped_path
+
+    return shipped_path(env_var, *parts)

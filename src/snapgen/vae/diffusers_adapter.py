@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.io import CONFIG_NAME
+from ..utils.quiet import quiet_imports
 
 __all__ = ["DiffusersAutoencoder", "load_autoencoder"]
 
@@ -31,9 +32,10 @@ class DiffusersAutoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "DiffusersAutoencoder":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        """Load a local ``AutoencoderKL`` folder (``local_files_only``: never the network)."""
         try:
-            from diffusers import AutoencoderKL
+            with quiet_imports():
+                from diffusers import AutoencoderKL
         except ImportError:
             raise ImportError("loading a diffusers AutoencoderKL needs diffusers: pip install 'snapgen[diffusers]'") \
                 from None
@@ -41,7 +43,8 @@ class DiffusersAutoencoder(nn.Module):
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"no diffusers VAE at {directory}: expected config.json and "
                                     f"diffusion_pytorch_model.safetensors (a folder saved by AutoencoderKL)")
-        return cls(AutoencoderKL.from_pretrained(directory, local_files_only=True, use_safetensors=True))
+        with quiet_imports():
+            return cls(AutoencoderKL.from_pretrained(directory, local_files_only=True, use_safetensors=True))
 
     @torch.no_grad()
     def encode_latents(self, x: torch.Tensor, sample: bool = False,
