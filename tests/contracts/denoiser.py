@@ -14,7 +14,16 @@ import warnings
 import pytest
 import torch
 
-from snapgen.models import MODELS, Denoiser, build_model, load_model
+from snapgen.models import MODELS, Denoiser, Elastic, build_model, load_model
+
+
+def _reload(model, folder):
+    """``load_model(folder)`` at the model's active sub-network (the variant is state, not config)."""
+    loaded = load_model(folder).eval()
+    if isinstance(model, Elastic):
+        assert loaded.variant == "full"
+        loaded.set_variant(model.variant)
+    return loaded
 
 
 def perturb(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
@@ -110,6 +119,20 @@ class DenoiserContract:
         with pytest.raises(ValueError, match="cond"):
             model(x, t, {**cond, "txet": next(iter(cond.values()))})
 
+    def test_masked_text_tokens_are_ignored(self):
+        model = perturb(self.build()).eval()
+        x, t, cond = self.inputs(model)
+        if "text_mask" not in cond:
+            pytest.skip("no text mask in this family's cond")
+        pad = ~cond["text_mask"]
+        assert pad.any()
+        noisy = cond["text"] + 10.0 * pad[..., None] * torch.randn_like(cond["text"])
+        with torch.no_grad():
+            ref, out = model(x, t, cond), model(x, t, {**cond, "text": noisy})
+            unmasked = model(x, t, {"text": noisy})
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(unmasked[0], ref[0], atol=1e-4)  # without the mask the padding would count
+
     def test_every_parameter_gets_a_gradient(self):
         model = perturb(self.build()).train()
         x, t, cond = self.inputs(model)
@@ -120,7 +143,7 @@ class DenoiserContract:
     def test_save_load_exact_through_the_registry(self, tmp_path):
         model = perturb(self.build()).eval()
         model.save_pretrained(tmp_path / "m")
-        loaded = load_model(tmp_path / "m").eval()
+        loaded = _reload(model, tmp_path / "m")
         assert type(loaded) is type(model) and loaded.config == model.config
         x, t, cond = self.inputs(model)
         with torch.no_grad():
@@ -129,7 +152,7 @@ class DenoiserContract:
     def test_fp16_save_close(self, tmp_path):
         model = perturb(self.build()).eval()
         model.save_pretrained(tmp_path / "h", dtype=torch.float16)
-        loaded = load_model(tmp_path / "h").eval()
+        loaded = _reload(model, tmp_path / "h")
         assert next(loaded.parameters()).dtype == torch.float32
         x, t, cond = self.inputs(model)
         with torch.no_grad():
