@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.snapgen-installed
 TEST_STAMP := $(VENV)/.snapgen-test-installed
 
-.PHONY: setup setup-test run train-shipped distill test bench bench-peers clean
+.PHONY: setup setup-test run train-shipped distill test test-all bench bench-peers clean
 
 # core install (what generating needs); the test extra adds pytest, diffusers and the export/device toolchains
 setup: $(STAMP)
@@ -45,7 +45,12 @@ distill: setup
 	$(VENV)/bin/snapgen combine-adapters runs/distill/kdmd/final:full runs/distill/kdmd_cosine/final:tiny,small \
 		--out models/snapgen-micro
 
+# What CI runs (.ci/run): every test except those marked `slow` (docs/testing.md lists them and what covers
+# them in CI). `make test-all` runs everything. Select by marker: $(PY) -m pytest -m "kernel or export".
 test: setup-test
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup-test
 	$(PY) -m pytest -q
 
 # Benchmarks (minutes to tens of minutes on 2 cores); results land in benchmarks/results/.

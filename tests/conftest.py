@@ -1,3 +1,6 @@
+"""Session setup and the fixtures several test files share. Plain helpers live in ``tests/helpers/``
+(``from helpers.builders import nano``); test files never import from conftest or from each other."""
+
 import os
 
 import pytest
@@ -6,31 +9,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from snapgen.models import ThreeStageDiT, preset  # noqa: E402
+from helpers.builders import ENC_DIM, build_elastic_pipeline, nano, save_tiny_bert  # noqa: E402
 
-
-def nano(**overrides):
-    """The test configuration (a few hundred thousand parameters), optionally modified."""
-    return preset("nano", **overrides)
-
-
-def perturb_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
-    """Add noise to every parameter, so zero-initialised gates and outputs stop hiding the rest."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
-
-
-def dummy_inputs(cfg, B=2, h=16, w=16, L=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, cfg.in_channels, h, w, generator=g)
-    t = torch.rand(B, generator=g)
-    text = torch.randn(B, L, cfg.text_dim, generator=g)
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[0, L // 2 + 1:] = False
-    return x, t, text, mask
+from snapgen.models import ThreeStageDiT  # noqa: E402
 
 
 @pytest.fixture
@@ -39,16 +20,11 @@ def nano_model():
     return ThreeStageDiT(nano())
 
 
-def save_tiny_bert(directory, hidden: int, seed: int = 0):
-    """A tiny random BERT (1 layer, ``hidden`` wide) with MiniLM's tokenizer: a real text encoder folder for
-    pipelines that must be exported or loaded from pipeline.json."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from snapgen.text import minilm_path
-
-    torch.manual_seed(seed)
-    BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         vocab_size=30522)).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(directory)
-    return directory
-
+@pytest.fixture(scope="module")
+def elastic_folder(tmp_path_factory):
+    """A saved tiny elastic pipeline (nano-elastic, variants tiny / small / full) whose text encoder is a tiny
+    random BERT: loadable by path, exportable. Built once per test module."""
+    bert_dir = save_tiny_bert(tmp_path_factory.mktemp("bert"), ENC_DIM)
+    out = tmp_path_factory.mktemp("elastic_pipe")
+    build_elastic_pipeline(text_encoder_spec=str(bert_dir)).save_pretrained(out)
+    return out

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from helpers.builders import make_qkv
 
 from snapgen.attention import bna_mask, block_neighborhood_attention, make_geometry
 
@@ -39,14 +40,6 @@ def brute_force_mask(grid, tile, radius):
             if sy <= ky // th < sy + wh and sx <= kx // tw < sx + ww:
                 mask[qy * W + qx, ky * W + kx] = True
     return mask
-
-
-def make_qkv(N, heads=4, kv_heads=2, d=16, B=2, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, N, heads, d, generator=g, dtype=dtype)
-    k = torch.randn(B, N, kv_heads, d, generator=g, dtype=dtype)
-    v = torch.randn(B, N, kv_heads, d, generator=g, dtype=dtype)
-    return q, k, v
 
 
 def masked_softmax_attention(q, k, v, mask):

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 import torch
-from test_bna import make_qkv
+from helpers.builders import make_qkv
 
 from snapgen.attention import assa_attention, block_neighborhood_attention, make_geometry
 from snapgen.attention.bna import FUSED_MAX_TILE_TOKENS, use_fused_kernel
 from snapgen.attention.cpu_kernel import bna_rows, kernel_error, load_kernel
 from snapgen.utils.flops import flop_counter
 
+pytestmark = pytest.mark.kernel
 DISABLED = os.environ.get("SNAPGEN_BNA_KERNEL", "1") in ("0", "false", "off", "no")
 needs_kernel = pytest.mark.skipif(DISABLED, reason="fused kernel disabled by SNAPGEN_BNA_KERNEL=0")
 

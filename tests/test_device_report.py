@@ -3,16 +3,17 @@
 import json
 
 import pytest
-from test_export_onnx import folder  # noqa: F401  (the tiny elastic pipeline with a tiny BERT)
 
 from snapgen.cli import main
 
 pytest.importorskip("onnxruntime")
 
 
-def test_bench_device_rows(folder, tmp_path, capsys):  # noqa: F811
-    assert main(["bench", "device", "--model", str(folder), "--variants", "tiny", "--backends", "eager", "onnx",
-                 "--repeats", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res"), "--json"]) == 0
+@pytest.mark.export
+def test_bench_device_rows(elastic_folder, tmp_path, capsys):
+    assert main(["bench", "device", "--model", str(elastic_folder), "--variants", "tiny", "--backends", "eager",
+                 "onnx", "--repeats", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res"),
+                 "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {(r["backend"], r["precision"]): r for r in report["rows"]}
     assert set(rows) == {("eager", "fp32"), ("eager", "quant"), ("eager", "int8"), ("onnx", "fp32"), ("onnx", "quant")}
@@ -45,14 +46,14 @@ def test_quantized_rows_are_compared_to_their_own_fp32_row():
     assert "| tiny | eager | quant | 1 | 4 | 0.1 | 200 | 2.0 | 4.0x smaller | 3.0 | 0.39 | -2.5% |" in table
 
 
-def test_cached_artifacts_are_reused_only_for_the_same_model_files(folder, tmp_path):  # noqa: F811
+def test_cached_artifacts_are_reused_only_for_the_same_model_files(elastic_folder, tmp_path):
     import os
     import shutil
 
     from snapgen.export.device_report import prepare_artifact
 
     model = tmp_path / "model"
-    shutil.copytree(folder, model)
+    shutil.copytree(elastic_folder, model)
     quiet = lambda *_: None  # noqa: E731
     out = prepare_artifact(model, "tiny", "eager", "fp32", tmp_path / "work", progress=quiet)
     weights = out / "transformer" / "model.safetensors"

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import dummy_inputs, perturb_
+from helpers.builders import dummy_inputs, perturb_
 from snapgen.distill.dmd import backward_simulate, dmd_gradient, dmd_loss, sample_tau
 from snapgen.distill.kdmd import KDMDConfig, KDMDLoss
 from snapgen.distill.lora import (add_lora, adapter_names, load_lora, lora_parameters, merge_lora, save_lora,
@@ -241,7 +241,7 @@ def test_timestep_aware_scaling_weights():
 
 
 def test_flow_task_with_a_teacher_distils_every_width(tmp_path):
-    from test_train import flow_config
+    from helpers.runs import flow_config
 
     from snapgen.pipelines import PipelineConfig, TextToImagePipeline
     from snapgen.text import TextConditioning

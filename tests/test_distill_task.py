@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from conftest import perturb_, save_tiny_bert
-from test_pipeline import FakeEncoder
-from test_train import losses, make_cache
+from helpers.builders import perturb_, save_tiny_bert
+from helpers.fakes import FakeEncoder
+from helpers.runs import losses, make_cache
 
 from snapgen.models import ThreeStageDiT, preset
 from snapgen.pipelines import PipelineConfig, TextToImagePipeline
@@ -101,6 +101,7 @@ def test_distill_config_errors(tmp_path, base):
         Trainer(distill_config(tmp_path, base, "dmd", "z", 2, variants=["full"], gen_evry=3), progress=False)
 
 
+@pytest.mark.export
 def test_distilled_variant_exports_to_onnx_with_its_adapter_merged(tmp_path, base):
     pytest.importorskip("onnxruntime")
     from snapgen.export.onnx import OnnxPipeline, export_onnx

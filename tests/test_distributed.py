@@ -1,37 +1,20 @@
 """Data-parallel training with torchrun + gloo on CPU: two ranks hold identical weights, equal a single
 process with the same global batch, and resume exactly from a checkpoint; gradient accumulation matches too."""
 
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from test_train import flow_config, losses
+from helpers.runs import flow_config, losses, torchrun, weights
 
 from snapgen.train import Trainer
 from snapgen.train.config import TrainConfig
 
+pytestmark = pytest.mark.distributed
+
 # Summation order differs between one batch of 8 and two averaged batches of 4: fp32 rounding only.
 TOL = 1e-5
-
-
-def torchrun(cfg_path: Path, nproc: int = 2, timeout: int = 300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "snapgen.train", "--config", str(cfg_path), "--no-progress"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def weights(run_dir: Path) -> dict:
-    from snapgen.train.checkpoint import list_checkpoints
-
-    last = list_checkpoints(run_dir / "checkpoints")[-1]
-    return load_file(str(last / "model.safetensors"))
 
 
 def write(tmp_path, name, cfg):

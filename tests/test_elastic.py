@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import dummy_inputs, perturb_
+from helpers.builders import dummy_inputs, perturb_
 from snapgen.elastic import ElasticFlowLoss, WidthWeights, extract_variant, make_elastic, sample_subnetworks
 from snapgen.elastic.supernet import using_variant
 from snapgen.models import ThreeStageDiT, ThreeStageDiTConfig, preset
@@ -232,7 +232,7 @@ def test_elastic_loss_refuses_a_plain_model():
 
 # ----------------------------------------------------------------------------------------- trainer integration
 def test_elastic_training_run_logs_every_width_resumes_exactly_and_reports_val_loss(tmp_path):
-    from test_train import flow_config, losses, make_cache
+    from helpers.runs import flow_config, losses, make_cache
 
     from snapgen.train import Trainer
     from snapgen.train.config import TrainConfig
@@ -258,7 +258,7 @@ def test_elastic_training_run_logs_every_width_resumes_exactly_and_reports_val_l
 
 
 def test_validation_loss_is_deterministic_and_width_specific():
-    from test_train import make_cache
+    from helpers.runs import make_cache
 
     from snapgen.data.latent_cache import load_latent_cache
     from snapgen.text import TextConditioning
@@ -279,7 +279,7 @@ def test_validation_loss_is_deterministic_and_width_specific():
 
 
 def test_elastic_section_needs_an_elastic_model(tmp_path):
-    from test_train import flow_config
+    from helpers.runs import flow_config
 
     from snapgen.train import Trainer
     from snapgen.train.config import TrainConfig
@@ -308,7 +308,7 @@ def test_repeat_kv_heads_is_exact_and_enables_a_narrow_variant():
 
 def test_flow_task_warm_starts_a_supernetwork_from_a_plain_pipeline(tmp_path):
     """model.init_from = an ordinary trained pipeline: the elastic run starts as that exact function."""
-    from test_train import flow_config
+    from helpers.runs import flow_config
 
     from snapgen.pipelines import PipelineConfig, TextToImagePipeline
     from snapgen.text import TextConditioning
@@ -338,7 +338,7 @@ def test_elastic_training_with_zero_subnet_weight_is_standalone_training(tmp_pat
     trainer must train its full width exactly as a standalone run of the same architecture (same data, times,
     noise, caption drops and updates), so any gap in that comparison comes from the sub-networks' gradients and
     not from the elastic code path."""
-    from test_train import flow_config, losses
+    from helpers.runs import flow_config, losses
 
     from snapgen.train import Trainer
     from snapgen.train.config import TrainConfig

@@ -4,39 +4,16 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from conftest import perturb_, save_tiny_bert
-from test_pipeline import ENC_DIM, TEXT_DIM, FakeEncoder
+from helpers.builders import build_elastic_pipeline
+from helpers.fakes import FakeEncoder
 
 from snapgen.cli import main
 from snapgen.elastic.select import select_variant
-from snapgen.models import ThreeStageDiT, preset
-from snapgen.pipelines import PipelineConfig, TextToImagePipeline
-from snapgen.text import TextConditioning
-from snapgen.vae import Autoencoder, AutoencoderConfig
-
-
-def build_elastic_pipeline(text_encoder_spec="minilm", text_encoder=None):
-    torch.manual_seed(0)
-    cfg = preset("nano-elastic", vae_factor=2, text_dim=TEXT_DIM)
-    transformer = perturb_(ThreeStageDiT(cfg), std=0.05)
-    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
-    cond_kw = {"encoder_dims": [ENC_DIM], "out_dim": TEXT_DIM}
-    config = PipelineConfig(text_encoder=text_encoder_spec, text_max_length=16, conditioning=cond_kw,
-                            resolution=(16, 16), steps=3, guidance=3.0)
-    return TextToImagePipeline(transformer, TextConditioning(**cond_kw), vae, config, text_encoder=text_encoder)
+from snapgen.pipelines import TextToImagePipeline
 
 
 def arr(images):
     return np.stack([np.asarray(im, dtype=np.int16) for im in images])
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    bert_dir = save_tiny_bert(tmp_path_factory.mktemp("bert"), ENC_DIM)
-    out = tmp_path_factory.mktemp("elastic_pipe")
-    build_elastic_pipeline(text_encoder_spec=str(bert_dir)).save_pretrained(out)
-    return out
 
 
 def test_pipeline_variants_generate_different_images_and_load_by_name(tmp_path):
@@ -64,39 +41,39 @@ def test_extracted_pipeline_generates_what_the_supernet_generates(tmp_path):
     pipe.set_variant("full")
 
 
-def test_cli_generate_and_extract_with_variants(folder, tmp_path, capsys):
-    assert main(["generate", "a red circle", "--model", str(folder), "--variant", "tiny", "--steps", "2",
-                 "--out", str(tmp_path / "tiny.png"), "--no-progress"]) == 0
+def test_cli_generate_and_extract_with_variants(elastic_folder, tmp_path, capsys):
+    assert main(["generate", "a red circle", "--model", str(elastic_folder), "--variant", "tiny", "--steps",
+                 "2", "--out", str(tmp_path / "tiny.png"), "--no-progress"]) == 0
     assert "with the tiny variant" in capsys.readouterr().out
-    assert main(["generate", "a red circle", "--model", str(folder), "--variant", "huge",
+    assert main(["generate", "a red circle", "--model", str(elastic_folder), "--variant", "huge",
                  "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "unknown variant 'huge'" in err and "tiny" in err
     out = tmp_path / "small"
-    assert main(["extract", "--model", str(folder), "--variant", "small", "--out", str(out)]) == 0
+    assert main(["extract", "--model", str(elastic_folder), "--variant", "small", "--out", str(out)]) == 0
     assert "extracted 'small'" in capsys.readouterr().out
     cfg = json.loads((out / "transformer" / "config.json").read_text())
     assert cfg["width"] == 64 and cfg["elastic_variants"] == []
     # generate from the extracted folder == generate --variant small from the supernet folder
     assert main(["generate", "a blue star", "--model", str(out), "--steps", "2", "--out",
                  str(tmp_path / "a.png"), "--no-progress"]) == 0
-    assert main(["generate", "a blue star", "--model", str(folder), "--variant", "small", "--steps", "2",
-                 "--out", str(tmp_path / "b.png"), "--no-progress"]) == 0
+    assert main(["generate", "a blue star", "--model", str(elastic_folder), "--variant", "small", "--steps",
+                 "2", "--out", str(tmp_path / "b.png"), "--no-progress"]) == 0
     from PIL import Image
 
     a, b = (np.asarray(Image.open(tmp_path / n), dtype=np.int16) for n in ("a.png", "b.png"))
     assert np.abs(a - b).max() <= 1
     # refuses to overwrite, and names the fix
-    assert main(["extract", "--model", str(folder), "--variant", "small", "--out", str(out)]) == 2
+    assert main(["extract", "--model", str(elastic_folder), "--variant", "small", "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
 
 
-def test_cli_generate_all_variants_grid(folder, tmp_path, capsys):
+def test_cli_generate_all_variants_grid(elastic_folder, tmp_path, capsys):
     from PIL import Image
 
     prompts = ["a red circle", "two blue stars"]
-    assert main(["generate", *prompts, "--model", str(folder), "--variant", "all", "--steps", "2", "--grid",
-                 "--out", str(tmp_path / "all"), "--no-progress"]) == 0
+    assert main(["generate", *prompts, "--model", str(elastic_folder), "--variant", "all", "--steps", "2",
+                 "--grid", "--out", str(tmp_path / "all"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "per variant: tiny" in out and "tiny/small/full" in out
     files = sorted(p.name for p in (tmp_path / "all").glob("0*.png"))
@@ -106,27 +83,27 @@ def test_cli_generate_all_variants_grid(folder, tmp_path, capsys):
     assert grid.size[0] == 3 * max(single.size[0], 96)  # columns = variants, rows = prompts
     # each cell is what --variant NAME alone generates for the same prompts and seed
     for name, f in (("small", files[4]), ("tiny", files[3])):
-        assert main(["generate", *prompts, "--model", str(folder), "--variant", name, "--steps", "2",
+        assert main(["generate", *prompts, "--model", str(elastic_folder), "--variant", name, "--steps", "2",
                      "--out", str(tmp_path / name), "--no-progress"]) == 0
         alone = sorted((tmp_path / name).glob("01_*.png"))[0]
         a, b = (np.asarray(Image.open(x), dtype=np.int16) for x in (alone, tmp_path / "all" / f))
         assert np.array_equal(a, b)
-    assert main(["generate", "pizza", "--model", str(folder), "--variant", "tiny,huge", "--out",
+    assert main(["generate", "pizza", "--model", str(elastic_folder), "--variant", "tiny,huge", "--out",
                  str(tmp_path / "x")]) == 2
     assert "not ['huge']" in capsys.readouterr().err
 
 
-def test_cli_select_picks_the_widest_variant_within_budget(folder, capsys):
-    assert main(["select", "--model", str(folder), "--budget-ms", "100000", "--resolution", "16", "--repeats", "2",
-                 "--json"]) == 0
+def test_cli_select_picks_the_widest_variant_within_budget(elastic_folder, capsys):
+    assert main(["select", "--model", str(elastic_folder), "--budget-ms", "100000", "--resolution", "16",
+                 "--repeats", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["selected"] == "full" and set(res["variants"]) == {"tiny", "small", "full"}
     params = [res["variants"][v]["params"] for v in ("tiny", "small", "full")]
     assert params[0] < params[1] < params[2]
-    assert main(["select", "--model", str(folder), "--budget-ms", "0.0001", "--resolution", "16", "--repeats",
-                 "2", "--json"]) == 1
+    assert main(["select", "--model", str(elastic_folder), "--budget-ms", "0.0001", "--resolution", "16",
+                 "--repeats", "2", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["selected"] is None
-    assert main(["select", "--model", str(folder), "--budget-ms", "5", "--resolution", "15"]) == 2
+    assert main(["select", "--model", str(elastic_folder), "--budget-ms", "5", "--resolution", "15"]) == 2
     assert "multiple" in capsys.readouterr().err
 
 

@@ -5,42 +5,32 @@ import json
 
 import numpy as np
 import pytest
-from conftest import save_tiny_bert
 import torch
-from test_elastic_cli import build_elastic_pipeline
-from test_pipeline import ENC_DIM
 
 from snapgen.cli import main
 from snapgen.export.onnx import OnnxPipeline, export_onnx
 from snapgen.pipelines import TextToImagePipeline
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.export
 
 # Parity tolerance: fp32 graphs, same noise; measured ~1e-5 on the shipped model over a 20-step CFG run.
 LATENT_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    bert_dir = save_tiny_bert(tmp_path_factory.mktemp("bert"), ENC_DIM)
-    out = tmp_path_factory.mktemp("pipe")
-    build_elastic_pipeline(text_encoder_spec=str(bert_dir)).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def exported(folder, tmp_path_factory):
+def exported(elastic_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "small"
-    pipe = TextToImagePipeline.from_pretrained(folder, variant="small")
+    pipe = TextToImagePipeline.from_pretrained(elastic_folder, variant="small")
     export_onnx(pipe, out, progress=False)
     return out
 
 
-def test_onnx_pipeline_matches_pytorch_with_cfg(folder, exported):
+def test_onnx_pipeline_matches_pytorch_with_cfg(elastic_folder, exported):
     meta = json.loads((exported / "export.json").read_text())
     assert meta["variant"] == "small" and meta["batch"] == 2 and meta["guidance"] == 3.0
     onnx_pipe = OnnxPipeline(exported)
-    torch_pipe = TextToImagePipeline.from_pretrained(folder, variant="small")
+    torch_pipe = TextToImagePipeline.from_pretrained(elastic_folder, variant="small")
     prompts = ["a red circle to the left of a blue square", "two green hearts"]
     a = onnx_pipe(prompts, seed=5, return_latents=True)
     b = torch_pipe(prompts, seed=5, return_latents=True)
@@ -53,14 +43,15 @@ def test_onnx_pipeline_matches_pytorch_with_cfg(folder, exported):
     assert meta["files"]["dit.onnx"] < 0.6 * (4 * torch_pipe.transformer.num_parameters())
 
 
-def test_cli_export_and_generate_onnx(folder, tmp_path, capsys):
+def test_cli_export_and_generate_onnx(elastic_folder, tmp_path, capsys):
     out = tmp_path / "tiny"
-    assert main(["export", "onnx", "--model", str(folder), "--variant", "tiny", "--out", str(out)]) == 0
+    assert main(["export", "onnx", "--model", str(elastic_folder), "--variant", "tiny", "--out",
+                 str(out)]) == 0
     assert "--backend onnx" in capsys.readouterr().out
     assert main(["generate", "a blue star", "--backend", "onnx", "--model", str(out), "--out",
                  str(tmp_path / "a.png"), "--seed", "2"]) == 0
     assert "(onnxruntime)" in capsys.readouterr().out
-    assert main(["generate", "a blue star", "--model", str(folder), "--variant", "tiny", "--out",
+    assert main(["generate", "a blue star", "--model", str(elastic_folder), "--variant", "tiny", "--out",
                  str(tmp_path / "b.png"), "--seed", "2", "--no-progress"]) == 0
     from PIL import Image
 
@@ -88,19 +79,19 @@ def test_broken_exports_fail_clearly(exported, tmp_path):
         OnnxPipeline(bad)
 
 
-def test_export_refuses_bad_resolution_and_variant(folder, tmp_path):
-    pipe = TextToImagePipeline.from_pretrained(folder)
+def test_export_refuses_bad_resolution_and_variant(elastic_folder, tmp_path):
+    pipe = TextToImagePipeline.from_pretrained(elastic_folder)
     with pytest.raises(ValueError, match="multiple"):
         export_onnx(pipe, tmp_path / "x", resolution=(17, 16), progress=False)
     with pytest.raises(ValueError, match="unknown variant"):
-        TextToImagePipeline.from_pretrained(folder, variant="medium")
+        TextToImagePipeline.from_pretrained(elastic_folder, variant="medium")
 
 
 # ------------------------------------------------------------------------------------- device rewrite + mobile
-def test_device_rewrite_is_numerically_equal_and_exports_to_onnx(folder, tmp_path):
+def test_device_rewrite_is_numerically_equal_and_exports_to_onnx(elastic_folder, tmp_path):
     from snapgen.export.common import device_rewrite, standalone_transformer
 
-    pipe = TextToImagePipeline.from_pretrained(folder, variant="small")
+    pipe = TextToImagePipeline.from_pretrained(elastic_folder, variant="small")
     model = standalone_transformer(pipe)
     x = torch.randn(2, 4, 8, 8)
     t = torch.rand(2)
@@ -117,11 +108,11 @@ def test_device_rewrite_is_numerically_equal_and_exports_to_onnx(folder, tmp_pat
 EXECUTORCH_ATOL = 1e-2
 
 
-def test_executorch_pipeline_matches_pytorch(folder, tmp_path, capsys):
+def test_executorch_pipeline_matches_pytorch(elastic_folder, tmp_path, capsys):
     pytest.importorskip("executorch")
     from snapgen.export.mobile import ExecuTorchPipeline, export_executorch
 
-    pipe = TextToImagePipeline.from_pretrained(folder, variant="tiny")
+    pipe = TextToImagePipeline.from_pretrained(elastic_folder, variant="tiny")
     export_executorch(pipe, tmp_path / "et", progress=False)
     et = ExecuTorchPipeline(tmp_path / "et")
     a = et(["a red circle"], seed=2, return_latents=True)
@@ -132,11 +123,11 @@ def test_executorch_pipeline_matches_pytorch(folder, tmp_path, capsys):
     assert "(ExecuTorch)" in capsys.readouterr().out
 
 
-def test_coreml_conversion_writes_packages(folder, tmp_path):
+def test_coreml_conversion_writes_packages(elastic_folder, tmp_path):
     pytest.importorskip("coremltools")
     from snapgen.export.mobile import export_coreml
 
-    pipe = TextToImagePipeline.from_pretrained(folder, variant="tiny")
+    pipe = TextToImagePipeline.from_pretrained(elastic_folder, variant="tiny")
     out = export_coreml(pipe, tmp_path / "cm", progress=False)
     meta = json.loads((out / "export.json").read_text())
     assert meta["format"] == "snapgen-coreml" and meta["rewrite"] is True
@@ -145,14 +136,14 @@ def test_coreml_conversion_writes_packages(folder, tmp_path):
         assert meta["files"][f"{name}.mlpackage"] > 0
 
 
-def test_coreml_palettizes_a_quantized_dit_with_its_own_clusters(folder, tmp_path):
+def test_coreml_palettizes_a_quantized_dit_with_its_own_clusters(elastic_folder, tmp_path):
     pytest.importorskip("coremltools")
     import numpy as np
 
     from snapgen.export.mobile import export_coreml
     from snapgen.export.quantize import quantize_pipeline
 
-    pipe = TextToImagePipeline.from_pretrained(folder, variant="tiny")
+    pipe = TextToImagePipeline.from_pretrained(elastic_folder, variant="tiny")
     qdir = quantize_pipeline(pipe, tmp_path / "q", ["a red circle", "pizza"], finetune_steps=2,
                              progress=lambda *_: None)
     q = TextToImagePipeline.from_pretrained(qdir)

@@ -10,8 +10,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from test_distributed import torchrun, weights
-from test_train import losses
+from helpers.runs import losses, torchrun, weights
 
 from snapgen.data.base import Sample, center_crop_resize, image_to_tensor
 from snapgen.data.buckets import aspect_buckets, assign_bucket
@@ -200,6 +199,7 @@ def test_trainer_streams_buckets_and_resumes_exactly(tmp_path, encoded):
     assert losses(tmp_path / "part") == losses(tmp_path / "whole")
 
 
+@pytest.mark.distributed
 def test_two_ranks_stream_disjoint_shards_and_resume_exactly(tmp_path, encoded):
     def write(name, cfg):
         p = tmp_path / f"{name}.yaml"
@@ -223,7 +223,7 @@ def test_two_ranks_stream_disjoint_shards_and_resume_exactly(tmp_path, encoded):
 
 
 def test_cli_encode(tmp_path, encoded, vae, capsys):
-    from conftest import save_tiny_bert
+    from helpers.builders import save_tiny_bert
 
     from snapgen.cli import main
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import dummy_inputs, nano, perturb_
+from helpers.builders import dummy_inputs, nano, perturb_
 
 from snapgen.models import PAPER_PARAMS, PRESETS, IsotropicDiT, ThreeStageDiT, ThreeStageDiTConfig, preset
 

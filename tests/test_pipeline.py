@@ -4,58 +4,17 @@ generate`` and ``make_grid``."""
 
 import itertools
 import json
-import zlib
 
 import numpy as np
 import pytest
 import torch
-from conftest import nano, perturb_, save_tiny_bert
+from helpers.builders import ENC_DIM, SHIFT, build_pipeline, save_tiny_bert
+from helpers.fakes import FakeEncoder
 from PIL import Image
 
 from snapgen.cli import main
-from snapgen.models import ThreeStageDiT
 from snapgen.pipelines import PipelineConfig, TextToImagePipeline
 from snapgen.pipelines.text_to_image import make_grid
-from snapgen.text import TextConditioning, TextEncoder
-from snapgen.vae import Autoencoder, AutoencoderConfig
-
-TEXT_DIM = 32      # the transformer's text_dim (nano's)
-ENC_DIM = 16       # the (fake or tiny BERT) text encoder's width: TextConditioning projects 16 -> 32
-SHIFT = 2.0
-
-
-class FakeEncoder(TextEncoder):
-    """One fixed random vector per word (seeded by its CRC), right-padded; no model is loaded."""
-
-    dim = ENC_DIM
-    max_length = 8
-    name = "fake"
-
-    def _encode(self, captions):
-        words = [c.split()[: self.max_length] or ["<empty>"] for c in captions]
-        L = max(len(w) for w in words)
-        tokens = torch.zeros(len(captions), L, self.dim)
-        mask = torch.zeros(len(captions), L, dtype=torch.bool)
-        for i, ws in enumerate(words):
-            for j, w in enumerate(ws):
-                g = torch.Generator().manual_seed(zlib.crc32(w.encode()))
-                tokens[i, j] = torch.randn(self.dim, generator=g)
-                mask[i, j] = True
-        return tokens, mask
-
-
-def build_pipeline(text_encoder_spec="minilm", text_encoder=None):
-    torch.manual_seed(0)
-    transformer = perturb_(ThreeStageDiT(nano(in_channels=4, vae_factor=2, text_dim=TEXT_DIM)), std=0.05)
-    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4,
-                                        scaling_factor=0.7, shift_factor=0.1))
-    cond_kw = {"encoder_dims": [ENC_DIM], "out_dim": TEXT_DIM}
-    conditioning = TextConditioning(**cond_kw)
-    with torch.no_grad():
-        conditioning.null_embeddings[0].normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
-    config = PipelineConfig(text_encoder=text_encoder_spec, text_max_length=16, conditioning=cond_kw,
-                            resolution=(16, 16), steps=3, guidance=3.0, shift=SHIFT)
-    return TextToImagePipeline(transformer, conditioning, vae, config, text_encoder=text_encoder)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,8 @@ import os
 
 import pytest
 import torch
-from conftest import dummy_inputs, perturb_
-from test_elastic_cli import build_elastic_pipeline
-from test_pipeline import FakeEncoder
+from helpers.builders import build_elastic_pipeline, dummy_inputs, perturb_
+from helpers.fakes import FakeEncoder
 
 from snapgen.export.quantize import (QuantizedTensor, allocate_bits, kmeans_1d, load_quantized, quantize_model,
                                      quantize_pipeline, save_quantized)

@@ -322,7 +322,7 @@ def test_conditioning_identity_null_and_edge_cases():
 def test_conditioning_feeds_the_denoiser():
     """Output plugs into ThreeStageDiT; the short null() and the padded all-drop condition give the same
     prediction (padded text positions are masked out of cross-attention)."""
-    from conftest import nano, perturb_
+    from helpers.builders import nano, perturb_
 
     from snapgen.models import ThreeStageDiT
     torch.manual_seed(0)

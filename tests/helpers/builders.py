@@ -1,0 +1,86 @@
+"""Builders for the tiny models, inputs and pipelines that several test files share."""
+
+import torch
+
+from snapgen.models import ThreeStageDiT, preset
+from snapgen.pipelines import PipelineConfig, TextToImagePipeline
+from snapgen.text import TextConditioning
+from snapgen.vae import Autoencoder, AutoencoderConfig
+
+TEXT_DIM = 32      # the transformer's text_dim (nano's)
+ENC_DIM = 16       # the (fake or tiny BERT) text encoder's width: TextConditioning projects 16 -> 32
+SHIFT = 2.0        # the timestep shift of build_pipeline's PipelineConfig
+
+
+def nano(**overrides):
+    """The test configuration (a few hundred thousand parameters), optionally modified."""
+    return preset("nano", **overrides)
+
+
+def perturb_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every parameter, so zero-initialised gates and outputs stop hiding the rest."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model
+
+
+def dummy_inputs(cfg, B=2, h=16, w=16, L=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.in_channels, h, w, generator=g)
+    t = torch.rand(B, generator=g)
+    text = torch.randn(B, L, cfg.text_dim, generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, L // 2 + 1:] = False
+    return x, t, text, mask
+
+
+def make_qkv(N, heads=4, kv_heads=2, d=16, B=2, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, heads, d, generator=g, dtype=dtype)
+    k = torch.randn(B, N, kv_heads, d, generator=g, dtype=dtype)
+    v = torch.randn(B, N, kv_heads, d, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def save_tiny_bert(directory, hidden: int, seed: int = 0):
+    """A tiny random BERT (1 layer, ``hidden`` wide) with MiniLM's tokenizer: a real text encoder folder for
+    pipelines that must be exported or loaded from pipeline.json."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from snapgen.text import minilm_path
+
+    torch.manual_seed(seed)
+    BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=30522)).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(directory)
+    return directory
+
+
+def build_pipeline(text_encoder_spec="minilm", text_encoder=None):
+    """A tiny random text-to-image pipeline: perturbed nano DiT (text_dim 32), 2x VAE, ENC_DIM -> TEXT_DIM
+    conditioning with a non-zero null embedding, 16x16, 3 steps, CFG 3, shift SHIFT."""
+    torch.manual_seed(0)
+    transformer = perturb_(ThreeStageDiT(nano(in_channels=4, vae_factor=2, text_dim=TEXT_DIM)), std=0.05)
+    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4,
+                                        scaling_factor=0.7, shift_factor=0.1))
+    cond_kw = {"encoder_dims": [ENC_DIM], "out_dim": TEXT_DIM}
+    conditioning = TextConditioning(**cond_kw)
+    with torch.no_grad():
+        conditioning.null_embeddings[0].normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
+    config = PipelineConfig(text_encoder=text_encoder_spec, text_max_length=16, conditioning=cond_kw,
+                            resolution=(16, 16), steps=3, guidance=3.0, shift=SHIFT)
+    return TextToImagePipeline(transformer, conditioning, vae, config, text_encoder=text_encoder)
+
+
+def build_elastic_pipeline(text_encoder_spec="minilm", text_encoder=None):
+    """The same, with the nano-elastic supernetwork (variants tiny / small / full)."""
+    torch.manual_seed(0)
+    cfg = preset("nano-elastic", vae_factor=2, text_dim=TEXT_DIM)
+    transformer = perturb_(ThreeStageDiT(cfg), std=0.05)
+    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
+    cond_kw = {"encoder_dims": [ENC_DIM], "out_dim": TEXT_DIM}
+    config = PipelineConfig(text_encoder=text_encoder_spec, text_max_length=16, conditioning=cond_kw,
+                            resolution=(16, 16), steps=3, guidance=3.0)
+    return TextToImagePipeline(transformer, TextConditioning(**cond_kw), vae, config, text_encoder=text_encoder)
