@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_bert
+from helpers.builders import save_tiny_bert
 
 from snapgen import env
 from snapgen.attention import backend_report, block_neighborhood_attention, make_geometry

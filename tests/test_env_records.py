@@ -4,9 +4,9 @@ folders actually loaded (the model given by --model or $SNAPGEN_MODEL, detector,
 import json
 
 import yaml
-from conftest import save_tiny_bert
-from test_pipeline import ENC_DIM, build_pipeline
-from test_train import flow_config
+from helpers.builders import save_tiny_bert
+from helpers.builders import ENC_DIM, build_pipeline
+from helpers.runs import flow_config
 
 from snapgen.cli import main
 from snapgen.eval.run import run_evaluation

@@ -5,7 +5,7 @@ Conventions (fixed project-wide, see ``docs/conventions.md``): flow time ``t`` i
 pure noise; ``x_t = (1 - t) x0 + t eps``; the model predicts the velocity ``v = eps - x0``.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .models import PRESETS, ThreeStageDiT, ThreeStageDiTConfig, build_model, load_model  # noqa: E402
 from . import compress  # noqa: E402,F401  (registers the quantized-folder loader)

@@ -52,7 +52,7 @@ import os
 import platform
 from pathlib import Path
 
-from .utils.paths import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (shipped weights live under models/)
 
 __all__ = ["VARIABLES", "model_dir", "scene_detector_dir", "image_encoder_dir", "cache_dir", "bna_kernel_enabled",
            "cpu_allocator", "world_size", "local_rank", "settings", "describe", "cpu_model", "shipped_path",
@@ -207,7 +207,7 @@ def describe(attention_backend: str | None = None, build_kernel: bool = False) -
     import numpy as np
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     cuda = None
     if torch.cuda.is_available():

@@ -130,7 +130,7 @@ def write_export(pipe, out_dir, fmt: str, suffix: str, writer, resolution=None, 
                  progress: bool = True) -> Path:
     """Export ``pipe`` with ``writer(module, args, path, input_names, output_names)`` for each graph, atomically.
     A writer may return a dict of extra manifest entries (e.g. Core ML's count of palettized weights)."""
-    from .. import __version__
+    from .._version import __version__
 
     out = Path(out_dir)
     parts = pipeline_graphs(pipe, resolution, rewrite)

@@ -47,7 +47,7 @@ class JSONConfigMixin:
     def to_json(self, path: str | os.PathLike, class_name: str | None = None) -> None:
         """Write the config; ``_class_name`` is ``class_name`` (the model class, which
         ``snapgen.models.load_model`` dispatches on) or the config's ``_config_kind``."""
-        from .. import __version__
+        from .._version import __version__
 
         payload = {"_class_name": class_name or self._config_kind, "_snapgen_version": __version__, **self.to_dict()}
         with open(path, "w") as f:

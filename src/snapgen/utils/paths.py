@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 __all__ = ["REPO_ROOT", "shipped_dir"]
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from ..env import REPO_ROOT  # noqa: E402  (one definition)
 
 
 def shipped_dir(env_var: str, *parts: str) -> Path:
