@@ -9,7 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from helpers.builders import ENC_DIM, build_elastic_pipeline, nano, save_tiny_bert  # noqa: E402
+from helpers.builders import ENC_DIM, build_distill_base, build_elastic_pipeline, nano, save_tiny_bert  # noqa: E402
 
 from snapgen.models import ThreeStageDiT  # noqa: E402
 
@@ -28,3 +28,9 @@ def elastic_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("elastic_pipe")
     build_elastic_pipeline(text_encoder_spec=str(bert_dir)).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The tiny elastic pipeline that the dmd / kdmd task tests distil (test_distill_task, test_distributed)."""
+    return build_distill_base(tmp_path_factory.mktemp("base"))

@@ -5,46 +5,16 @@ import json
 
 import pytest
 import torch
-from helpers.builders import perturb_, save_tiny_bert
 from helpers.fakes import FakeEncoder
-from helpers.runs import losses, make_cache
+from helpers.runs import distill_config, losses
 
-from snapgen.models import ThreeStageDiT, preset
-from snapgen.pipelines import PipelineConfig, TextToImagePipeline
-from snapgen.text import TextConditioning
+from snapgen.pipelines import TextToImagePipeline
 from snapgen.train import Trainer
 from snapgen.train.config import TrainConfig
-from snapgen.vae import Autoencoder, AutoencoderConfig
 
 
 class Encoder32(FakeEncoder):
     dim = 32
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    bert = save_tiny_bert(d / "bert", 32)  # a tiny real text encoder, so the distilled pipeline can be exported
-    torch.manual_seed(0)
-    model = perturb_(ThreeStageDiT(preset("nano-elastic", vae_factor=2)), std=0.05)
-    kw = {"encoder_dims": [32], "out_dim": 32}
-    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
-    TextToImagePipeline(model, TextConditioning(**kw), vae,
-                        PipelineConfig(text_encoder=str(bert), conditioning=kw, resolution=(16, 16), steps=6,
-                                       guidance=3.0)).save_pretrained(d)
-    make_cache(d / "cache.safetensors")
-    return d
-
-
-def distill_config(tmp_path, base, task, run, steps, seed=1, **distill):
-    return TrainConfig.from_dict({
-        "task": task, "run_dir": str(tmp_path / run), "seed": seed, "steps": steps, "batch_size": 4, "threads": 1,
-        "model": {"init_from": str(base)}, "data": {"cache": str(base / "cache.safetensors"), "resolution": 16},
-        "optim": {"lr": 1e-3, "betas": [0.0, 0.99], "weight_decay": 0.0, "warmup": 0, "schedule": "constant",
-                  "grad_clip": 10.0},
-        "distill": {"student_lora": {"rank": 2, "alpha": 4}, "critic_lora": {"rank": 2, "alpha": 4},
-                    "gen_every": 2, "teacher_guidance": 2.0, **distill},
-        "log_every": 1, "ckpt_every": 2, "sample_every": 0})
 
 
 def test_dmd_then_kdmd_for_two_widths_and_the_distilled_pipeline(tmp_path, base):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from helpers.runs import losses, torchrun, weights
+from helpers.runs import feature_encoder, losses, torchrun, weights
 
 from snapgen.data.base import Sample, center_crop_resize, image_to_tensor
 from snapgen.data.buckets import aspect_buckets, assign_bucket
@@ -169,7 +169,7 @@ def test_wrong_folder_errors(encoded, tmp_path):
 # --- the trainer on latent shards -------------------------------------------------------------------------
 def shard_config(tmp_path, encoded, run, steps, **extra):
     cfg = {"task": "flow", "run_dir": str(tmp_path / run), "seed": 3, "steps": steps, "batch_size": 4,
-           "threads": 1, "model": {"preset": "nano"}, "text": {"encoder": "cache", "drop_prob": 0.2},
+           "threads": 1, "model": {"preset": "nano"}, "text": {"encoder": feature_encoder(tmp_path), "drop_prob": 0.2},
            "data": {"shards": str(encoded / "latents")},
            "optim": {"lr": 1e-3, "warmup": 2, "schedule": "constant"},
            "log_every": 1, "ckpt_every": 3, "sample_every": 0, "keep_checkpoints": 5}

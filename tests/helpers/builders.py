@@ -84,3 +84,25 @@ def build_elastic_pipeline(text_encoder_spec="minilm", text_encoder=None):
     config = PipelineConfig(text_encoder=text_encoder_spec, text_max_length=16, conditioning=cond_kw,
                             resolution=(16, 16), steps=3, guidance=3.0)
     return TextToImagePipeline(transformer, TextConditioning(**cond_kw), vae, config, text_encoder=text_encoder)
+
+
+def build_distill_base(d):
+    """A tiny elastic pipeline folder with a real tiny BERT and a latent cache: what the dmd / kdmd task tests
+    distil (conftest's module fixture ``base``)."""
+    from snapgen.models import ThreeStageDiT, preset
+    from snapgen.pipelines import PipelineConfig, TextToImagePipeline
+    from snapgen.text import TextConditioning
+    from snapgen.vae import Autoencoder, AutoencoderConfig
+
+    from .runs import make_cache
+
+    bert = save_tiny_bert(d / "bert", 32)  # a tiny real text encoder, so the distilled pipeline can be exported
+    torch.manual_seed(0)
+    model = perturb_(ThreeStageDiT(preset("nano-elastic", vae_factor=2)), std=0.05)
+    kw = {"encoder_dims": [32], "out_dim": 32}
+    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
+    TextToImagePipeline(model, TextConditioning(**kw), vae,
+                        PipelineConfig(text_encoder=str(bert), conditioning=kw, resolution=(16, 16), steps=6,
+                                       guidance=3.0)).save_pretrained(d)
+    make_cache(d / "cache.safetensors")
+    return d

@@ -26,10 +26,19 @@ def make_cache(path: Path, n: int = 48, seed: int = 0) -> Path:
     return save_latent_cache(path, latents, idx, tokens, mask, [f"caption {i}" for i in range(U)])
 
 
+def feature_encoder(tmp_path: Path, dim: int = 32) -> str:
+    """A text-encoder folder for runs on cached caption features: the flow task reads only its width from
+    config.json (training reads the features from the latent cache; no weights are ever loaded)."""
+    d = tmp_path / "text_encoder"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"hidden_size": dim}))
+    return str(d)
+
+
 def flow_config(tmp_path: Path, run: str, steps: int, **extra) -> dict:
     cfg = {
         "task": "flow", "run_dir": str(tmp_path / run), "seed": 3, "steps": steps, "batch_size": 8,
-        "threads": 1, "model": {"preset": "nano"}, "text": {"encoder": "cache", "drop_prob": 0.2},
+        "threads": 1, "model": {"preset": "nano"}, "text": {"encoder": feature_encoder(tmp_path), "drop_prob": 0.2},
         "data": {"cache": str(make_cache(tmp_path / "latents.safetensors"))},
         "optim": {"lr": 1e-3, "warmup": 5, "schedule": "constant"},
         "log_every": 1, "ckpt_every": 10, "sample_every": 0, "keep_checkpoints": 3,
@@ -61,3 +70,17 @@ def weights(run_dir: Path) -> dict:
 
     last = list_checkpoints(run_dir / "checkpoints")[-1]
     return load_file(str(last / "model.safetensors"))
+
+
+def distill_config(tmp_path, base, task, run, steps, seed=1, **distill):
+    """A dmd / kdmd run on the ``distill_base`` pipeline folder (conftest's ``base`` fixture)."""
+    from snapgen.train.config import TrainConfig
+
+    return TrainConfig.from_dict({
+        "task": task, "run_dir": str(tmp_path / run), "seed": seed, "steps": steps, "batch_size": 4, "threads": 1,
+        "model": {"init_from": str(base)}, "data": {"cache": str(base / "cache.safetensors"), "resolution": 16},
+        "optim": {"lr": 1e-3, "betas": [0.0, 0.99], "weight_decay": 0.0, "warmup": 0, "schedule": "constant",
+                  "grad_clip": 10.0},
+        "distill": {"student_lora": {"rank": 2, "alpha": 4}, "critic_lora": {"rank": 2, "alpha": 4},
+                    "gen_every": 2, "teacher_guidance": 2.0, **distill},
+        "log_every": 1, "ckpt_every": 2, "sample_every": 0})

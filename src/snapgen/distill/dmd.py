@@ -10,6 +10,10 @@
   (:func:`snapgen.flow.few_step_sample`), so training sees exactly the inputs inference will produce.
 * :func:`critic_loss` -- the critic ("fake score") regresses the flow-matching target on detached
   generator samples, at guidance 1.
+
+Every function that draws random numbers takes a ``torch.Generator`` or a :class:`BatchDraws`: the latter
+draws for a whole global batch and keeps the caller's rows, so a batch split over ranks or gradient
+accumulation steps computes with the numbers of the unsplit batch (data-parallel DMD == one process).
 """
 
 from __future__ import annotations
@@ -20,7 +24,35 @@ import torch.nn.functional as F
 from ..flow.objective import interpolate, shift_time, velocity_target
 from ..flow.sampling import few_step_sample
 
-__all__ = ["dmd_gradient", "dmd_loss", "sample_tau", "backward_simulate", "critic_loss"]
+__all__ = ["BatchDraws", "dmd_gradient", "dmd_loss", "sample_tau", "backward_simulate", "critic_loss"]
+
+
+class BatchDraws:
+    """Random numbers of a global batch of ``batch`` rows of which the caller computes ``rows``: each draw is
+    made for all rows from ``generator`` (so in the order, and with the values, one process with the whole
+    batch draws) and sliced. With ``rows`` = all rows, a draw is exactly ``torch.randn(shape, generator=g)``."""
+
+    def __init__(self, generator: torch.Generator | None, batch: int, rows: slice | None = None):
+        self.generator, self.batch = generator, int(batch)
+        self.rows = rows if rows is not None else slice(0, self.batch)
+
+    def randn(self, shape, dtype=None, device=None) -> torch.Tensor:
+        return torch.randn((self.batch, *shape[1:]), generator=self.generator, dtype=dtype, device=device)[self.rows]
+
+    def rand(self, n: int, device=None) -> torch.Tensor:
+        return torch.rand(self.batch, generator=self.generator, device=device)[self.rows]
+
+
+def randn(generator, shape, dtype=None, device=None) -> torch.Tensor:
+    if isinstance(generator, BatchDraws):
+        return generator.randn(shape, dtype=dtype, device=device)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+def rand(generator, n: int, device=None) -> torch.Tensor:
+    if isinstance(generator, BatchDraws):
+        return generator.rand(n, device=device)
+    return torch.rand(n, generator=generator, device=device)
 
 
 def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -40,12 +72,12 @@ def dmd_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> t
 
 
 def sample_tau(n: int, low: float = 0.02, high: float = 0.98, shift: float = 1.0,
-               generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+               generator: torch.Generator | BatchDraws | None = None, device=None) -> torch.Tensor:
     """Re-noising levels for the DMD term: uniform in ``[low, high]`` (DMD2's [0.02, 0.98]), then shifted
     like the sampler's times."""
     if not 0 <= low < high <= 1:
         raise ValueError(f"need 0 <= low < high <= 1, got {low}, {high}")
-    u = torch.rand(n, generator=generator, device=device) * (high - low) + low
+    u = rand(generator, n, device) * (high - low) + low
     return shift_time(u, shift)
 
 
@@ -58,7 +90,14 @@ def backward_simulate(velocity, noise: torch.Tensor, times: torch.Tensor, k: int
         raise ValueError(f"step k={k} outside the {len(times) - 1}-step schedule")
     if k == 0:
         return noise
-    return few_step_sample(velocity, noise, times[: k + 1], generator=generator)
+    if not isinstance(generator, BatchDraws):
+        return few_step_sample(velocity, noise, times[: k + 1], generator=generator)
+    x, B = noise, noise.shape[0]  # few_step_sample's update, with the re-noising drawn for the global batch
+    for i in range(k):
+        t, t_next = float(times[i]), float(times[i + 1])
+        x0 = x - t * velocity(x, torch.full((B,), t, dtype=x.dtype, device=x.device))
+        x = (1 - t_next) * x0 + t_next * generator.randn(x.shape, dtype=x.dtype, device=x.device) if t_next > 0 else x0
+    return x
 
 
 def critic_loss(critic, x0: torch.Tensor, cond: dict, generator: torch.Generator | None = None,
@@ -66,7 +105,7 @@ def critic_loss(critic, x0: torch.Tensor, cond: dict, generator: torch.Generator
     """Flow-matching loss of the critic on (detached) generator samples ``x0``, times uniform in
     ``[t_low, t_high]`` (DMD2 trains its fake score at uniform times)."""
     x0 = x0.detach()
-    t = (torch.rand(x0.shape[0], generator=generator, device=x0.device) * (t_high - t_low) + t_low).clamp(1e-5, 1 - 1e-5)
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = (rand(generator, x0.shape[0], x0.device) * (t_high - t_low) + t_low).clamp(1e-5, 1 - 1e-5)
+    eps = randn(generator, x0.shape, dtype=x0.dtype, device=x0.device)
     v = critic(interpolate(x0, eps, t), t, cond)
     return F.mse_loss(v.float(), velocity_target(x0, eps).float())

@@ -17,9 +17,11 @@ One training iteration (``KDMDLoss.__call__``), for a batch of captions:
 4. critic turn (every iteration): flow matching of the critic on ``sg(x0_hat)``.
 
 The returned loss is ``L_gen + L_critic``; their gradients touch disjoint parameters (the scores in L_DMD are
-computed without gradient, the critic's loss sees detached samples), so one optimizer over both parameter
-groups equals DMD2's two optimizers (the generator's parameters simply get no gradient off-turn).
-Plain DMD is the same with no few-step teacher.
+computed without gradient, the critic's loss sees detached samples), so one backward pass serves both, and
+the trainer's parameter groups ``generator`` and ``critic`` (each with its own lr, betas and gradient clip)
+are DMD2's two optimizers (the generator's parameters simply get no gradient off-turn).
+Plain DMD is the same with no few-step teacher. ``generator`` may be a :class:`snapgen.distill.dmd.BatchDraws`
+(one part of a data-parallel global batch).
 
 Models are Denoisers, called as ``model(x, t, cond)`` (velocity) and ``model(x, t, cond, features=("last",))``
 (velocity, ``{"last": last-block features}``); ``cond``/``uncond`` are dicts of batch tensors.
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..flow.sampling import cfg_velocity, sampling_times
-from .dmd import backward_simulate, critic_loss, dmd_loss, sample_tau
+from .dmd import backward_simulate, critic_loss, dmd_loss, randn, sample_tau
 
 __all__ = ["KDMDConfig", "KDMDLoss"]
 
@@ -90,7 +92,7 @@ class KDMDLoss:
         c = self.cfg
         B = shape[0]
         k = self.step_index(step)
-        noise = torch.randn(shape, generator=generator, device=device)
+        noise = randn(generator, shape, device=device)
         x_t = backward_simulate(self._student_velocity(cond), noise, self.times.to(noise.device), k, generator)
         t_k = torch.full((B,), float(self.times[k]), device=noise.device)
         gen_turn = self.is_generator_step(step)
@@ -104,7 +106,7 @@ class KDMDLoss:
             tau = sample_tau(B, c.tau_low, c.tau_high, c.shift, generator, noise.device)
             tau_b = tau.view(-1, *([1] * (x_t.dim() - 1)))
             with torch.no_grad():
-                eps = torch.randn(shape, generator=generator, device=noise.device)
+                eps = randn(generator, shape, device=noise.device)
                 x_tau = (1 - tau_b) * x0_hat.detach() + tau_b * eps
                 v_real = cfg_velocity(self.teacher, x_tau, tau, cond, uncond, c.guidance)
                 v_fake = self.critic(x_tau, tau, cond)

@@ -1,8 +1,9 @@
 """Training configuration: one YAML file per run (``configs/*.yaml``), validated up front.
 
-Top-level keys are the fields of :class:`TrainConfig`; ``task`` picks what is trained (``autoencoder``
-or ``flow``) and the task reads its own sections (``model``, ``data``, ``text``, ...). Unknown top-level
-keys are an error (a typo must not silently fall back to a default).
+Top-level keys are the fields of :class:`TrainConfig`; ``task`` picks what is trained (a name registered in
+:data:`snapgen.tasks.TASKS`: ``autoencoder``, ``flow``, ``dmd``, ``kdmd``) and the task reads and validates
+its own sections (``model``, ``data``, ``text``, ...). Unknown top-level keys are an error (a typo must not
+silently fall back to a default).
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ class OptimConfig:
     warmup: int = 100                 # linear warm-up steps
     schedule: str = "constant"        # "constant" or "cosine" (to min_lr_ratio * lr at the last step)
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0            # max global grad norm; 0 disables
+    grad_clip: float = 1.0            # max grad norm of each parameter group (default); 0 disables
+    clip_mode: str = "per_group"      # "per_group": each group by its own norm; "global": all by the joint norm
+    # per parameter group of the task (e.g. generator / critic): {name: {lr | lr_scale, betas, weight_decay,
+    # eps, clip}}; unset values are the ones above
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -34,14 +39,19 @@ class OptimConfig:
             raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.clip_mode not in ("per_group", "global"):
+            raise ValueError(f"optim.clip_mode must be 'per_group' or 'global', got {self.clip_mode!r}")
 
 
-TASKS = ("autoencoder", "flow", "dmd", "kdmd")
+def task_names() -> list[str]:
+    from ..tasks import task_names as names  # the registry (importing snapgen.tasks registers every task)
+
+    return names()
 
 
 @dataclass
 class TrainConfig:
-    task: str                                    # "autoencoder" | "flow" | "dmd" | "kdmd"
+    task: str                                    # a registered task: "autoencoder" | "flow" | "dmd" | "kdmd"
     run_dir: str = "runs/default"
     seed: int = 0
     steps: int = 1000
@@ -79,8 +89,8 @@ class TrainConfig:
             if bad:
                 raise ValueError(f"unknown optim keys {bad}; valid: {sorted(names)}")
             self.optim = OptimConfig(**self.optim)
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task not in task_names():
+            raise ValueError(f"task must be one of {', '.join(task_names())}, got {self.task!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         for name in ("steps", "batch_size"):
@@ -101,7 +111,7 @@ class TrainConfig:
         if bad:
             raise ValueError(f"unknown config keys {bad}; valid top-level keys: {sorted(names)}")
         if "task" not in d:
-            raise ValueError(f"config needs a 'task' key (one of {', '.join(TASKS)})")
+            raise ValueError(f"config needs a 'task' key (one of {', '.join(task_names())})")
         return cls(**d)
 
 

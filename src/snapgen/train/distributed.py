@@ -2,7 +2,7 @@
 
 ``torchrun --nproc-per-node N -m snapgen.cli train --config ...`` (or ``snapgen train`` under torchrun)
 runs data-parallel: gloo on CPU, nccl on CUDA. Each rank computes its part of the global batch
-(``batch_size x ranks x accumulation``; see ``FlowTask.loss``); DDP averages the gradients; every rank
+(``batch_size x ranks x accumulation``; see ``snapgen.data.batches``); DDP averages the gradients; every rank
 holds identical weights, EMA and optimizer state, so rank 0 alone writes checkpoints, metrics and exports,
 and a run resumes at any world size (the checkpoint does not depend on it).
 """

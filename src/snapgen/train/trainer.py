@@ -1,4 +1,6 @@
-"""The training loop shared by every task: AdamW + warm-up, clipping, EMA, checkpoints, exact resume.
+"""The training loop shared by every task: AdamW + warm-up over the task's parameter groups (own lr, betas,
+weight decay and gradient clip each; :mod:`.optim`), EMA of the modules with role ``ema``, data parallelism
+and gradient accumulation for every task, checkpoints, exact resume. Tasks: :mod:`snapgen.tasks`.
 
 Exact resume: everything random is either a pure function of ``(seed, step)`` (which data items form a
 batch) or drawn from RNGs whose states are checkpointed (the task's generator for noise and times, the
@@ -24,8 +26,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..utils.memory import retain_freed_memory
+from ..tasks import build_task, module_roles, param_groups
 from .checkpoint import latest_checkpoint, optimizer_from_tensors, save_checkpoint
 from .config import TrainConfig
+from .optim import build_optimizer, clip_gradients, set_lr
 
 __all__ = ["Trainer", "TrainingDiverged", "lr_at"]
 
@@ -58,11 +62,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    """Runs a task (see ``snapgen.train.tasks``) for ``cfg.steps`` optimizer steps in ``cfg.run_dir``."""
+    """Runs a task (see ``snapgen.tasks``) for ``cfg.steps`` optimizer steps in ``cfg.run_dir``."""
 
     def __init__(self, cfg: TrainConfig, task=None, progress: bool = True):
-        from .tasks import build_task
-
         from .distributed import DistributedContext, LossModule
 
         self.cfg = cfg
@@ -87,32 +89,31 @@ class Trainer:
         if strategy not in ("ddp", "fsdp"):
             raise ValueError(f"distributed.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
         self.strategy = strategy if self.dist.enabled else "single"
+        supported = getattr(self.task, "strategies", ("ddp", "fsdp"))
+        if self.dist.enabled and strategy not in supported:
+            raise ValueError(f"task {cfg.task!r} supports distributed.strategy {' or '.join(supported)}, "
+                             f"not {strategy!r}")
         self.accumulation = int(d.get("accumulation", 1))
         if self.accumulation < 1:
             raise ValueError(f"distributed.accumulation must be >= 1, got {self.accumulation}")
         self.parts = self.dist.world * self.accumulation
-        if self.parts > 1:
-            if not hasattr(self.task, "parts"):
-                raise ValueError(f"task {cfg.task!r} does not support data parallelism or gradient accumulation "
-                                 f"(the flow task does)")
-            self.task.parts = self.parts
-        if hasattr(self.task, "set_data_parallel"):  # streamed data: each rank reads its own shards
-            self.task.set_data_parallel(self.dist.rank, self.dist.world)
-        self.modules = self.task.trainable_modules()
+        if hasattr(self.task, "set_data_parallel"):  # the part of the global batch; streamed data: own shards
+            self.task.set_data_parallel(self.dist.rank, self.dist.world, self.parts)
+        elif self.parts > 1:
+            raise ValueError(f"task {cfg.task!r} does not support data parallelism or gradient accumulation "
+                             f"(it has no set_data_parallel; see snapgen.tasks.Task)")
+        roles = module_roles(self.task)
+        self.modules = {n: m for n, (m, r) in roles.items() if "trained" in r}
         if self.strategy == "fsdp":
             from .distributed import shard_modules
 
             shard_modules(self.modules, self.dist.world, self.device.type)
         self.params = {f"{m}.{n}": p for m, mod in self.modules.items() for n, p in mod.named_parameters()
                        if p.requires_grad}
-        decay, no_decay = [], []
-        for name, p in self.params.items():
-            (no_decay if p.ndim < 2 or "null" in name else decay).append(p)
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=o.betas, eps=o.eps)
-        self.ema = {k: p.detach().clone() for k, p in self.params.items()}
+        self.groups = param_groups(self.task, roles)
+        self.optimizer, self.group_states = build_optimizer(self.groups, self.params, cfg.optim)
+        averaged = {n for n, (_, r) in roles.items() if "ema" in r}  # critics and projectors: no EMA
+        self.ema = {k: p.detach().clone() for k, p in self.params.items() if k.split(".", 1)[0] in averaged}
         self.loss_module = None
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -149,6 +150,9 @@ class Trainer:
             # a key added to TrainConfig after the run started is unchanged if it still has its default
             defaults = TrainConfig(task=self.cfg.task).to_dict()
             before = {**{k: v for k, v in defaults.items() if k not in before}, **before}
+            for k, v in defaults.items():  # ... also inside sections (optim.clip_mode, optim.groups)
+                if isinstance(v, dict) and isinstance(before.get(k), dict):
+                    before[k] = {**v, **before[k]}
             changed = sorted(k for k in set(before) | set(now)
                              if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k))
             if changed:
@@ -186,7 +190,8 @@ class Trainer:
             if k not in ck["model"]:
                 raise ValueError(f"checkpoint {path} lacks parameter {k}; it belongs to another model")
             p.data.copy_(ck["model"][k])
-            self.ema[k].copy_(ck["ema"][k])
+        for k, e in self.ema.items():
+            e.copy_(ck["ema"][k])
         optimizer_from_tensors(self.optimizer, ck["optimizer"], ck["optimizer_meta"])
         torch.set_rng_state(ck["rng"]["torch"])
         if "task" in ck["rng"] and self.task.generator is not None:
@@ -333,22 +338,22 @@ class Trainer:
     @contextlib.contextmanager
     def ema_weights(self):
         """Temporarily load the EMA weights into the modules (for samples and export)."""
-        backup = {k: p.detach().clone() for k, p in self.params.items()}
+        backup = {k: self.params[k].detach().clone() for k in self.ema}
         try:
-            for k, p in self.params.items():
-                p.data.copy_(self.ema[k])
+            for k, e in self.ema.items():
+                self.params[k].data.copy_(e)
             yield
         finally:
-            for k, p in self.params.items():
-                p.data.copy_(backup[k])
+            for k, b in backup.items():
+                self.params[k].data.copy_(b)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         d = self.cfg.ema_decay
         if self.cfg.ema_warmup:
             d = min(d, (1 + self.step) / (10 + self.step))
-        for k, p in self.params.items():
-            self.ema[k].lerp_(p.detach(), 1 - d)
+        for k, e in self.ema.items():
+            e.lerp_(self.params[k].detach(), 1 - d)
 
     # ---------------------------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> dict:
@@ -377,8 +382,7 @@ class Trainer:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 lr = lr_at(self.step, cfg)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                set_lr(self.optimizer, self.group_states, lr)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_value = 0.0
                 for micro in range(self.accumulation):
@@ -399,13 +403,12 @@ class Trainer:
                                 f"kept in {self.ckpt_dir}. Lower optim.lr, keep optim.grad_clip on, or check the data")
                         (loss / self.accumulation if self.accumulation > 1 else loss).backward()
                     loss_value += loss.item() / self.accumulation
-                gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()),
-                                                       cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e30)
+                norms = clip_gradients(self.group_states, cfg.optim)
                 self.optimizer.step()
                 self.step += 1
                 self._update_ema()
                 self.elapsed += time.perf_counter() - t0
-                window.append({"loss": self.dist.mean(loss_value), "grad_norm": float(gnorm), **logs})
+                window.append({"loss": self.dist.mean(loss_value), **norms, **logs})
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     rec = self._reduce(window)
                     rec.update(step=self.step, lr=lr, elapsed=round(self.elapsed, 2))
@@ -465,22 +468,25 @@ class Trainer:
         return out
 
     def _finish_sharded(self) -> dict:
-        """FSDP: gather the EMA weights (a collective), then rank 0 exports them from an unsharded copy."""
+        """FSDP: gather the exported weights (EMA where kept; a collective), then rank 0 exports them from an
+        unsharded copy."""
         from .distributed import full_tensor
-        from .tasks import build_task
 
-        full = {k: full_tensor(v).detach().cpu() for k, v in self.ema.items()}
+        roles = module_roles(self.task)
+        exported = {n for n, (_, r) in roles.items() if "exported" in r and "trained" in r}
+        full = {k: full_tensor(self.ema[k] if k in self.ema else p.detach()).detach().cpu()
+                for k, p in self.params.items() if k.split(".", 1)[0] in exported}
         if not self.dist.is_main:
             self.dist.barrier()
             return {"steps": self.step, "rank": self.dist.rank}
         task = build_task(self.cfg, self.device)
         task.prepare(self.run_dir)
-        params = {f"{m}.{n}": p for m, mod in task.trainable_modules().items() for n, p in mod.named_parameters()
-                  if p.requires_grad}
+        mods = {n: m for n, (m, r) in module_roles(task).items() if "trained" in r}
+        params = {f"{m}.{n}": p for m, mod in mods.items() for n, p in mod.named_parameters() if p.requires_grad}
         with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(full[k])
-        for m in task.trainable_modules().values():
+            for k, v in full.items():
+                params[k].copy_(v)
+        for m in mods.values():
             m.eval()
         out = task.export(self.run_dir / "final")
         self._plot()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 __all__ = ["REPO_ROOT", "shipped_dir"]
 
-from ..env import REPO_ROOT  # noqa: E402  (one definition)
+from pathlib import Path
+
+from ..env import REPO_ROOT  # one definition
 
 
 def shipped_dir(env_var: str, *parts: str) -> Path:

@@ -15,6 +15,14 @@ paper's "no per-capacity tuning"). Only captions are read from the data cache: D
 
 Export: the base pipeline folder plus ``adapters/<name>.safetensors`` and a ``pipeline.json`` whose default
 sampler is the few-step one (``few_step_times``, guidance 1) with ``adapters`` mapping variant -> adapter.
+
+Trainer view: the transformer (student LoRAs, or full student copies) is trained, averaged and exported;
+critics and projectors are trained only. Parameter groups ``generator`` (students + projectors) and
+``critic`` are optimised and clipped separately (``optim.groups.<name>`` sets their lr, betas, clip). Data
+parallel and gradient accumulation: each part takes its captions of the global batch
+(:func:`snapgen.data.batches.part_indices`) and its rows of the global batch's noise
+(:class:`snapgen.distill.dmd.BatchDraws`, replayed from the step's generator state), so any split computes
+the step of one process.
 """
 
 from __future__ import annotations
@@ -27,9 +35,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..train.config import TrainConfig
-from .kdmd import KDMDConfig, KDMDLoss
+from ..data.batches import part_indices, part_slice
+from ..distill.dmd import BatchDraws
+from ..distill.kdmd import KDMDConfig, KDMDLoss
 from ..nn.lora import add_lora, load_lora, set_adapter
+from .base import ParamGroup, StepGenerator, Task, check_keys
+from .registry import register_task
 
 __all__ = ["DistillTask"]
 
@@ -50,17 +61,20 @@ class _Role(nn.Module):
         return self.model(x, t, cond, features=features)
 
 
-class DistillTask:
-    def __init__(self, cfg: TrainConfig, device: torch.device):
+@register_task("kdmd", kind="distill")
+@register_task("dmd", kind="distill")
+class DistillTask(Task):
+    strategies = ("ddp",)  # FSDP of the shared frozen base + LoRAs is not supported (nor tested)
+
+    def __init__(self, cfg, device: torch.device):
         from ..pipelines import TextToImagePipeline
-        from ..train.tasks import _check_keys
 
         self.cfg, self.device = cfg, device
         d = dict(cfg.distill)
-        _check_keys("distill", d, _DISTILL_KEYS)
-        _check_keys("model", cfg.model, {"init_from"})
-        _check_keys("data", cfg.data, {"cache", "resolution"})
-        _check_keys("export", cfg.export, {"dtype"})
+        check_keys("distill", d, _DISTILL_KEYS)
+        check_keys("model", cfg.model, {"init_from"})
+        check_keys("data", cfg.data, {"cache", "resolution"})
+        check_keys("export", cfg.export, {"dtype"})
         if "init_from" not in cfg.model:
             raise ValueError("a distillation config needs model.init_from: the trained pipeline folder to distil")
         self.base_dir = Path(cfg.model["init_from"])
@@ -76,7 +90,7 @@ class DistillTask:
                 raise ValueError(f"distill.variants: {v!r} is not served by {self.base_dir} "
                                  f"(it serves {sorted(self.base.variants)})")
         w = d.get("weights", {})
-        _check_keys("distill.weights", w, {"dmd", "out", "feat"})
+        check_keys("distill.weights", w, {"dmd", "out", "feat"})
         tau = d.get("tau", [0.02, 0.98])
         self.kcfg = KDMDConfig(steps=int(d.get("steps", 4)), shift=float(d.get("shift", 3.0)),
                                guidance=float(d.get("teacher_guidance", 4.0)), tau_low=float(tau[0]),
@@ -125,6 +139,7 @@ class DistillTask:
         self.critics.to(device)
         self.projectors.to(device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self._replay = StepGenerator(self.generator)
 
     @staticmethod
     def _few_step_adapter_file(folder: Path) -> Path:
@@ -138,11 +153,17 @@ class DistillTask:
         return folder / "adapters" / f"{adapters['full']}.safetensors"
 
     # --- trainer interface ----------------------------------------------------------------------------
-    def trainable_modules(self) -> dict:
-        mods = {"transformer": self.base, "critics": self.critics, "projectors": self.projectors}
+    def modules(self) -> dict:
+        student = frozenset({"trained", "ema", "exported"})
+        mods = {"transformer": (self.base, student), "critics": (self.critics, frozenset({"trained"})),
+                "projectors": (self.projectors, frozenset({"trained"}))}
         if len(self.student_copies):
-            mods["students"] = self.student_copies
+            mods["students"] = (self.student_copies, student)
         return mods
+
+    def param_groups(self) -> list[ParamGroup]:
+        gen = ("transformer", "projectors") + (("students",) if len(self.student_copies) else ())
+        return [ParamGroup("generator", gen), ParamGroup("critic", ("critics",))]
 
     def prepare(self, run_dir: Path) -> None:
         from ..data.latent_cache import load_latent_cache
@@ -158,10 +179,9 @@ class DistillTask:
         f = self.pipe.vae_factor
         self.latent_shape = (self.base.config.in_channels, res // f, res // f)
 
-    def _condition(self, step: int):
-        from ..train.tasks import batch_indices
-
-        idx = torch.from_numpy(batch_indices(self.cfg.seed, step, len(self.caption_index), self.cfg.batch_size))
+    def _condition(self, step: int, part: int = 0):
+        idx = torch.from_numpy(part_indices(self.cfg.seed, step, len(self.caption_index), self.cfg.batch_size,
+                                            part, self.parts))
         cap = self.caption_index[idx]
         feats = (self.text_tokens[cap].float().to(self.device), self.text_mask[cap].to(self.device))
         B = len(idx)
@@ -170,11 +190,13 @@ class DistillTask:
             null, null_mask = self.conditioning.null(B, lengths=[text.shape[1]])
         return {"text": text, "text_mask": mask}, {"text": null, "text_mask": null_mask}
 
-    def loss(self, step: int):
-        cond, uncond = self._condition(step)
+    def loss(self, step: int, part: int = 0):
+        B = self.cfg.batch_size
+        draws = BatchDraws(self._replay.begin(step), B * self.parts, part_slice(part, self.parts, B))
+        cond, uncond = self._condition(step, part)
         total, logs = 0.0, {}
         for v, objective in self.losses.items():
-            loss, metrics = objective(step, cond, uncond, (len(cond["text"]), *self.latent_shape), self.generator,
+            loss, metrics = objective(step, cond, uncond, (len(cond["text"]), *self.latent_shape), draws,
                                       self.device)
             total = total + loss
             logs.update({f"{k}_{v}": val for k, val in metrics.items() if k != "k"})
