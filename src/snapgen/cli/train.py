@@ -19,7 +19,9 @@ def _add_train(subparsers) -> None:
 def _add_distill(subparsers) -> None:
     p = subparsers.add_parser("distill", help="distil a trained model: kd (from a teacher), dmd (plain DMD2 to a "
                                               "few-step LoRA), kdmd (K-DMD); resumes automatically")
-    p.add_argument("method", choices=["kd", "dmd", "kdmd"])
+    from ..tasks import distill_methods
+
+    p.add_argument("method", choices=distill_methods())  # from the task registry
     p.add_argument("--config", required=True, help="configs/distill/<name>.yaml")
     p.add_argument("--run-dir", help="override the config's run_dir")
     p.add_argument("--steps", type=int, help="override the number of steps")
@@ -58,8 +60,9 @@ def register(subparsers, *names: str) -> None:
 
 def _check_method(cfg, method: str, config_path: str) -> None:
     """``snapgen distill <method>``: the config must describe that method."""
-    ok = (cfg.task == "flow" and bool(cfg.kd)) if method == "kd" else cfg.task == method
-    if not ok:
+    from ..tasks import distill_method
+
+    if distill_method(cfg) != method:
         want = "task: flow with a kd: section" if method == "kd" else f"task: {method}"
         raise ValueError(f"snapgen distill {method} needs a config with {want}; {config_path} has task "
                          f"{cfg.task!r}" + (" and no kd: section" if cfg.task == "flow" else ""))

@@ -26,9 +26,8 @@ def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *ar
 
 def flop_counter(display: bool = False) -> FlopCounterMode:
     """A ``FlopCounterMode`` that also counts CPU flash attention (and snapgen's fused BNA kernel, whose formulas
-    register when :mod:`snapgen.attention.cpu_kernel` is imported). Use as a context manager."""
-    import snapgen.attention.cpu_kernel  # noqa: F401  (its FLOP formulas must exist before the mode copies them)
-
+    register with torch when :mod:`snapgen.attention.cpu_kernel` is imported -- which ``import snapgen`` does,
+    so they exist before any mode copies the table). Use as a context manager."""
     return FlopCounterMode(display=display, custom_mapping={
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
