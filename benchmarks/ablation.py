@@ -30,11 +30,11 @@ TEXT_LEN = 128
 
 def worker(spec: dict) -> dict:
     torch = setup_torch()
-    from snapgen.models import IsotropicDiT, ThreeStageDiT, preset
+    from snapgen.models import MODELS, preset
     from snapgen.models.summary import count_flops
 
     cfg = preset("small", outer_attention=spec["attention"])
-    cls = IsotropicDiT if spec["family"] == "isotropic" else ThreeStageDiT
+    cls = MODELS.get("isotropic_dit" if spec["family"] == "isotropic" else "three_stage_dit")
     h = w = spec["resolution"] // cfg.vae_factor
     with torch.device("meta"):
         flops = count_flops(cls(cfg), (cfg.in_channels, h, w), TEXT_LEN, cfg.text_dim)

@@ -37,7 +37,7 @@ def main() -> None:
     from snapgen.eval.run import run_evaluation
     from snapgen.pipelines import TextToImagePipeline
     from snapgen.train import load_config
-    from snapgen.train.tasks import FlowTask, validation_loss
+    from snapgen.tasks import FlowTask, validation_loss
 
     configs = {name: REPO / "configs" / "elastic_table1" / f"{name}.yaml" for name in RUNS}
     if args.train:

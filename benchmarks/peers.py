@@ -5,7 +5,7 @@ forward pass, at the same IMAGE resolution, for
   2x2 patches, isotropic 28-block DiT with dense attention; 300 T5 tokens (4096-d).
 * Sana-0.6B (diffusers ``SanaTransformer2DModel``, ``Sana_600M_1024px`` config): DC-AE latent
   (image/32, 32 channels), 1x1 patches, 28 blocks with linear self-attention; 300 Gemma-2-2b tokens (2304-d).
-* snapgen ``small`` (``ThreeStageDiT(PRESETS["small"])``): Qwen-Image VAE latent (image/8, 16 channels),
+* snapgen ``small`` (``build_model("snapgenpp/small")``): Qwen-Image VAE latent (image/8, 16 channels),
   2x2 patches, Down (ASSA) / Middle (dense, 2x2-merged tokens) / Up (ASSA); 300 tokens of 2560-d text.
 
 How: every model has random weights (full size, fp32, eval, ``torch.inference_mode``, batch 1). The main
@@ -98,11 +98,11 @@ def build(name: str, resolution: int):
 
         tokens = latent**2
     elif name == "snapgen-small":
-        from snapgen.models import PRESETS, ThreeStageDiT
+        from snapgen.models import build_model
 
-        cfg = PRESETS["small"]
+        model = build_model("snapgenpp/small")
+        cfg = model.config
         latent = resolution // cfg.vae_factor
-        model = ThreeStageDiT(cfg)
         x, text = torch.randn(1, cfg.in_channels, latent, latent), torch.randn(1, TEXT_TOKENS, cfg.text_dim)
         t, mask = torch.tensor([0.5]), ones.bool()
 

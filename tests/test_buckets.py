@@ -49,4 +49,4 @@ def test_model_runs_each_bucket_grid():
     multiple = cfg.vae_factor * cfg.downsample
     for h, w in aspect_buckets(128, multiple, 2.0):
         x = torch.randn(1, cfg.in_channels, h // cfg.vae_factor, w // cfg.vae_factor)
-        assert model(x, torch.rand(1), torch.randn(1, 3, cfg.text_dim)).shape == x.shape
+        assert model(x, torch.rand(1), {"text": torch.randn(1, 3, cfg.text_dim)}).shape == x.shape

@@ -59,3 +59,28 @@ def test_registry_errors_name_the_known_entries():
         build_model({"family": "unet"})
     with pytest.raises(KeyError, match="ambiguous|unknown model preset"):
         build_model("nanoo")
+
+
+def test_registry_specs_and_folders(tmp_path):
+    import json
+
+    from snapgen.models import IsotropicDiT, ThreeStageDiT, load_model, resolve_config
+
+    nano = resolve_config("snapgenpp/nano")[1]
+    assert resolve_config("nano") == resolve_config("three_stage_dit/nano") == ("three_stage_dit", nano)
+    assert resolve_config({"preset": "nano", "width": 128})[1] == nano.replace(width=128)
+    assert resolve_config({"family": "isotropic_dit", "preset": "nano"}) == ("isotropic_dit", nano)
+    assert resolve_config(nano) == ("three_stage_dit", nano)  # a config builds its default family
+    with pytest.raises(ValueError, match=r"unknown ThreeStageDiTConfig keys \['widht'\].*valid keys"):
+        build_model({"preset": "nano", "widht": 128})
+    # load_model dispatches on the saved class name; a config.json without one is the default family
+    iso = build_model({"family": "isotropic_dit", "preset": "nano"})
+    iso.save_pretrained(tmp_path / "iso")
+    assert type(load_model(tmp_path / "iso")) is IsotropicDiT
+    build_model("nano").save_pretrained(tmp_path / "plain")
+    cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
+    del cfg["_class_name"]
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg))
+    assert type(load_model(tmp_path / "plain")) is ThreeStageDiT
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        (tmp_path / "plain" / "config.json").unlink() or load_model(tmp_path / "plain")

@@ -9,7 +9,7 @@ import torch
 from helpers.builders import dummy_inputs, perturb_
 from snapgen.distill.dmd import backward_simulate, dmd_gradient, dmd_loss, sample_tau
 from snapgen.distill.kdmd import KDMDConfig, KDMDLoss
-from snapgen.distill.lora import (add_lora, adapter_names, load_lora, lora_parameters, merge_lora, save_lora,
+from snapgen.nn.lora import (add_lora, adapter_names, load_lora, lora_parameters, merge_lora, save_lora,
                                   set_adapter, use_adapter)
 from snapgen.distill.toy import GaussianMixture2D, ToyVelocity, mode_report, train_toy_flow
 from snapgen.flow.sampling import euler_sample, few_step_sample, sampling_times
@@ -134,12 +134,12 @@ def test_lora_merge_is_exact_at_every_width_and_switches_off(tmp_path):
     torch.manual_seed(0)
     model = perturb_(ThreeStageDiT(preset("nano-elastic")))
     x, t, text, mask = dummy_inputs(model.config)
-    base = {v: model.set_variant(v)(x, t, text, mask) for v in model.variants}
+    base = {v: model.set_variant(v)(x, t, {"text": text, "text_mask": mask}) for v in model.variants}
     model.set_variant("full")
     params = add_lora(model, "fast", rank=4, alpha=8)
     assert all(p.requires_grad for p in params) and len(params) == 2 * 10 * 4  # self/cross q,k,v,out + fc1, fc2 in 4 blocks
     with use_adapter(model, "fast"):
-        assert torch.equal(model(x, t, text, mask), base["full"])  # B = 0: a new adapter changes nothing
+        assert torch.equal(model(x, t, {"text": text, "text_mask": mask}), base["full"])  # B = 0: a new adapter changes nothing
     with torch.no_grad():
         for p in lora_parameters(model, "fast").values():
             p.normal_(0, 0.05)
@@ -149,10 +149,10 @@ def test_lora_merge_is_exact_at_every_width_and_switches_off(tmp_path):
         model.set_variant(v)
         merged.set_variant(v)
         with use_adapter(model, "fast"):
-            on = model(x, t, text, mask)
+            on = model(x, t, {"text": text, "text_mask": mask})
         assert (on - base[v]).abs().max() > 1e-3
-        torch.testing.assert_close(merged(x, t, text, mask), on, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model(x, t, text, mask), base[v])  # switched off again
+        torch.testing.assert_close(merged(x, t, {"text": text, "text_mask": mask}), on, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x, t, {"text": text, "text_mask": mask}), base[v])  # switched off again
     # save / load into a fresh copy of the base weights
     model.set_variant("full")
     save_lora(model, "fast", tmp_path / "fast.safetensors")
@@ -161,7 +161,7 @@ def test_lora_merge_is_exact_at_every_width_and_switches_off(tmp_path):
     assert load_lora(fresh, tmp_path / "fast.safetensors") == "fast"
     set_adapter(fresh, "fast")
     set_adapter(model, "fast")
-    assert torch.equal(fresh(x, t, text, mask), model(x, t, text, mask))
+    assert torch.equal(fresh(x, t, {"text": text, "text_mask": mask}), model(x, t, {"text": text, "text_mask": mask}))
 
 
 def test_lora_errors(tmp_path):

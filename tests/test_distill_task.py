@@ -79,7 +79,7 @@ def test_distilled_variant_exports_to_onnx_with_its_adapter_merged(tmp_path, bas
     Trainer(distill_config(tmp_path, base, "dmd", "dmd", 2, variants=["tiny", "full"]), progress=False).fit()
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "dmd" / "final", variant="tiny")
     # make the adapter matter: a trained-looking (non-zero) update
-    from snapgen.distill.lora import lora_parameters
+    from snapgen.nn.lora import lora_parameters
 
     with torch.no_grad():
         for p in lora_parameters(pipe.transformer, "dmd_tiny").values():
@@ -90,7 +90,7 @@ def test_distilled_variant_exports_to_onnx_with_its_adapter_merged(tmp_path, bas
     a = OnnxPipeline(tmp_path / "onnx")(["a red circle"], seed=4, return_latents=True)
     b = pipe(["a red circle"], seed=4, return_latents=True)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-    from snapgen.distill.lora import set_adapter
+    from snapgen.nn.lora import set_adapter
 
     set_adapter(pipe.transformer, None)  # same sampler without the adapter: differs, so it was merged
     assert (pipe(["a red circle"], seed=4, return_latents=True) - a).abs().max() > 1e-3
@@ -100,7 +100,7 @@ def test_extract_of_a_distilled_pipeline_merges_its_adapter(tmp_path, base):
     """``extract`` / ``snapgen extract`` on a distilled supernetwork: a plain standalone folder per width that
     generates what the distilled pipeline generates at that width (adapter merged, few-step sampler); after
     ``use_base()``, the base model with the base sampler."""
-    from snapgen.distill.lora import lora_parameters
+    from snapgen.nn.lora import lora_parameters
 
     Trainer(distill_config(tmp_path, base, "dmd", "dmd", 2, variants=["tiny", "full"]), progress=False).fit()
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "dmd" / "final", text_encoder=Encoder32())

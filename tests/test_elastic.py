@@ -54,9 +54,9 @@ def test_slicing_matches_a_hand_sliced_standalone_model(supernet):
         standalone = ThreeStageDiT(supernet.config.variant_config(name))
         standalone.load_state_dict(reference_state(supernet, name), strict=True)
         with using_variant(supernet, name):
-            y = supernet(x, t, text, mask)
+            y = supernet(x, t, {"text": text, "text_mask": mask})
         assert y.abs().mean() > 1e-2  # perturbed weights: a real signal, not zeros
-        torch.testing.assert_close(y, standalone(x, t, text, mask), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y, standalone(x, t, {"text": text, "text_mask": mask}), atol=1e-5, rtol=1e-5)
 
 
 def test_extraction_is_exact_and_round_trips(supernet, tmp_path):
@@ -67,11 +67,11 @@ def test_extraction_is_exact_and_round_trips(supernet, tmp_path):
         assert not sub.config.elastic_variants
         assert sub.config.width == int(supernet.config.width * supernet.variants[name])
         with using_variant(supernet, name):
-            ref = supernet(x, t, text, mask)
-        torch.testing.assert_close(sub(x, t, text, mask), ref, atol=1e-5, rtol=0)
+            ref = supernet(x, t, {"text": text, "text_mask": mask})
+        torch.testing.assert_close(sub(x, t, {"text": text, "text_mask": mask}), ref, atol=1e-5, rtol=0)
         sub.save_pretrained(tmp_path / name)
         again = ThreeStageDiT.from_pretrained(tmp_path / name)
-        assert torch.equal(again(x, t, text, mask), sub(x, t, text, mask))
+        assert torch.equal(again(x, t, {"text": text, "text_mask": mask}), sub(x, t, {"text": text, "text_mask": mask}))
         outs[name] = ref
     # the widths really are different networks, and sizes grow with width
     assert (outs["tiny"] - outs["full"]).abs().max() > 1e-2
@@ -86,19 +86,19 @@ def test_supernet_saves_all_variants_in_one_file(supernet, tmp_path):
     x, t, text, mask = dummy_inputs(supernet.config, seed=2)
     for name in ("tiny", "small", "full"):
         with using_variant(supernet, name), using_variant(loaded, name):
-            assert torch.equal(loaded(x, t, text, mask), supernet(x, t, text, mask))
+            assert torch.equal(loaded(x, t, {"text": text, "text_mask": mask}), supernet(x, t, {"text": text, "text_mask": mask}))
     assert json.loads((tmp_path / "sup" / "config.json").read_text())["elastic_variants"] == [["tiny", 0.375],
                                                                                             ["small", 0.5]]
 
 
 def test_full_width_ignores_the_variant_tables(supernet):
     x, t, text, mask = dummy_inputs(supernet.config)
-    y = supernet(x, t, text, mask)
+    y = supernet(x, t, {"text": text, "text_mask": mask})
     with torch.no_grad():
         for k, p in supernet.named_parameters():
             if "_variants." in k:
                 p.add_(1.0)
-    assert torch.equal(supernet(x, t, text, mask), y)
+    assert torch.equal(supernet(x, t, {"text": text, "text_mask": mask}), y)
     with using_variant(supernet, "small"):
         assert supernet.variant == "small"
     assert supernet.variant == "full"
@@ -109,7 +109,7 @@ def test_make_elastic_starts_every_width_as_the_leading_slice():
     base = perturb_(ThreeStageDiT(preset("nano-elastic").variant_config("full")))
     sup = make_elastic(base)
     x, t, text, mask = dummy_inputs(base.config)
-    assert torch.equal(sup(x, t, text, mask), base(x, t, text, mask))
+    assert torch.equal(sup(x, t, {"text": text, "text_mask": mask}), base(x, t, {"text": text, "text_mask": mask}))
     small = extract_variant(sup, "small")
     # its modulation table is the full table's leading columns
     torch.testing.assert_close(small.down_blocks[0].modulation, base.down_blocks[0].modulation[:, :64])
@@ -262,7 +262,7 @@ def test_validation_loss_is_deterministic_and_width_specific():
 
     from snapgen.data.latent_cache import load_latent_cache
     from snapgen.text import TextConditioning
-    from snapgen.train.tasks import validation_loss
+    from snapgen.tasks import validation_loss
 
     import tempfile
     from pathlib import Path
@@ -298,12 +298,12 @@ def test_repeat_kv_heads_is_exact_and_enables_a_narrow_variant():
     gqa = perturb_(ThreeStageDiT(preset("nano-elastic").variant_config("full").replace(kv_heads=4)))  # group 4
     mha = repeat_kv_heads(gqa, 16)
     x, t, text, mask = dummy_inputs(gqa.config)
-    torch.testing.assert_close(mha(x, t, text, mask), gqa(x, t, text, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mha(x, t, {"text": text, "text_mask": mask}), gqa(x, t, {"text": text, "text_mask": mask}), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="multiple"):
         repeat_kv_heads(gqa, 6)
     # 4 KV heads cannot serve the 0.375x variant (1.5 KV heads); 8 can, and make_elastic accepts the result
     sup = make_elastic(repeat_kv_heads(gqa, 8))
-    torch.testing.assert_close(sup(x, t, text, mask), gqa(x, t, text, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sup(x, t, {"text": text, "text_mask": mask}), gqa(x, t, {"text": text, "text_mask": mask}), atol=1e-5, rtol=1e-5)
 
 
 def test_flow_task_warm_starts_a_supernetwork_from_a_plain_pipeline(tmp_path):
@@ -326,7 +326,7 @@ def test_flow_task_warm_starts_a_supernetwork_from_a_plain_pipeline(tmp_path):
     trainer = Trainer(TrainConfig.from_dict(cfg), progress=False)
     sup = trainer.task.model
     x, t, text, mask = dummy_inputs(sup.config)
-    torch.testing.assert_close(sup(x, t, text, mask), plain(x, t, text, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sup(x, t, {"text": text, "text_mask": mask}), plain(x, t, {"text": text, "text_mask": mask}), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(trainer.task.conditioning.null_embeddings[0], cond.null_embeddings[0])
     bad = flow_config(tmp_path, "bad", 2, model={"preset": "nano", "init_from": str(tmp_path / "src")})
     with pytest.raises(ValueError, match="different config"):

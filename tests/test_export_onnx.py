@@ -96,8 +96,8 @@ def test_device_rewrite_is_numerically_equal_and_exports_to_onnx(elastic_folder,
     x = torch.randn(2, 4, 8, 8)
     t = torch.rand(2)
     text = torch.randn(2, 5, model.config.text_dim)
-    ref = model(x, t, text)
-    torch.testing.assert_close(device_rewrite(model)(x, t, text), ref, atol=1e-5, rtol=1e-5)
+    ref = model(x, t, {"text": text})
+    torch.testing.assert_close(device_rewrite(model)(x, t, {"text": text}), ref, atol=1e-5, rtol=1e-5)
     export_onnx(pipe, tmp_path / "rw", rewrite=True, progress=False)
     torch.testing.assert_close(OnnxPipeline(tmp_path / "rw")(["a cat"], seed=1, return_latents=True),
                                pipe(["a cat"], seed=1, return_latents=True), atol=LATENT_ATOL, rtol=0)

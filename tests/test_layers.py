@@ -42,9 +42,14 @@ def import_graph() -> dict[tuple[str, str], set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name.split(".") for a in node.names]
             elif isinstance(node, ast.ImportFrom):
+                assert node.level <= len(package), f"{rel}:{node.lineno}: relative import climbs above snapgen"
                 base = (package[:len(package) - node.level + 1] if node.level else [])
                 base = base + (node.module.split(".") if node.module else [])
                 targets = [base + [a.name] for a in node.names] if base == ["snapgen"] else [base]
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+                  in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)
+                  and isinstance(node.args[0].value, str)):  # importlib.import_module("snapgen.x")
+                targets = [node.args[0].value.split(".")]
             else:
                 continue
             for t in targets:

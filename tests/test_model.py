@@ -15,16 +15,16 @@ def test_output_shape_any_aspect(h, w, attention, tile):
     torch.manual_seed(0)
     model = perturb_(ThreeStageDiT(nano(outer_attention=attention, bna_tile=tile)))
     x, t, text, mask = dummy_inputs(model.config, h=h, w=w)
-    out = model(x, t, text, mask)
+    out = model(x, t, {"text": text, "text_mask": mask})
     assert out.shape == x.shape and out.dtype == torch.float32
     assert torch.isfinite(out).all() and out.abs().sum() > 0
 
 
 def test_new_model_outputs_exactly_zero(nano_model):
     x, t, text, mask = dummy_inputs(nano_model.config)
-    assert torch.equal(nano_model(x, t, text, mask), torch.zeros_like(x))
+    assert torch.equal(nano_model(x, t, {"text": text, "text_mask": mask}), torch.zeros_like(x))
     iso = IsotropicDiT(nano())
-    assert torch.equal(iso(x, t, text, mask), torch.zeros_like(x))
+    assert torch.equal(iso(x, t, {"text": text, "text_mask": mask}), torch.zeros_like(x))
 
 
 def test_blocks_are_identity_at_init(nano_model):
@@ -44,7 +44,7 @@ def test_every_parameter_gets_a_gradient_after_perturbation(model_cls):
     torch.manual_seed(0)
     model = perturb_(model_cls(nano()))
     x, t, text, mask = dummy_inputs(model.config)
-    model(x, t, text, mask).square().mean().backward()
+    model(x, t, {"text": text, "text_mask": mask}).square().mean().backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not dead, f"parameters without gradient: {dead}"
 
@@ -52,7 +52,7 @@ def test_every_parameter_gets_a_gradient_after_perturbation(model_cls):
 def test_zero_init_still_trains_gates(nano_model):
     """At init only the gates/output layer are reachable; they must get gradient so training can start."""
     x, t, text, mask = dummy_inputs(nano_model.config)
-    (nano_model(x, t, text, mask) - x).square().mean().backward()
+    (nano_model(x, t, {"text": text, "text_mask": mask}) - x).square().mean().backward()
     assert nano_model.final_layer.linear.weight.grad.abs().sum() > 0
 
 
@@ -65,7 +65,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), n
     x, t, text, mask = dummy_inputs(model.config)
-    assert torch.equal(model(x, t, text, mask), loaded(x, t, text, mask))
+    assert torch.equal(model(x, t, {"text": text, "text_mask": mask}), loaded(x, t, {"text": text, "text_mask": mask}))
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
 
 
@@ -115,12 +115,12 @@ def test_bad_inputs(nano_model):
     with pytest.raises(ValueError, match="channels"):
         nano_model(torch.randn(2, 3, 16, 16), t, text, mask)
     with pytest.raises(ValueError, match="text must be"):
-        nano_model(x, t, text[..., :7], mask)
+        nano_model(x, t, {"text": text[..., :7], "text_mask": mask})
     with pytest.raises(ValueError, match="text_mask must be"):
-        nano_model(x, t, text, mask[:, :2])
+        nano_model(x, t, {"text": text, "text_mask": mask[:, :2]})
     with pytest.raises(ValueError, match="t must be"):
-        nano_model(x, torch.rand(3), text, mask)
-    assert nano_model(x, 0.3, text, mask).shape == x.shape  # scalar t broadcasts
+        nano_model(x, torch.rand(3), {"text": text, "text_mask": mask})
+    assert nano_model(x, 0.3, {"text": text, "text_mask": mask}).shape == x.shape  # scalar t broadcasts
 
 
 @pytest.mark.parametrize("bad,needle", [
@@ -136,13 +136,13 @@ def test_bad_configs(bad, needle):
 def test_text_padding_is_ignored(nano_model):
     perturb_(nano_model)
     x, t, text, mask = dummy_inputs(nano_model.config)
-    out = nano_model(x, t, text, mask)
+    out = nano_model(x, t, {"text": text, "text_mask": mask})
     text2 = text.clone()
     text2[~mask] = 50.0
-    torch.testing.assert_close(nano_model(x, t, text2, mask), out)
+    torch.testing.assert_close(nano_model(x, t, {"text": text2, "text_mask": mask}), out)
     text3 = text.clone()
     text3[mask] += 1.0
-    assert not torch.allclose(nano_model(x, t, text3, mask), out)
+    assert not torch.allclose(nano_model(x, t, {"text": text3, "text_mask": mask}), out)
 
 
 def test_deterministic_under_seed():
@@ -160,7 +160,7 @@ def test_backends_agree_inside_the_model():
     x, t, text, mask = dummy_inputs(model.config, h=12, w=20)  # 6x10 grid: tiles do not divide -> padding
     ref = ThreeStageDiT(nano(bna_tile=(2, 2), bna_backend="reference"))
     ref.load_state_dict(model.state_dict())
-    torch.testing.assert_close(model(x, t, text, mask), ref(x, t, text, mask), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(x, t, {"text": text, "text_mask": mask}), ref(x, t, {"text": text, "text_mask": mask}), rtol=1e-5, atol=1e-6)
 
 
 def test_paper_presets_param_counts_within_15_percent():
@@ -184,9 +184,10 @@ def test_torch_export_matches_eager_and_leaves_eager_intact():
     torch.manual_seed(0)
     model = perturb_(ThreeStageDiT(nano(bna_tile=(2, 2)))).eval()
     x, t, text, mask = dummy_inputs(model.config, h=16, w=24)
-    exported = torch.export.export(model, (x, t, text, mask))
-    torch.testing.assert_close(exported.module()(x, t, text, mask), model(x, t, text, mask))
-    out = model(x, t, text, mask)
+    exported = torch.export.export(model, (x, t, {"text": text, "text_mask": mask}))
+    torch.testing.assert_close(exported.module()(x, t, {"text": text, "text_mask": mask}),
+                               model(x, t, {"text": text, "text_mask": mask}))
+    out = model(x, t, {"text": text, "text_mask": mask})
     assert type(out) is torch.Tensor and torch.isfinite(out).all()
 
 
@@ -198,7 +199,7 @@ def test_gradient_checkpointing_gives_identical_gradients():
     for ckpt in (False, True):
         model.zero_grad()
         model.gradient_checkpointing = ckpt
-        model(x, t, text, mask).square().mean().backward()
+        model(x, t, {"text": text, "text_mask": mask}).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)

@@ -332,7 +332,7 @@ def test_conditioning_feeds_the_denoiser():
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.3, 0.8])
     with torch.no_grad():
         text, text_mask = cond([f])
-        v = model(x, t, text, text_mask)
+        v = model(x, t, {"text": text, "text_mask": text_mask})
         u_short = model(x, t, *cond.null(2))
         u_padded = model(x, t, *cond.null(2, lengths=[7]))
     assert v.shape == x.shape and torch.isfinite(v).all()

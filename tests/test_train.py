@@ -17,7 +17,7 @@ from helpers.runs import flow_config, losses, write_config
 from snapgen.train import Trainer, TrainingDiverged, load_config, lr_at
 from snapgen.train.checkpoint import list_checkpoints
 from snapgen.train.config import TrainConfig
-from snapgen.train.tasks import batch_indices
+from snapgen.data.batches import batch_indices
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -220,7 +220,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, report: dict 
             tensors[name] = t.detach().half().contiguous() if t.is_floating_point() else t.contiguous()
     meta = {"format": QUANT_FORMAT, "layout": json.dumps(layout), "report": json.dumps(report or {})}
     atomic_save_safetensors(tensors, d / "quantized.safetensors", metadata=meta)
-    model.config.to_json(d / "config.json")
+    model.config.to_json(d / "config.json", class_name=type(model).__name__)  # load_model dispatches on it
     return d
 
 

@@ -157,7 +157,7 @@ def measure(folder: Path, backend: str, repeats: int = 7) -> dict:
         x = torch.randn(B, m.config.in_channels, H // f, W // f)
         t = torch.full((B,), 0.5)
         (text, mask), _ = pipe.encode_prompts([prompt] * B)
-        step = lambda: m(x, t, text, mask)  # noqa: E731
+        step = lambda: m(x, t, {"text": text, "text_mask": mask})  # noqa: E731
         steps = s["steps"]
     else:
         meta = pipe.meta

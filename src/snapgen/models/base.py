@@ -8,9 +8,8 @@ EDM2's explicit denoiser ``D(x, sigma, ...)``, in flow form (conventions: ``docs
 - ``x``: ``(B, C, h, w)`` image latents (``(B, C, T, h, w)`` for video families);
 - ``t``: ``(B,)`` or a scalar, flow time in [0, 1], ``t = 1`` is noise;
 - ``cond``: a dict of batch tensors. Image families read ``"text"`` ``(B, L, text_dim)`` and ``"text_mask"``
-  ``(B, L)`` bool (True = real token; optional). Later families add keys (canvas tokens, caches); a model
-  ignores keys it does not know only if they are listed in its ``optional_cond``; other unknown keys are
-  errors, so a misspelt key never silently drops conditioning.
+  ``(B, L)`` bool (True = real token; optional). Later families add keys (canvas tokens, caches). Keys a model
+  does not read are errors, so a misspelt key never silently drops conditioning.
 - ``features``: names of feature taps to return (``model.feature_taps`` lists them; ``"last"`` = the tokens
   entering the output layer, what SnapGen++'s feature KD reads). Knowledge distillation across
   architectures and discriminators read these instead of a model-specific ``return_features`` flag.
@@ -28,12 +27,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Denoiser", "Elastic", "AdapterHost", "Cond", "denoiser_call", "text_cond", "check_features"]
+__all__ = ["Denoiser", "Elastic", "AdapterHost", "Cond", "denoiser_call", "text_cond", "check_features",
+           "is_supernet"]
 
 Cond = Mapping[str, torch.Tensor]
-
-_LEGACY_WARNED = False
-
 
 @runtime_checkable
 class Denoiser(Protocol):
@@ -52,7 +49,9 @@ class Denoiser(Protocol):
 
 @runtime_checkable
 class Elastic(Protocol):
-    """A weight-sharing supernetwork serving width-sliced sub-networks [SnapGen++ Sec. 3.2]."""
+    """A model with width-sliced sub-networks [SnapGen++ Sec. 3.2]: ``variants`` maps names to width ratios
+    (``{"full": 1.0}`` alone for an ordinary model of an elastic-capable family; :func:`is_supernet` tells
+    whether it serves more than one)."""
 
     @property
     def variants(self) -> dict[str, float]: ...
@@ -65,9 +64,15 @@ class Elastic(Protocol):
 
 @runtime_checkable
 class AdapterHost(Protocol):
-    """A model whose linear layers can carry named LoRA adapters (``snapgen.nn.lora``)."""
+    """A model whose linear layers can carry named LoRA adapters (``snapgen.nn.lora``); ``adapter_names()``
+    lists those it carries."""
 
     def adapter_names(self) -> list[str]: ...
+
+
+def is_supernet(model) -> bool:
+    """An :class:`Elastic` model serving more than its full width."""
+    return isinstance(model, Elastic) and len(model.variants) > 1
 
 
 def text_cond(text: torch.Tensor, text_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -86,16 +91,18 @@ def check_features(features: Sequence[str], taps: Sequence[str], family: str) ->
 def denoiser_call(cond, legacy: tuple, legacy_kw: dict, features: Sequence[str]):
     """Normalise a denoiser call to ``(cond dict, features, legacy_return)``.
 
-    The pre-0.2 form ``model(x, t, text, text_mask, return_features=True)`` (and ``text=``/``text_mask=``
-    keywords) still works, with a ``DeprecationWarning`` once per process; ``legacy_return`` is then True
-    when the old ``(v, last_tokens)`` return shape was asked for."""
-    global _LEGACY_WARNED
+    The pre-registry form ``model(x, t, text, text_mask[, return_features])`` (also with ``text=`` /
+    ``text_mask=`` / ``return_features=`` keywords) still works, with a ``DeprecationWarning`` pointing at the
+    caller; ``legacy_return`` is then True when the old ``(v, last_tokens)`` return shape was asked for."""
     legacy_return = bool(legacy_kw.pop("return_features", False))
     text_kw = {k: legacy_kw.pop(k) for k in ("text", "text_mask") if k in legacy_kw}
     if legacy_kw:
         raise TypeError(f"unexpected keyword arguments {sorted(legacy_kw)}; call model(x, t, cond, features=...) "
                         f"with cond a dict of tensors (e.g. {{'text': ..., 'text_mask': ...}})")
+    features = (features,) if isinstance(features, str) else tuple(features)
     if torch.is_tensor(cond) or text_kw or legacy or legacy_return:
+        if len(legacy) == 2 and isinstance(legacy[1], bool):  # model(x, t, text, mask, return_features)
+            legacy, legacy_return = legacy[:1], legacy_return or legacy[1]
         if len(legacy) > 1:
             raise TypeError(f"too many positional arguments ({2 + 1 + len(legacy)}); the legacy form is "
                             f"model(x, t, text, text_mask)")
@@ -108,13 +115,12 @@ def denoiser_call(cond, legacy: tuple, legacy_kw: dict, features: Sequence[str])
             if text is None:
                 raise TypeError("missing conditioning: call model(x, t, cond) with cond={'text': ...}")
             cond = text_cond(text, mask)
-        if not _LEGACY_WARNED:
-            _LEGACY_WARNED = True
-            warnings.warn("model(x, t, text, text_mask[, return_features=True]) is deprecated; use "
-                          "model(x, t, {'text': text, 'text_mask': text_mask}, features=('last',))",
-                          DeprecationWarning, stacklevel=3)
+        # stacklevel 5: this function, forward, Module._call_impl, Module._wrapped_call_impl, the caller
+        warnings.warn("model(x, t, text, text_mask[, return_features=True]) is deprecated; use "
+                      "model(x, t, {'text': text, 'text_mask': text_mask}, features=('last',))",
+                      DeprecationWarning, stacklevel=5)
         if legacy_return:
-            features = tuple(features) or ("last",)
+            features = features or ("last",)
     if cond is None:
         cond = {}
     if not isinstance(cond, Mapping):

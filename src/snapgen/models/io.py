@@ -2,3 +2,7 @@
 
 from ..nn.io import *  # noqa: F401,F403
 from ..nn.io import __all__, read_safetensors  # noqa: F401
+
+import warnings as _warnings
+
+_warnings.warn("snapgen.models.io is deprecated; import from snapgen.nn.io", DeprecationWarning, stacklevel=2)

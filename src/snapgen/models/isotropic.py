@@ -62,6 +62,12 @@ class IsotropicDiT(ModelIOMixin, nn.Module):
             return out, xs
         return (out, {"last": xs}) if features else out
 
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters this model carries (:mod:`snapgen.nn.lora`; the AdapterHost capability)."""
+        from ..nn.lora import adapter_names
+
+        return adapter_names(self)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -18,9 +18,10 @@ imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -63,7 +64,8 @@ def register_folder_loader(marker: str, loader: Callable) -> None:
 
 
 def model_names() -> list[str]:
-    """Every preset as ``namespace/name`` (CLI choices), plus each family's name (its default config)."""
+    """Every preset as ``namespace/name`` (CLI choices). A family's own name also works as a namespace
+    (``three_stage_dit/small``) and, alone, builds its default config."""
     out = []
     for family, _ in MODELS.items():
         meta = MODELS.meta(family)
@@ -84,7 +86,7 @@ def _lookup_preset(name: str) -> tuple[str, object]:
         ns, p = name.split("/", 1)
         for family, _ in MODELS.items():
             meta = MODELS.meta(family)
-            if meta["namespace"] == ns and p in meta["presets"]:
+            if ns in (meta["namespace"], family) and p in meta["presets"]:
                 return family, meta["presets"][p]
         raise UnknownName(f"unknown model preset {name!r}; known: {', '.join(model_names())}")
     families = _bare_presets().get(name, [])
@@ -111,7 +113,7 @@ def resolve_config(spec) -> tuple[str, object]:
     plus config fields that override the preset's; other keys are errors naming the valid ones)."""
     if isinstance(spec, str):
         return _lookup_preset(spec)
-    if isinstance(spec, dict):
+    if isinstance(spec, Mapping):
         d = dict(spec)
         family, name = d.pop("family", None), d.pop("preset", None)
         if family is not None:
@@ -128,16 +130,27 @@ def resolve_config(spec) -> tuple[str, object]:
         else:
             family = family or DEFAULT_FAMILY
             base = MODELS.meta(family)["config"]()
-        return family, base.replace(**d) if d else base
+        return family, _replace(base, d)
     return family_of(spec), spec
+
+
+def _replace(config, fields: dict):
+    """``config`` with ``fields`` replaced; an unknown field is an error naming the valid ones."""
+    if not fields:
+        return config
+    valid = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(fields) - valid)
+    if unknown:
+        raise ValueError(f"unknown {type(config).__name__} keys {unknown} in the model spec; valid keys are "
+                         f"{sorted(valid | set(SECTION_KEYS))}")
+    return config.replace(**fields)
 
 
 def build_model(spec, device: torch.device | str | None = None, **overrides) -> torch.nn.Module:
     """A freshly initialised model from a preset name, a config object or a YAML ``model:`` dict.
     ``overrides`` replace config fields. Works under ``torch.device("meta")``."""
     family, config = resolve_config(spec)
-    if overrides:
-        config = config.replace(**overrides)
+    config = _replace(config, overrides)
     model = MODELS.get(family)(config)
     return model.to(device) if device is not None else model
 
@@ -148,16 +161,18 @@ def _class_name(folder: Path, config_file: str = "config.json") -> str | None:
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{folder / 'config.json'} is not a valid model config ({e}); the file is corrupt") from None
+        raise ValueError(f"{folder / config_file} is not a valid model config ({e}); the file is corrupt") from None
 
 
 def saved_class(folder: str | os.PathLike, config_file: str = "config.json") -> tuple[type, object]:
     """``(model class, config)`` of a saved model folder, from its ``config.json``'s ``_class_name``."""
     folder = Path(folder)
-    name = _class_name(folder, config_file)
-    if name is None:
+    if not (folder / config_file).is_file():
         raise FileNotFoundError(f"{folder / config_file} not found (a model folder holds config.json and "
                                 f"model.safetensors, as written by save_pretrained)")
+    name = _class_name(folder, config_file)
+    if name is None:  # a hand-written or foreign config.json: the default family, as before the registry
+        name = MODELS.get(DEFAULT_FAMILY).__name__
     if name not in _CLASS_NAMES:
         raise UnknownName(f"{folder} holds a {name!r}, which is not a registered model family (known classes: "
                           f"{', '.join(sorted(_CLASS_NAMES))}); is it a model folder of another kind?")

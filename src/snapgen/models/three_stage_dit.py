@@ -161,7 +161,7 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
         x: ``(B, C, h, w)`` latent at flow time ``t``; t: ``(B,)`` or scalar in [0, 1] (1 = noise);
         cond: ``{"text": (B, L, text_dim) encoder features, "text_mask": (B, L) bool, True = real token}``.
         ``features``: names from ``feature_taps``; then ``(v, {name: (B, N, width) tokens})`` is returned.
-        The pre-0.2 call ``model(x, t, text, text_mask, return_features=True)`` still works (deprecated).
+        The old call ``model(x, t, text, text_mask, return_features=True)`` still works (deprecated).
         """
         cond, features, legacy_return = denoiser_call(cond, legacy, legacy_kw, features)
         features = check_features(features, self.feature_taps, self.family)
@@ -241,6 +241,12 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
                 m.active = spec
         self._variant = name
         return self
+
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters this model carries (:mod:`snapgen.nn.lora`; the AdapterHost capability)."""
+        from ..nn.lora import adapter_names
+
+        return adapter_names(self)
 
     # --------------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:

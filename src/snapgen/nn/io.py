@@ -47,7 +47,7 @@ class ModelIOMixin:
         tensors for a smaller file; ``from_pretrained`` always loads into the model's own dtype."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        # LoRA adapters are not part of the model: they are saved beside it (snapgen.distill.lora.save_lora)
+        # LoRA adapters are not part of the model: they are saved beside it (snapgen.nn.lora.save_lora)
         state = {k: v for k, v in self.state_dict().items() if ".lora." not in k}
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -26,6 +26,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @register_task("autoencoder", kind="train")
 class AutoencoderTask(Task):
+    # FSDP2 unshards parameters inside forward() only; this task calls the VAE's encode/decode directly
+    strategies = ("ddp",)
+
     def __init__(self, cfg, device: torch.device):
         from ..data.mixed import build_dataset
         from ..vae import Autoencoder, AutoencoderConfig

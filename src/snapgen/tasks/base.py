@@ -170,8 +170,9 @@ def module_roles(task) -> dict[str, tuple[nn.Module, frozenset[str]]]:
             roles = frozenset(roles)
             if not roles <= ROLES:
                 raise ValueError(f"module {name!r}: unknown roles {sorted(roles - ROLES)}; valid: {sorted(ROLES)}")
-            if "ema" in roles and "trained" not in roles:
-                raise ValueError(f"module {name!r}: role 'ema' needs 'trained'")
+            if "ema" in roles and not {"trained", "exported"} <= roles:
+                raise ValueError(f"module {name!r}: role 'ema' needs 'trained' and 'exported' (EMA weights exist "
+                                 f"to be exported; critics and projectors are trained without EMA)")
             out[name] = (module, roles)
         return out
     return {n: (m, DEFAULT_ROLES) for n, m in task.trainable_modules().items()}

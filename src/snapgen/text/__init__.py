@@ -6,7 +6,7 @@ conditioning module (projections + null embeddings for caption drop / classifier
     encoder = MiniLMEncoder()                          # frozen, 384-d tokens
     cached = CachedTextEncoder(encoder)                # per-caption memo, save()/load()
     cond = TextConditioning([encoder.dim], out_dim=model.config.text_dim)   # trainable, saved with the model
-    text, text_mask = cond([cached.encode(captions)])  # -> ThreeStageDiT(x, t, text, text_mask)
+    text, text_mask = cond([cached.encode(captions)])  # -> model(x, t, {"text": text, "text_mask": text_mask})
 
 ``transformers`` is only imported when an :class:`HFTextEncoder` is built.
 """

@@ -55,7 +55,13 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
         state.setdefault(int(idx), {})[name] = val
     for idx, scalars in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(scalars)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    saved, now = meta["param_groups"], opt.param_groups
+    if len(saved) != len(now):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this run's has {len(now)} "
+                         f"({sorted({g.get('group', '?') for g in now})}): it was written by an older snapgen whose "
+                         f"distillation tasks kept generator and critic in one group. Start the run in a new run_dir "
+                         f"(the weights of its last export can be the new run's init)")
+    opt.load_state_dict({"state": state, "param_groups": saved})
 
 
 def _write_json(path: Path, obj) -> None:

@@ -6,3 +6,7 @@ from ..tasks import AutoencoderTask, DistillTask, FlowTask, build_task, psnr, va
 from ..tasks.base import check_keys as _check_keys  # noqa: F401
 
 __all__ = ["build_task", "AutoencoderTask", "FlowTask", "DistillTask", "batch_indices", "psnr", "validation_loss"]
+
+import warnings as _warnings
+
+_warnings.warn("snapgen.train.tasks is deprecated; import from snapgen.tasks (and snapgen.data.batches)", DeprecationWarning, stacklevel=2)
