@@ -1,4 +1,5 @@
-"""Flow matching: the training objective, time sampling and samplers (conventions in docs/conventions.md)."""
+"""Flow matching: the training objective and time sampling (conventions in docs/conventions.md). The samplers
+live in :mod:`snapgen.sampling` and are re-exported here."""
 
 from .objective import (
                         FlowMatchingLoss,
@@ -11,7 +12,19 @@ from .objective import (
                         velocity_target,
                         x0_from_velocity,
 )
-from .sampling import cfg_velocity, euler_sample, few_step_sample, sampling_times
+
+_SAMPLING = ("cfg_velocity", "euler_sample", "few_step_sample", "sampling_times")
+
+
+def __getattr__(name: str):
+    """The samplers moved to :mod:`snapgen.sampling`; ``snapgen.flow.<sampler>`` still works (imported on
+    first use, so that ``snapgen.sampling``, which builds on :mod:`.objective`, can import this package)."""
+    if name in _SAMPLING:
+        from . import sampling
+
+        return getattr(sampling, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
                         "FlowMatchingLoss",
