@@ -15,6 +15,7 @@ MOVED = [
     ("snapgen.distill.lora", "merge_lora", "snapgen.nn.lora"),
     ("snapgen.train.tasks", "FlowTask", "snapgen.tasks"),
     ("snapgen.train.tasks", "batch_indices", "snapgen.data.batches"),
+    ("snapgen.flow.sampling", "few_step_sample", "snapgen.sampling"),
 ]
 
 
@@ -33,7 +34,7 @@ def test_the_library_itself_never_imports_a_deprecated_path():
 
     code = ("import warnings; warnings.simplefilter('error', DeprecationWarning); "
             "import snapgen, snapgen.cli, snapgen.tasks, snapgen.train, snapgen.export.onnx, snapgen.export.quantize, "
-            "snapgen.eval, snapgen.elastic, snapgen.distill.kdmd, snapgen.pipelines; "
+            "snapgen.eval, snapgen.elastic, snapgen.distill.kdmd, snapgen.pipelines, snapgen.flow, snapgen.sampling; "
             "snapgen.cli.build_parser()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -12,7 +12,7 @@ from snapgen.distill.kdmd import KDMDConfig, KDMDLoss
 from snapgen.nn.lora import (add_lora, adapter_names, load_lora, lora_parameters, merge_lora, save_lora,
                                   set_adapter, use_adapter)
 from snapgen.distill.toy import GaussianMixture2D, ToyVelocity, mode_report, train_toy_flow
-from snapgen.flow.sampling import euler_sample, few_step_sample, sampling_times
+from snapgen.sampling import euler_sample, few_step_sample, sampling_times
 from snapgen.models import ThreeStageDiT, preset
 
 

@@ -7,7 +7,7 @@
   a descent step moves the sample toward the teacher's prediction and away from the critic's.
 * :func:`backward_simulate` -- training inputs for a multi-step generator: the generator itself is rolled
   out without gradients from pure noise to a sampled step, with the *same* update as the few-step sampler
-  (:func:`snapgen.flow.few_step_sample`), so training sees exactly the inputs inference will produce.
+  (:func:`snapgen.sampling.few_step_sample`), so training sees exactly the inputs inference will produce.
 * :func:`critic_loss` -- the critic ("fake score") regresses the flow-matching target on detached
   generator samples, at guidance 1.
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..flow.objective import interpolate, shift_time, velocity_target
-from ..flow.sampling import few_step_sample
+from ..sampling import SamplerConfig, few_step_sample, make_sampler
 
 __all__ = ["BatchDraws", "dmd_gradient", "dmd_loss", "sample_tau", "backward_simulate", "critic_loss"]
 
@@ -82,10 +82,13 @@ def sample_tau(n: int, low: float = 0.02, high: float = 0.98, shift: float = 1.0
 
 
 @torch.no_grad()
-def backward_simulate(velocity, noise: torch.Tensor, times: torch.Tensor, k: int,
+def backward_simulate(velocity, noise: torch.Tensor, times: torch.Tensor | SamplerConfig, k: int,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """The generator's input at step ``k`` of its schedule ``times`` (``times[0] = 1``): pure noise for
-    ``k = 0``, else the first ``k`` steps of the few-step sampler (predict x0, re-noise with fresh noise)."""
+    """The generator's input at step ``k`` of its schedule ``times`` (``times[0] = 1``; or a ``SamplerConfig``,
+    whose grid is used): pure noise for ``k = 0``, else the first ``k`` steps of the few-step sampler (predict
+    x0, re-noise with fresh noise)."""
+    if isinstance(times, SamplerConfig):
+        times = make_sampler(times).times()
     if not 0 <= k < len(times) - 1:
         raise ValueError(f"step k={k} outside the {len(times) - 1}-step schedule")
     if k == 0:

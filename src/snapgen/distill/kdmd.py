@@ -3,7 +3,8 @@ knowledge of a few-step teacher.
 
 One training iteration (``KDMDLoss.__call__``), for a batch of captions:
 
-1. pick the generator step ``k`` of the ``steps``-step schedule (``sampling_times(steps, shift)``) with an
+1. pick the generator step ``k`` of the ``steps``-step schedule (the few-step sampler's grid of
+   ``KDMDConfig.sampler_config()``, i.e. ``sampling_times(steps, shift)``, the one the export ships) with an
    RNG seeded by ``(seed, step)`` (identical on every rank); build the student's input ``x_t`` at ``t_k`` by
    backward simulation (the student rolled out without gradients from noise, re-noising with fresh noise);
 2. the student predicts ``v``; ``x0_hat = x_t - t_k v``;
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..flow.sampling import cfg_velocity, sampling_times
+from ..sampling import SamplerConfig, cfg_velocity, make_sampler
 from .dmd import backward_simulate, critic_loss, dmd_loss, randn, sample_tau
 
 __all__ = ["KDMDConfig", "KDMDLoss"]
@@ -63,6 +64,11 @@ class KDMDConfig:
         if self.feat_loss not in ("mse", "cosine"):
             raise ValueError(f"feat_loss must be 'mse' or 'cosine', got {self.feat_loss!r}")
 
+    def sampler_config(self) -> SamplerConfig:
+        """The distilled generator's sampler: ``steps`` few-step updates on ``sampling_times(steps, shift)``,
+        without CFG (the distillation export's default sampler; K-DMD trains on its grid)."""
+        return SamplerConfig(kind="few_step", steps=self.steps, shift=self.shift, guidance=1.0)
+
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
     """Feature-level distillation loss over tokens (last dim = channels): mean squared error, or the mean of
@@ -76,7 +82,7 @@ class KDMDLoss:
     def __init__(self, cfg: KDMDConfig, student, critic, teacher, few_step_teacher=None, projector=None):
         self.cfg, self.student, self.critic, self.teacher = cfg, student, critic, teacher
         self.few_step_teacher, self.projector = few_step_teacher, projector
-        self.times = sampling_times(cfg.steps, cfg.shift)
+        self.times = make_sampler(cfg.sampler_config()).times()
 
     def step_index(self, step: int) -> int:
         return int(np.random.default_rng([self.cfg.seed, 4099, int(step)]).integers(self.cfg.steps))

@@ -1,6 +1,8 @@
 """What every export backend shares: the three graphs of a pipeline (text, one DiT step, decoder) with their
 example inputs, the manifest, and :class:`ExportedPipeline` -- the sampler loop around three compiled graphs,
-identical to ``TextToImagePipeline``'s (same sampler code, same seeded noise draws).
+identical to ``TextToImagePipeline``'s: the same ``snapgen.sampling`` sampler built from the same
+``SamplerConfig`` (written to ``export.json`` in ``pipeline.json``'s fields), the same CFG
+(``snapgen.sampling.cfg_velocity``), the same seeded noise draws.
 
 Backends (``snapgen.export.onnx``, ``snapgen.export.mobile``) only turn a module into a file and run a file.
 """
@@ -16,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from ..sampling import SamplerConfig, guided, make_sampler
 
 __all__ = ["standalone_transformer", "device_rewrite", "pipeline_graphs", "write_export", "ExportedPipeline"]
 
@@ -92,8 +96,8 @@ def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bo
     encoder = pipe.text_encoder
     if not hasattr(encoder, "model") or not hasattr(encoder, "tokenizer"):
         raise ValueError(f"export supports transformers text encoders; {type(encoder).__name__} is not one")
-    settings = pipe.sampling_settings()
-    batch = 2 if settings["guidance"] != 1.0 else 1
+    sampler = make_sampler(pipe.sampler_config())
+    batch = 2 if sampler.config.guidance != 1.0 else 1
     L = int(pipe.config.text_max_length)
     text_graph = TextGraph(encoder.model.eval(), pipe.conditioning.eval())
     ids = torch.ones(1, L, dtype=torch.long)
@@ -106,9 +110,7 @@ def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bo
     latent = (C, H // f, W // f)
     null, null_mask = pipe.conditioning.null(1, lengths=[L])
     meta = {"variant": pipe.transformer.variant, "resolution": [H, W], "latent": list(latent), "batch": batch,
-            "text_max_length": L, "sampler": settings["sampler"], "steps": settings["steps"],
-            "guidance": settings["guidance"], "shift": settings["shift"],
-            "few_step_times": list(pipe.config.few_step_times), "rewrite": rewrite,
+            "text_max_length": L, **sampler_meta(sampler), "rewrite": rewrite,
             "mode": "distilled" if pipe.distilled and not pipe._base_mode else "base",
             "dit_parameters": dit.num_parameters()}
     return {
@@ -123,6 +125,14 @@ def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bo
         },
         "tokenizer": encoder.tokenizer, "null": (null.detach(), null_mask), "meta": meta,
     }
+
+
+def sampler_meta(sampler) -> dict:
+    """``export.json``'s sampler entries: the ``SamplerConfig`` in ``pipeline.json``'s fields (read back by
+    :meth:`ExportedPipeline.sampler_config`), plus the resolved time grid for runtimes outside Python."""
+    fields = sampler.config.to_fields()
+    return {**fields, "few_step_times": list(fields["few_step_times"]),
+            "sampling_times": [float(t) for t in sampler.times()]}
 
 
 @torch.no_grad()
@@ -209,42 +219,40 @@ class ExportedPipeline:
                                           "attention_mask": b["attention_mask"].long()})
         return tokens, mask.bool()
 
-    def _dit(self, x: torch.Tensor, t: torch.Tensor, tokens, mask) -> torch.Tensor:
-        """One sample's (guided) velocity; ``x (1, C, h, w)``."""
-        if self.meta["batch"] == 2:
-            g = self.meta["guidance"]
-            v = self._run("dit", {"x": torch.cat([x, x]), "t": torch.cat([t, t]),
-                                  "text": torch.cat([tokens, self.null_text]).float(),
-                                  "text_mask": torch.cat([mask, self.null_mask])})[0]
-            v_c, v_u = v.chunk(2)
-            return v_u + g * (v_c - v_u)
-        return self._run("dit", {"x": x, "t": t, "text": tokens, "text_mask": mask})[0]
+    def sampler_config(self) -> SamplerConfig:
+        """The sampler fixed at export time (``export.json``'s sampler fields, as in ``pipeline.json``)."""
+        m = self.meta
+        config = SamplerConfig.from_fields(m["sampler"], m["steps"], m["guidance"], m["shift"],
+                                           m.get("few_step_times", ()))
+        if (m["batch"] == 2) != (config.guidance != 1.0):
+            raise ValueError(f"{self.directory / 'export.json'} is inconsistent: a DiT graph of batch {m['batch']} "
+                             f"with guidance {config.guidance}; re-run snapgen export {self.command}")
+        return config
+
+    def _dit(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """One call of the DiT graph, as a Denoiser (``cond = {"text", "text_mask"}``); its batch is static
+        (1, or 2 with CFG: ``cfg_velocity`` stacks the conditional and unconditional sample)."""
+        return self._run("dit", {"x": x, "t": t, "text": cond["text"].float(), "text_mask": cond["text_mask"]})[0]
 
     def __call__(self, prompts, seed: int | None = 0, return_latents: bool = False):
-        """Same sampler, same seeded noise draws as ``TextToImagePipeline`` (the DiT graph has a static batch,
-        so the batch is run one sample at a time inside each step)."""
+        """Same sampler, same CFG, same seeded noise draws as ``TextToImagePipeline`` (the DiT graph has a static
+        batch, so the batch is run one sample at a time inside each step)."""
         from ..data.base import tensor_to_image
-        from ..flow.sampling import euler_sample, few_step_sample, sampling_times
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("prompts must be non-empty strings")
-        m = self.meta
-        encoded = [self.encode(p) for p in prompts]
+        sampler = make_sampler(self.sampler_config())
+        uncond = {"text": self.null_text, "text_mask": self.null_mask}
+        per_sample = [guided(self._dit, {"text": tokens, "text_mask": mask}, uncond, sampler.config.guidance)
+                      for tokens, mask in (self.encode(p) for p in prompts)]
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        noise = torch.randn((len(prompts), *m["latent"]), generator=gen)
+        noise = torch.randn((len(prompts), *self.meta["latent"]), generator=gen)
 
         def velocity(x, t):
-            return torch.cat([self._dit(x[i:i + 1], t[i:i + 1], *encoded[i]) for i in range(len(x))])
+            return torch.cat([v(x[i:i + 1], t[i:i + 1]) for i, v in enumerate(per_sample)])
 
-        if m["sampler"] == "few_step":
-            if m["few_step_times"] and m["steps"] == len(m["few_step_times"]) - 1:
-                times = torch.tensor(m["few_step_times"])
-            else:
-                times = sampling_times(m["steps"], m["shift"])
-            latents = few_step_sample(velocity, noise, times, generator=gen)
-        else:
-            latents = euler_sample(velocity, noise, sampling_times(m["steps"], m["shift"]))
+        latents = sampler.sample(velocity, noise, generator=gen)
         if return_latents:
             return latents
         images = [self._run("decoder", {"latents": lat[None]})[0][0] for lat in latents]

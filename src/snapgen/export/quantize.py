@@ -28,9 +28,7 @@ def quantize_pipeline(pipe, out_dir: str | os.PathLike, prompts: list[str], targ
     model, report = quantize_model(model, calibration, target_bits, finetune_steps, progress=progress)
     config = pipe.config.replace(adapters={}) if pipe.distilled and not pipe._base_mode else pipe.config
     if pipe._base_mode:  # the base model with its own sampler
-        b = pipe.sampling_settings()
-        config = pipe.config.replace(adapters={}, base_sampling={}, sampler=b["sampler"], steps=b["steps"],
-                                     guidance=b["guidance"], shift=b["shift"])
+        config = pipe.config.with_sampler(pipe.sampler_config()).replace(adapters={}, base_sampling={})
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -1,4 +1,5 @@
-"""Flow matching: the training objective, time sampling and samplers (conventions in docs/conventions.md)."""
+"""Flow matching: the training objective and time sampling (conventions in docs/conventions.md). The samplers
+live in :mod:`snapgen.sampling` and are re-exported here."""
 
 from .objective import (
                         FlowMatchingLoss,
@@ -11,7 +12,8 @@ from .objective import (
                         velocity_target,
                         x0_from_velocity,
 )
-from .sampling import cfg_velocity, euler_sample, few_step_sample, sampling_times
+
+from ..sampling import cfg_velocity, euler_sample, few_step_sample, sampling_times  # noqa: E402  (moved there)
 
 __all__ = [
                         "FlowMatchingLoss",

@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..sampling.euler import shift_time  # one time shift for training times and sampling grids
+
 __all__ = [
     "FlowMatchingLoss",
     "interpolate",
@@ -47,15 +49,6 @@ def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return x_t - _bcast(t, x_t) * v
-
-
-def shift_time(t: torch.Tensor | float, shift: float):
-    """``a t / (1 + (a - 1) t)``: maps 0 -> 0 and 1 -> 1, pushes mass toward 1 (noise) for ``a > 1``."""
-    if shift <= 0:
-        raise ValueError(f"time shift must be positive, got {shift}")
-    if shift == 1.0:
-        return t
-    return shift * t / (1 + (shift - 1) * t)
 
 
 def resolution_shift(num_tokens: int, base_tokens: int = 256) -> float:

@@ -1,4 +1,4 @@
-"""Text-to-image pipeline: text encoder -> conditioning -> three-stage DiT (Euler + CFG) -> autoencoder.
+"""Text-to-image pipeline: text encoder -> conditioning -> three-stage DiT (a sampler + CFG) -> autoencoder.
 
 A pipeline folder holds::
 
@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..data.base import tensor_to_image
-from ..flow import cfg_velocity, euler_sample, few_step_sample, sampling_times
+from ..sampling import SamplerConfig, guided, make_sampler
 from .. import compress  # noqa: F401  (registers the quantized-folder loader with load_model)
 from ..models import ThreeStageDiT, load_model
 from ..nn.io import atomic_save_safetensors
@@ -52,19 +52,52 @@ class PipelineConfig(JSONConfigMixin):
     text_max_length: int = 32
     conditioning: dict = dataclasses.field(default_factory=dict)  # TextConditioning kwargs
     resolution: tuple[int, int] = (64, 64)   # default image size (H, W) in pixels
+    # the default sampler, as one snapgen.sampling.SamplerConfig spread over flat fields (sampler_config())
     steps: int = 20
     guidance: float = 4.0
     shift: float = 1.0
     sampler: str = "euler"                   # "euler" or "few_step" (distilled generators)
     few_step_times: tuple[float, ...] = ()   # times for the few-step sampler (ends with 0)
     # distilled pipelines: variant -> LoRA adapter (adapters/<name>.safetensors) switched on with that variant,
-    # and the sampling settings of the base (teacher) model, used when the adapters are off (use_base)
+    # and the sampling settings of the base (teacher) model, used when the adapters are off (use_base):
+    # {sampler, steps, guidance, shift} (base_sampler_config())
     adapters: dict = dataclasses.field(default_factory=dict)
     base_sampling: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "resolution", tuple(int(v) for v in self.resolution))
         object.__setattr__(self, "few_step_times", tuple(float(v) for v in self.few_step_times))
+
+    # --- the sampler fields as SamplerConfigs (the one place that reads them) ---------------------------
+    def sampler_config(self) -> SamplerConfig:
+        """The default sampler (``sampler``, ``steps``, ``guidance``, ``shift``, ``few_step_times``)."""
+        return SamplerConfig.from_fields(self.sampler, self.steps, self.guidance, self.shift, self.few_step_times)
+
+    def base_sampler_config(self) -> SamplerConfig:
+        """The base (teacher) model's sampler of a distilled pipeline (``base_sampling``; missing keys: a
+        28-step Euler sampler with CFG 4). A few-step base sampler reads ``few_step_times`` at their own step
+        count, as the pipeline always has."""
+        b = {**_BASE_SAMPLING_DEFAULTS, **self.base_sampling}
+        return SamplerConfig.from_fields(b["sampler"], int(b["steps"]), float(b["guidance"]), float(b["shift"]),
+                                         self.few_step_times)
+
+    def with_sampler(self, sampler: SamplerConfig) -> "PipelineConfig":
+        """This config with ``sampler`` as its default sampler."""
+        return self.replace(**sampler.to_fields())
+
+    def with_base_sampler(self, base: SamplerConfig | None) -> "PipelineConfig":
+        """This config with ``base`` as the base model's sampler (``None``: no base sampler)."""
+        if base is None:
+            return self.replace(base_sampling={})
+        if base.times and base.times != self.few_step_times:  # a few-step base sampler reads few_step_times
+            raise ValueError("the base sampler is stored as {sampler, steps, guidance, shift}: explicit times "
+                             "cannot be stored; leave its times empty (derived from steps and shift)")
+        fields = base.to_fields()
+        del fields["few_step_times"]
+        return self.replace(base_sampling=fields)
+
+
+_BASE_SAMPLING_DEFAULTS = {"sampler": "euler", "steps": 28, "guidance": 4.0, "shift": 1.0}
 
 
 class TextToImagePipeline:
@@ -135,14 +168,13 @@ class TextToImagePipeline:
                              f"not for {variant!r}; pick one of those, or use_base()")
         return name
 
+    def sampler_config(self) -> SamplerConfig:
+        """The sampler used by default now: the base model's after ``use_base()``, else the pipeline's."""
+        return self.config.base_sampler_config() if self._base_mode else self.config.sampler_config()
+
     def sampling_settings(self) -> dict:
         """The sampler, steps, guidance and shift used by default now."""
-        c = self.config
-        if self._base_mode:
-            b = c.base_sampling
-            return {"sampler": b.get("sampler", "euler"), "steps": int(b.get("steps", 28)),
-                    "guidance": float(b.get("guidance", 4.0)), "shift": float(b.get("shift", 1.0))}
-        return {"sampler": c.sampler, "steps": c.steps, "guidance": c.guidance, "shift": c.shift}
+        return self.sampler_config().settings()
 
     def extract(self, name: str) -> "TextToImagePipeline":
         """A standalone pipeline whose transformer holds only sub-network ``name``'s weights.
@@ -162,8 +194,8 @@ class TextToImagePipeline:
             if adapter is not None:
                 model = merge_lora(model, adapter)  # a copy: this pipeline keeps its adapters
                 set_adapter(model, None)
-            if self._base_mode:  # the base sampler becomes the extracted pipeline's own
-                config = config.replace(**self.sampling_settings(), few_step_times=())
+            if self._base_mode:  # the base sampler becomes the extracted pipeline's own (on its derived grid)
+                config = config.with_sampler(self.sampler_config().replace(times=()))
             config = config.replace(adapters={}, base_sampling={})
         sub = extract_variant(model, name)
         return TextToImagePipeline(sub, self.conditioning, self.vae, config, self._text_encoder)
@@ -280,12 +312,13 @@ class TextToImagePipeline:
                  seed: int | None = 0, height: int | None = None, width: int | None = None,
                  shift: float | None = None, progress: bool = False, return_latents: bool = False):
         cfg = self.config
-        settings = self.sampling_settings()
-        steps = settings["steps"] if steps is None else steps
-        guidance = settings["guidance"] if guidance is None else guidance
+        sampler_config = self.sampler_config()
+        steps = sampler_config.steps if steps is None else steps
+        guidance = sampler_config.guidance if guidance is None else guidance
         height = cfg.resolution[0] if height is None else height
         width = cfg.resolution[1] if width is None else width
         prompts = self.check_inputs(prompts, height, width, steps, guidance)
+        sampler = make_sampler(sampler_config.override(steps=steps, shift=shift, guidance=guidance))
         t0 = time.perf_counter()
         B = len(prompts)
         (text, mask), (null_text, null_mask) = self.encode_prompts(prompts)
@@ -296,20 +329,10 @@ class TextToImagePipeline:
         f = self.vae_factor
         C = self.transformer.config.in_channels
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        noise = torch.randn((B, C, height // f, width // f), generator=gen)
-
-        def velocity(x, t):
-            return cfg_velocity(self.transformer, x, t, {"text": text, "text_mask": mask},
-                                {"text": null_text, "text_mask": null_mask}, guidance)
-
-        if settings["sampler"] == "few_step" and cfg.few_step_times and steps == len(cfg.few_step_times) - 1:
-            latents = few_step_sample(velocity, noise, torch.tensor(cfg.few_step_times), generator=gen)
-        elif settings["sampler"] == "few_step":  # another step count: the same sampler on a shifted grid
-            latents = few_step_sample(velocity, noise, sampling_times(steps, settings["shift"] if shift is None
-                                                                      else shift), generator=gen)
-        else:
-            times = sampling_times(steps, settings["shift"] if shift is None else shift)
-            latents = euler_sample(velocity, noise, times, progress=progress)
+        noise = torch.randn((B, C, height // f, width // f), generator=gen)  # first draw; the sampler's follow
+        velocity = guided(self.transformer, {"text": text, "text_mask": mask},
+                          {"text": null_text, "text_mask": null_mask}, sampler.config.guidance)
+        latents = sampler.sample(velocity, noise, generator=gen, progress=progress)
         if return_latents:
             return latents
         images = self.vae.decode_latents(latents)

@@ -230,14 +230,14 @@ class DistillTask(Task):
 
     def _export_pipeline(self):
         from ..pipelines import TextToImagePipeline
+        from ..sampling import make_sampler
 
-        times = tuple(float(t) for t in self.losses[self.variants[0]].times)
-        config = self.pipe.config.replace(sampler="few_step", few_step_times=times, steps=self.kcfg.steps,
-                                          guidance=1.0, shift=self.kcfg.shift, adapters=self.adapter_names(),
-                                          base_sampling={"sampler": self.pipe.config.sampler,
-                                                         "steps": self.pipe.config.steps,
-                                                         "guidance": self.pipe.config.guidance,
-                                                         "shift": self.pipe.config.shift})
+        # the few-step sampler that K-DMD trained (its grid stored explicitly), the base sampler kept for use_base()
+        sampler = self.kcfg.sampler_config()
+        times = tuple(float(t) for t in make_sampler(sampler).times())
+        config = (self.pipe.config.with_sampler(sampler.replace(times=times))
+                  .with_base_sampler(self.pipe.config.sampler_config().replace(times=()))
+                  .replace(adapters=self.adapter_names()))
         return TextToImagePipeline(self.base, self.conditioning, self.pipe.vae, config,
                                    text_encoder=self.pipe._text_encoder)
 
