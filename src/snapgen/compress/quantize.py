@@ -98,12 +98,16 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def _calibration_output(model, batch) -> torch.Tensor:
+def _call(model, batch) -> torch.Tensor:
     """``batch``: ``(x, t, cond)`` or ``(x, t, text, text_mask)`` (what :func:`calibration_batches` yields)."""
     x, t, *c = batch
     cond = c[0] if len(c) == 1 and isinstance(c[0], dict) else text_cond(*c)
+    return model(x, t, cond)
+
+
+def _calibration_output(model, batch) -> torch.Tensor:
     with torch.no_grad():
-        return model(x, t, cond).float()
+        return _call(model, batch).float()
 
 
 @torch.no_grad()
@@ -170,7 +174,7 @@ def quantize_model(model: nn.Module, calibration: list[tuple], target_bits: floa
         targets = [_calibration_output(reference, b) for b in calibration]
         for step in range(finetune_steps):
             i = step % len(calibration)
-            loss = F.mse_loss(model(*calibration[i]).float(), targets[i])
+            loss = F.mse_loss(_call(model, calibration[i]).float(), targets[i])
             opt.zero_grad()
             loss.backward()
             opt.step()
