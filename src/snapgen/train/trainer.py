@@ -231,67 +231,14 @@ class Trainer:
                                    "pending": []})
 
     def _resume_sharded(self, path: Path) -> bool:
-        """A DCP checkpoint (FSDP run), loaded at this run's world size and sharding (or none)."""
-        from safetensors.torch import load_file
+        from .sharded import resume_sharded
 
-        from .distributed import load_dcp
-
-        load_dcp(path / "dcp", self.params, self.ema, self.optimizer)
-        meta = json.loads((path / "optimizer.json").read_text())
-        for g, saved in zip(self.optimizer.param_groups, meta["param_groups"]):
-            g.update({k: v for k, v in saved.items() if k != "params"})
-        rng = load_file(str(path / "rng.safetensors"))
-        torch.set_rng_state(rng["torch"])
-        if "task" in rng and self.task.generator is not None:
-            self.task.generator.set_state(rng["task"])
-        state = json.loads((path / "state.json").read_text())
-        self.step, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
-        self._load_data_state(path)
-        self._truncate_metrics(self.step)
-        if self.dist.is_main:
-            print(f"resumed from sharded checkpoint {path} (step {self.step}, now {self.dist.world} rank(s))")
-        return True
+        return resume_sharded(self, path)
 
     def _save_sharded(self) -> Path:
-        """FSDP: every rank writes its shards with torch.distributed.checkpoint; rank 0 the small files. The
-        folder appears complete or not at all (written under a temporary name, renamed by rank 0)."""
-        import shutil
+        from .sharded import save_sharded
 
-        from safetensors.torch import save_file
-
-        from .checkpoint import list_checkpoints
-        from .distributed import save_dcp
-
-        final = self.ckpt_dir / f"step_{self.step:07d}"
-        tmp = self.ckpt_dir / f".tmp_step_{self.step:07d}"
-        data_states = self._data_states()
-        if self.dist.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        self.dist.barrier()
-        save_dcp(tmp / "dcp", self.params, self.ema, self.optimizer)
-        self.dist.barrier()
-        if self.dist.is_main:
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-            (tmp / "optimizer.json").write_text(json.dumps({"param_groups": groups}) + "\n")
-            rng = {"torch": torch.get_rng_state()}
-            if self.task.generator is not None:
-                rng["task"] = self.task.generator.get_state()
-            save_file(rng, tmp / "rng.safetensors")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "elapsed": self.elapsed,
-                                                        "format": "dcp", "world": self.dist.world}) + "\n")
-            if data_states is not None:
-                (tmp / "data_state.json").write_text(json.dumps(data_states) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            keep = self.cfg.keep_checkpoints
-            for old in list_checkpoints(self.ckpt_dir)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-            self._plot()
-        self.dist.barrier()
-        return final
+        return save_sharded(self)
 
     def save(self) -> Path | None:
         """Rank 0 writes (all ranks hold the same state); the others wait for the checkpoint to exist."""
@@ -468,34 +415,9 @@ class Trainer:
         return out
 
     def _finish_sharded(self) -> dict:
-        """FSDP: gather the exported weights (EMA where kept; a collective), then rank 0 exports them from an
-        unsharded copy."""
-        from .distributed import full_tensor
+        from .sharded import finish_sharded
 
-        roles = module_roles(self.task)
-        exported = {n for n, (_, r) in roles.items() if "exported" in r and "trained" in r}
-        full = {k: full_tensor(self.ema[k] if k in self.ema else p.detach()).detach().cpu()
-                for k, p in self.params.items() if k.split(".", 1)[0] in exported}
-        if not self.dist.is_main:
-            self.dist.barrier()
-            return {"steps": self.step, "rank": self.dist.rank}
-        task = build_task(self.cfg, self.device)
-        task.prepare(self.run_dir)
-        mods = {n: m for n, (m, r) in module_roles(task).items() if "trained" in r}
-        params = {f"{m}.{n}": p for m, mod in mods.items() for n, p in mod.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            for k, v in full.items():
-                params[k].copy_(v)
-        for m in mods.values():
-            m.eval()
-        out = task.export(self.run_dir / "final")
-        self._plot()
-        summary = {"steps": self.step, "train_seconds": round(self.elapsed, 1), "final_dir": str(out),
-                   "strategy": "fsdp", "world": self.dist.world}
-        self._record_env("finish")
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self.dist.barrier()
-        return summary
+        return finish_sharded(self)
 
     def _finish_main(self) -> dict:
         for m in self.modules.values():
