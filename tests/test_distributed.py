@@ -42,6 +42,28 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, preset
     assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) < 1e-4 for s in la)
 
 
+def test_autoencoder_two_ranks_equal_one_process(tmp_path):
+    """Every task is data parallel: the autoencoder's crops and posterior noise are drawn for the global batch
+    and each rank takes its rows, so 2 ranks x batch 4 == 1 process x batch 8."""
+    def config(run, batch):
+        return {"task": "autoencoder", "run_dir": str(tmp_path / run), "seed": 1, "steps": 3, "batch_size": batch,
+                "threads": 1, "model": {"channels": [8, 8], "latent_channels": 4, "groups": 4},
+                "optim": {"lr": 1e-3, "warmup": 0, "schedule": "constant"},
+                "data": {"crop": 8, "eval_count": 8, "spec": {"type": "scenes", "length": 64, "resolution": 16}},
+                "log_every": 1, "ckpt_every": 3, "sample_every": 0}
+
+    Trainer(TrainConfig.from_dict(config("single", 8)), progress=False).fit()
+    proc = torchrun(write(tmp_path, "ddp", config("ddp", 4)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "global batch 8 (gloo)" in proc.stdout + proc.stderr
+    la, lb = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert la.keys() == lb.keys() == {1, 2, 3} and all(abs(la[s] - lb[s]) < 1e-5 for s in la)
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=TOL, rtol=TOL, msg=k)
+
+
 def test_gradient_accumulation_equals_the_big_batch(tmp_path):
     big = flow_config(tmp_path, "big", 4)
     big["batch_size"] = 8
