@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..flow.objective import interpolate, shift_time, velocity_target
 from ..sampling import SamplerConfig, few_step_sample, make_sampler
+from ..utils.random import rand as _rand, randn as _randn
 
 __all__ = ["BatchDraws", "dmd_gradient", "dmd_loss", "sample_tau", "backward_simulate", "critic_loss"]
 
@@ -37,22 +38,22 @@ class BatchDraws:
         self.rows = rows if rows is not None else slice(0, self.batch)
 
     def randn(self, shape, dtype=None, device=None) -> torch.Tensor:
-        return torch.randn((self.batch, *shape[1:]), generator=self.generator, dtype=dtype, device=device)[self.rows]
+        return _randn((self.batch, *shape[1:]), self.generator, dtype=dtype)[self.rows].to(device)
 
     def rand(self, n: int, device=None) -> torch.Tensor:
-        return torch.rand(self.batch, generator=self.generator, device=device)[self.rows]
+        return _rand(self.batch, self.generator)[self.rows].to(device)
 
 
 def randn(generator, shape, dtype=None, device=None) -> torch.Tensor:
     if isinstance(generator, BatchDraws):
         return generator.randn(shape, dtype=dtype, device=device)
-    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    return _randn(shape, generator, dtype=dtype, device=device)
 
 
 def rand(generator, n: int, device=None) -> torch.Tensor:
     if isinstance(generator, BatchDraws):
         return generator.rand(n, device=device)
-    return torch.rand(n, generator=generator, device=device)
+    return _rand(n, generator, device=device)
 
 
 def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..flow.objective import FlowMatchingLoss, interpolate, logit_normal_times, velocity_target
+from ..utils.random import randn
 
 __all__ = ["sample_subnetworks", "WidthWeights", "ElasticFlowLoss"]
 
@@ -74,7 +75,7 @@ class ElasticFlowLoss:
         if t is None:
             t = logit_normal_times(x0.shape[0], o.mean, o.std, o.shift_for(x0), generator, x0.device)
         if eps is None:
-            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            eps = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps).float()
         w = self.weights
         model.set_variant("full")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sampling.euler import shift_time  # one time shift for training times and sampling grids
+from ..utils.random import randn
 
 __all__ = [
     "FlowMatchingLoss",
@@ -62,7 +63,7 @@ def logit_normal_times(n: int, mean: float = 0.0, std: float = 1.0, shift: float
                        generator: torch.Generator | None = None, device=None,
                        eps: float = 1e-5) -> torch.Tensor:
     """``n`` training times ``shift(sigmoid(N(mean, std)))``, clamped to ``[eps, 1 - eps]``."""
-    u = torch.randn(n, generator=generator, device=device) * std + mean
+    u = randn(n, generator, device=device) * std + mean
     return shift_time(torch.sigmoid(u), shift).clamp(eps, 1 - eps)
 
 
@@ -102,7 +103,7 @@ class FlowMatchingLoss:
         if t is None:
             t = logit_normal_times(x0.shape[0], self.mean, self.std, self.shift_for(x0), generator, x0.device)
         if eps is None:
-            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            eps = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         x_t = interpolate(x0, eps, t)
         v = model(x_t, t, {**(cond or {}), **cond_kw})
         per_sample = F.mse_loss(v.float(), velocity_target(x0, eps).float(), reduction="none")

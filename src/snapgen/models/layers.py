@@ -68,7 +68,8 @@ class TimestepEmbedder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.freq_dim))
+        # sinusoids of fp32 times, then the model's dtype (a no-op in fp32; fp16/bf16/fp64 models work too)
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class AdaLNSingle(nn.Sequential):

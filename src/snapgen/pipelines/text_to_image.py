@@ -28,6 +28,7 @@ from ..data.base import tensor_to_image
 from ..sampling import SamplerConfig, guided, make_sampler
 from .. import compress  # noqa: F401  (registers the quantized-folder loader with load_model)
 from ..models import ThreeStageDiT, load_model
+from ..utils.random import randn
 from ..nn.io import atomic_save_safetensors
 from ..utils.config import JSONConfigMixin
 from .. import env
@@ -115,7 +116,37 @@ class TextToImagePipeline:
     def text_encoder(self):
         if self._text_encoder is None:
             self._text_encoder = load_text_encoder(self.config.text_encoder, self.config.text_max_length)
+            self._move_text_encoder()
         return self._text_encoder
+
+    # --- placement ----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the transformer (and so the sampling) runs."""
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TextToImagePipeline":
+        """Move the transformer, text conditioning and autoencoder to ``device`` / ``dtype`` (like
+        ``nn.Module.to``); a text encoder's model follows to ``device`` and stays fp32 (its features are cast by
+        the conditioning). Seeded noise is still drawn from CPU generators and moved (:mod:`snapgen.utils.random`),
+        so a seed gives the same noise on every device."""
+        if isinstance(device, torch.dtype):  # pipe.to(torch.float16)
+            device, dtype = None, device
+        for module in (self.transformer, self.conditioning, self.vae):
+            module.to(device=device, dtype=dtype)
+        self._encoder_device = torch.device(device) if device is not None else getattr(self, "_encoder_device", None)
+        self._move_text_encoder()
+        return self
+
+    def _move_text_encoder(self) -> None:
+        device = getattr(self, "_encoder_device", None)
+        model = getattr(self._text_encoder, "model", None)
+        if device is not None and isinstance(model, torch.nn.Module):
+            model.to(device)
 
     @property
     def vae_factor(self) -> int:
@@ -329,7 +360,8 @@ class TextToImagePipeline:
         f = self.vae_factor
         C = self.transformer.config.in_channels
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        noise = torch.randn((B, C, height // f, width // f), generator=gen)  # first draw; the sampler's follow
+        # first draw (on the generator's device, then moved); the sampler's follow
+        noise = randn((B, C, height // f, width // f), gen, device=self.device, dtype=self.dtype)
         velocity = guided(self.transformer, {"text": text, "text_mask": mask},
                           {"text": null_text, "text_mask": null_mask}, sampler.config.guidance)
         latents = sampler.sample(velocity, noise, generator=gen, progress=progress)

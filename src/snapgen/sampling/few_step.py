@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 
 from .base import SAMPLERS, SamplerConfig, VelocityFn
 from .euler import time_grid
+from ..utils.random import randn
 
 __all__ = ["FewStepSampler", "few_step_sample"]
 
@@ -24,7 +25,7 @@ def few_step_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tens
         v = velocity(x, torch.full((B,), t, dtype=x.dtype, device=x.device))
         x0 = x - t * v
         if t_next > 0:
-            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            eps = randn(x.shape, generator, dtype=x.dtype, device=x.device)
             x = (1 - t_next) * x0 + t_next * eps
         else:
             x = x0

@@ -12,6 +12,7 @@ import torch
 
 from ..data.base import image_to_tensor
 from ..data.batches import batch_indices, part_indices, part_slice
+from ..utils.random import randn
 from .base import ROLES, StepGenerator, Task, check_keys
 from .registry import register_task
 
@@ -75,8 +76,7 @@ class AutoencoderTask(Task):
         # the posterior sample of Autoencoder.forward, with noise drawn for the global batch
         post = self.vae.encode(x)
         g = self._replay.begin(step)
-        noise = torch.randn((B * parts, *post.mean.shape[1:]), generator=g, dtype=post.mean.dtype,
-                            device=post.mean.device)[sl]
+        noise = randn((B * parts, *post.mean.shape[1:]), g, dtype=post.mean.dtype)[sl].to(post.mean.device)
         rec = self.vae.decode(post.mean + torch.exp(0.5 * post.logvar) * noise)
         l1 = (rec - x).abs().mean()
         mse = (rec - x).pow(2).mean()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..data.batches import part_indices, part_slice
+from ..utils.random import randn
 from .base import ROLES, ParamGroup, Task, check_keys
 from .flow_kd import FlowKD
 from .registry import register_task
@@ -271,7 +272,7 @@ class FlowTask(FlowKD, Task):
             o = self.objective
             probe = torch.empty(x0_shape, device=self.device)
             t = logit_normal_times(G, o.mean, o.std, o.shift_for(probe), self.generator, self.device)
-            eps = torch.randn(x0_shape, generator=self.generator, device=self.device)
+            eps = randn(x0_shape, self.generator, device=self.device)
             self._draws = (step, {"drops": drops, "t": t, "eps": eps})
         return self._draws[1]
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..nn.io import ModelIOMixin
 from ..utils.config import JSONConfigMixin
+from ..utils.random import randn
 
 __all__ = ["AutoencoderConfig", "Autoencoder", "DiagonalGaussian"]
 
@@ -68,7 +69,7 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
+        noise = randn(self.mean.shape, generator, dtype=self.mean.dtype, device=self.mean.device)
         return self.mean + torch.exp(0.5 * self.logvar) * noise
 
     def mode(self) -> torch.Tensor:
