@@ -24,7 +24,7 @@ class TestThreeStageDiTElastic(DenoiserContract):
 
     def test_every_parameter_gets_a_gradient(self):
         """Each width computes with its own modulation/QK-norm tables: over all widths, every parameter is used."""
-        from contracts.denoiser import perturb
+        from helpers.builders import perturb_ as perturb
 
         model = perturb(self.build()).train()
         x, t, cond = self.inputs(model)

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from helpers.builders import perturb_ as perturb
 
 from snapgen.models import MODELS, Denoiser, Elastic, build_model, load_model
 
@@ -24,15 +25,6 @@ def _reload(model, folder):
         assert loaded.variant == "full"
         loaded.set_variant(model.variant)
     return loaded
-
-
-def perturb(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
-    """Noise on every parameter, so zero-initialised gates and outputs stop hiding the rest."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
 
 
 class DenoiserContract:

@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 __all__ = ["Denoiser", "Elastic", "AdapterHost", "Cond", "denoiser_call", "text_cond", "check_features",
-           "is_supernet"]
+           "is_supernet", "DenoiserMixin"]
 
 Cond = Mapping[str, torch.Tensor]
 
@@ -68,6 +68,19 @@ class AdapterHost(Protocol):
     lists those it carries."""
 
     def adapter_names(self) -> list[str]: ...
+
+
+class DenoiserMixin:
+    """What every snapgen denoiser class shares: its parameter count and the AdapterHost capability."""
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters this model carries (:mod:`snapgen.nn.lora`)."""
+        from ..nn.lora import adapter_names
+
+        return adapter_names(self)
 
 
 def is_supernet(model) -> bool:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..attention import grid_positions, rope_angles
 from .config import ThreeStageDiTConfig
-from .base import check_features, denoiser_call
+from .base import DenoiserMixin, check_features, denoiser_call
 from .registry import register_model
 from .three_stage_dit import basic_init, check_inputs, read_text_cond, unpatchify
 from ..nn.io import ModelIOMixin
@@ -23,7 +23,7 @@ __all__ = ["IsotropicDiT"]
 
 
 @register_model("isotropic_dit", config=ThreeStageDiTConfig, default_for_config=False)
-class IsotropicDiT(ModelIOMixin, nn.Module):
+class IsotropicDiT(DenoiserMixin, ModelIOMixin, nn.Module):
     config_class = ThreeStageDiTConfig
     feature_taps = ("last",)
 
@@ -61,15 +61,6 @@ class IsotropicDiT(ModelIOMixin, nn.Module):
         if legacy_return:
             return out, xs
         return (out, {"last": xs}) if features else out
-
-    def adapter_names(self) -> list[str]:
-        """The LoRA adapters this model carries (:mod:`snapgen.nn.lora`; the AdapterHost capability)."""
-        from ..nn.lora import adapter_names
-
-        return adapter_names(self)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def stages(self, latent_hw: tuple[int, int]) -> list[dict]:
         cfg = self.config

@@ -32,7 +32,7 @@ from ..attention import grid_positions, rope_angles
 from .config import PRESETS, ThreeStageDiTConfig
 from ..nn.elastic import ElasticConv2d, ElasticModule, WidthSpec
 from ..nn.io import ModelIOMixin
-from .base import check_features, denoiser_call
+from .base import DenoiserMixin, check_features, denoiser_call
 from .layers import MOD_CHUNKS, AdaLNSingle, DiTBlock, FinalLayer, SkipFusion, TimestepEmbedder, TokenDownsample, TokenUpsample
 from .registry import register_model
 
@@ -110,7 +110,7 @@ def unpatchify(x: torch.Tensor, grid: tuple[int, int], p: int, c: int) -> torch.
 
 
 @register_model("three_stage_dit", config=ThreeStageDiTConfig, presets=PRESETS, namespace="snapgenpp")
-class ThreeStageDiT(ModelIOMixin, nn.Module):
+class ThreeStageDiT(DenoiserMixin, ModelIOMixin, nn.Module):
     config_class = ThreeStageDiTConfig
     # (B, N, width) token maps: "down" after the Down stage (full grid), "middle" after the Middle stage
     # (coarse grid), "last" = the Up stage's output, what the final layer reads (SnapGen++'s feature KD)
@@ -241,16 +241,6 @@ class ThreeStageDiT(ModelIOMixin, nn.Module):
                 m.active = spec
         self._variant = name
         return self
-
-    def adapter_names(self) -> list[str]:
-        """The LoRA adapters this model carries (:mod:`snapgen.nn.lora`; the AdapterHost capability)."""
-        from ..nn.lora import adapter_names
-
-        return adapter_names(self)
-
-    # --------------------------------------------------------------------------------------------------
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def stages(self, latent_hw: tuple[int, int]) -> list[dict]:
         """Per-stage summary for a latent of size ``latent_hw``."""
