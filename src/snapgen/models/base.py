@@ -101,7 +101,7 @@ def check_features(features: Sequence[str], taps: Sequence[str], family: str) ->
     return features
 
 
-def denoiser_call(cond, legacy: tuple, legacy_kw: dict, features: Sequence[str]):
+def denoiser_call(cond, legacy: tuple, legacy_kw: dict, features: Sequence[str], stacklevel: int = 5):
     """Normalise a denoiser call to ``(cond dict, features, legacy_return)``.
 
     The pre-registry form ``model(x, t, text, text_mask[, return_features])`` (also with ``text=`` /
@@ -129,9 +129,10 @@ def denoiser_call(cond, legacy: tuple, legacy_kw: dict, features: Sequence[str])
                 raise TypeError("missing conditioning: call model(x, t, cond) with cond={'text': ...}")
             cond = text_cond(text, mask)
         # stacklevel 5: this function, forward, Module._call_impl, Module._wrapped_call_impl, the caller
+        # (one more per helper between forward and this function)
         warnings.warn("model(x, t, text, text_mask[, return_features=True]) is deprecated; use "
                       "model(x, t, {'text': text, 'text_mask': text_mask}, features=('last',))",
-                      DeprecationWarning, stacklevel=5)
+                      DeprecationWarning, stacklevel=stacklevel)
         if legacy_return:
             features = features or ("last",)
     if cond is None:

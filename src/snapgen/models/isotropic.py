@@ -13,9 +13,9 @@ from torch import nn
 
 from ..attention import grid_positions, rope_angles
 from .config import ThreeStageDiTConfig
-from .base import DenoiserMixin, check_features, denoiser_call
+from .base import DenoiserMixin
 from .registry import register_model
-from .three_stage_dit import basic_init, check_inputs, read_text_cond, unpatchify
+from .three_stage_dit import basic_init, text_denoiser_inputs, unpatchify
 from ..nn.io import ModelIOMixin
 from .layers import MOD_CHUNKS, AdaLNSingle, DiTBlock, FinalLayer, TimestepEmbedder
 
@@ -43,11 +43,9 @@ class IsotropicDiT(DenoiserMixin, ModelIOMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None, *legacy, features=(), **legacy_kw):
         """The Denoiser interface (:mod:`snapgen.models.base`); ``cond = {"text": ..., "text_mask": ...}``."""
-        cond, features, legacy_return = denoiser_call(cond, legacy, legacy_kw, features)
-        features = check_features(features, self.feature_taps, self.family)
-        text, text_mask = read_text_cond(cond, self.family)
         cfg = self.config
-        t = check_inputs(cfg, x, t, text, text_mask, cfg.patch_size)
+        t, text, text_mask, features, legacy_return = text_denoiser_inputs(self, x, t, cond, legacy, legacy_kw,
+                                                                           features, cfg.patch_size)
         B, _, h, w = x.shape
         grid = (h // cfg.patch_size, w // cfg.patch_size)
         xs = self.patch_embed(x).flatten(2).transpose(1, 2)

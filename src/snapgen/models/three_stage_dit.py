@@ -80,6 +80,16 @@ def read_text_cond(cond, family: str) -> tuple[torch.Tensor, torch.Tensor | None
     return cond["text"], cond.get("text_mask")
 
 
+def text_denoiser_inputs(model, x, t, cond, legacy: tuple, legacy_kw: dict, features, multiple: int):
+    """The shared preamble of a text-conditioned image denoiser's ``forward``: the call normalised (legacy form
+    included), taps and cond checked -> ``(t (B,), text, text_mask, features, legacy_return)``."""
+    cond, features, legacy_return = denoiser_call(cond, legacy, legacy_kw, features, stacklevel=6)
+    features = check_features(features, model.feature_taps, model.family)
+    text, text_mask = read_text_cond(cond, model.family)
+    t = check_inputs(model.config, x, t, text, text_mask, multiple)
+    return t, text, text_mask, features, legacy_return
+
+
 def check_inputs(cfg: ThreeStageDiTConfig, x, t, text, text_mask, multiple: int) -> torch.Tensor:
     """Validate a denoiser call (clear errors naming the problem) and return ``t`` as a ``(B,)`` tensor."""
     if x.dim() != 4:
@@ -163,11 +173,9 @@ class ThreeStageDiT(DenoiserMixin, ModelIOMixin, nn.Module):
         ``features``: names from ``feature_taps``; then ``(v, {name: (B, N, width) tokens})`` is returned.
         The old call ``model(x, t, text, text_mask, return_features=True)`` still works (deprecated).
         """
-        cond, features, legacy_return = denoiser_call(cond, legacy, legacy_kw, features)
-        features = check_features(features, self.feature_taps, self.family)
-        text, text_mask = read_text_cond(cond, self.family)
         cfg = self.config
-        t = check_inputs(cfg, x, t, text, text_mask, cfg.downsample)
+        t, text, text_mask, features, legacy_return = text_denoiser_inputs(self, x, t, cond, legacy, legacy_kw,
+                                                                           features, cfg.downsample)
         B, _, h, w = x.shape
         p = cfg.patch_size
         grid = (h // p, w // p)

@@ -49,9 +49,8 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tensor,
     return x
 
 
-@SAMPLERS.register("euler")
-class EulerSampler:
-    """:func:`euler_sample` on the config's grid; deterministic (``generator`` is unused)."""
+class GridSampler:
+    """A sampler over the config's time grid (:func:`time_grid`); subclasses define ``sample``."""
 
     def __init__(self, config: SamplerConfig):
         self.config = config
@@ -59,9 +58,14 @@ class EulerSampler:
     def times(self) -> torch.Tensor:
         return time_grid(self.config)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+@SAMPLERS.register("euler")
+class EulerSampler(GridSampler):
+    """:func:`euler_sample` on the config's grid; deterministic (``generator`` is unused)."""
+
     def sample(self, velocity_fn: VelocityFn, noise: torch.Tensor, generator: torch.Generator | None = None,
                progress: bool = False) -> torch.Tensor:
         return euler_sample(velocity_fn, noise, self.times(), progress=progress)
-
-    def __repr__(self) -> str:
-        return f"EulerSampler({self.config})"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .base import SAMPLERS, SamplerConfig, VelocityFn
-from .euler import time_grid
+from .base import SAMPLERS, VelocityFn
+from .euler import GridSampler
 from ..utils.random import randn
 
 __all__ = ["FewStepSampler", "few_step_sample"]
@@ -33,20 +33,11 @@ def few_step_sample(velocity: VelocityFn, noise: torch.Tensor, times: torch.Tens
 
 
 @SAMPLERS.register("few_step")
-class FewStepSampler:
+class FewStepSampler(GridSampler):
     """:func:`few_step_sample` on the config's ``times``, or on ``sampling_times(steps, shift)`` when none are
     given or the step count differs from theirs (a distilled pipeline asked for another step count).
     Draws its re-noising noise from ``generator``, after the caller's initial noise."""
 
-    def __init__(self, config: SamplerConfig):
-        self.config = config
-
-    def times(self) -> torch.Tensor:
-        return time_grid(self.config)
-
     def sample(self, velocity_fn: VelocityFn, noise: torch.Tensor, generator: torch.Generator | None = None,
                progress: bool = False) -> torch.Tensor:
         return few_step_sample(velocity_fn, noise, self.times(), generator=generator, progress=progress)
-
-    def __repr__(self) -> str:
-        return f"FewStepSampler({self.config})"
