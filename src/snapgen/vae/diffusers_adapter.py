@@ -55,12 +55,12 @@ class _Layout:
     normalisation: Callable[[dict, int, str], tuple[list[float], list[float]]]   # (cfg, C, name) -> shift, scale
 
 
-def _per_channel(cfg: dict, C: int, name: str, keys=("latents_mean", "latents_std")) -> tuple[list, list]:
-    mean, std = cfg.get(keys[0]), cfg.get(keys[1])
+def _per_channel(cfg: dict, C: int, name: str) -> tuple[list[float], list[float]]:
+    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
     if mean is None or std is None:
-        missing = [k for k, v in zip(keys, (mean, std)) if v is None]
+        missing = [k for k, v in (("latents_mean", mean), ("latents_std", std)) if v is None]
         raise ValueError(f"{name} config has no {' / '.join(missing)}: the per-channel latent normalisation "
-                         f"needs both {keys[0]} and {keys[1]} with {C} values each (the folder is incomplete)")
+                         f"needs both latents_mean and latents_std with {C} values each (the folder is incomplete)")
     mean, std = [float(v) for v in mean], [float(v) for v in std]
     if len(mean) != C or len(std) != C:
         raise ValueError(f"{name} config has {len(mean)} latents_mean and {len(std)} latents_std values for "
@@ -112,6 +112,17 @@ DIFFUSERS_CLASSES: dict[str, _Layout] = {
 }
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(config, dict):
+        raise ValueError(  # noqa: TRY004 - a corrupt file, like invalid JSON
+            f"{path} must hold a JSON object, got {type(config).__name__}; the file is corrupt")
+    return config
+
+
 def _supported() -> str:
     return ", ".join(f"'{k}'" for k in DIFFUSERS_CLASSES)
 
@@ -145,7 +156,7 @@ class DiffusersAutoencoder(nn.Module):
             raise FileNotFoundError(f"no diffusers VAE at {directory}: expected config.json and "
                                     f"diffusion_pytorch_model.safetensors (a folder saved by one of "
                                     f"{_supported()} with save_pretrained)")
-        name = json.loads((directory / CONFIG_NAME).read_text()).get("_class_name")
+        name = _read_config(directory / CONFIG_NAME).get("_class_name")
         if name not in DIFFUSERS_CLASSES:
             raise ValueError(f"{directory / CONFIG_NAME} describes {name!r}; the diffusers VAEs snapgen loads "
                              f"are {_supported()}")
@@ -219,14 +230,7 @@ def load_autoencoder(directory: str | os.PathLike):
         raise FileNotFoundError(f"autoencoder folder {directory} has no {CONFIG_NAME}; pass a folder written by "
                                 f"Autoencoder.save_pretrained or a diffusers VAE's save_pretrained "
                                 f"({_supported()})")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt") from None
-    if not isinstance(config, dict):
-        raise ValueError(  # noqa: TRY004 - a corrupt file, like invalid JSON
-            f"{cfg_path} must hold a JSON object, got {type(config).__name__}; the file is corrupt")
-    kind = config.get("_class_name")
+    kind = _read_config(cfg_path).get("_class_name")
     if kind in DIFFUSERS_CLASSES:
         return DiffusersAutoencoder.from_pretrained(directory)
     if kind == "Autoencoder":
