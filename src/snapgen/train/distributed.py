@@ -160,11 +160,16 @@ def reshard_after_forward(setting="auto", widths_per_step: int = 1) -> tuple[boo
     return bool(setting), bool(setting)
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype or torch.float32).removeprefix("torch.")  # None: the parameters' own dtype, fp32 here
+
+
 def shard_modules(modules: dict[str, nn.Module], world: int, device_type: str, mp_policy=None,
-                  reshard: tuple[bool, bool] = (False, True)) -> None:
+                  reshard: tuple[bool, bool] = (False, True)) -> dict:
     """FSDP2 (``fully_shard``): every transformer block is its own unit, then each trained module as a whole,
     so parameters, gradients and optimizer state live sharded over the ranks and one block is gathered at a time.
-    ``mp_policy``: :func:`mixed_precision_policy` (None: fp32); ``reshard``: :func:`reshard_after_forward`."""
+    ``mp_policy``: :func:`mixed_precision_policy` (None: fp32); ``reshard``: :func:`reshard_after_forward`.
+    Returns the settings applied (for the log and ``env.json``)."""
     import dataclasses
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -181,6 +186,8 @@ def shard_modules(modules: dict[str, nn.Module], world: int, device_type: str, m
                 fully_shard(sub, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard[1])
         if any(True for _ in module.parameters()):
             fully_shard(module, mesh=mesh, mp_policy=root_policy, reshard_after_forward=reshard[0])
+    return {"param_dtype": _dtype_name(mp_policy.param_dtype), "reduce_dtype": _dtype_name(mp_policy.reduce_dtype),
+            "reshard_after_forward": {"roots": reshard[0], "blocks": reshard[1]}}
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -222,18 +229,29 @@ def save_dcp(path, modules: dict[str, nn.Module], params: dict, ema: dict, optim
     dcp.save({"model": dict(params), "ema": dict(ema), "optim": optim["state"]}, checkpoint_id=str(path))
 
 
+def _reason(e: Exception) -> str:
+    """One line per failing rank of a DCP error (``CheckpointException.failures`` holds (exception, traceback))."""
+    failures = getattr(e, "failures", None)
+    if not failures:
+        return f"{type(e).__name__}: {e}"
+    errors = {r: f[0] if isinstance(f, tuple) else f for r, f in failures.items()}
+    return "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in sorted(errors.items()))
+
+
 def load_dcp(path, modules: dict[str, nn.Module], params: dict, ema: dict, optimizer) -> None:
     """Load a ``save_dcp`` checkpoint into the current (any world size, sharded or not) tensors; the optimizer
     through ``set_optimizer_state_dict``."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     optim = _optimizer_state(modules, optimizer)
     state = {"model": dict(params), "ema": dict(ema), "optim": optim["state"]}
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises CheckpointException / RuntimeError listing the keys that do not fit
-        raise ValueError(f"the sharded checkpoint {path} does not fit this run's model and optimizer ({e}). It was "
+    except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException) names the keys
+        raise ValueError(f"the sharded checkpoint {path} does not fit this run's model and optimizer "
+                         f"({_reason(e)}). It was "
                          f"written by another model or an incompatible snapgen; start a new run_dir (its last "
                          f"export can be the new run's model.init_from)") from None
     with torch.no_grad():  # DCP loads in place into the tensors given; make sure parameters got the values

@@ -96,8 +96,11 @@ class Trainer:
         if self.strategy == "fsdp":  # bf16: MixedPrecisionPolicy (on CPU too), not autocast
             from .distributed import mixed_precision_policy, reshard_after_forward, shard_modules
 
-            shard_modules(self.modules, self.dist.world, self.device.type, mixed_precision_policy(cfg.precision),
-                          reshard_after_forward(reshard, getattr(self.task, "widths_per_step", 1)))
+            self.fsdp = shard_modules(self.modules, self.dist.world, self.device.type,
+                                      mixed_precision_policy(cfg.precision),
+                                      reshard_after_forward(reshard, getattr(self.task, "widths_per_step", 1)))
+            if self.dist.is_main:
+                print(f"fsdp: {self.fsdp}")
         self.params = {f"{m}.{n}": p for m, mod in self.modules.items() for n, p in mod.named_parameters()
                        if p.requires_grad}
         self.groups = param_groups(self.task, roles)
@@ -161,7 +164,7 @@ class Trainer:
         from ..env import record
 
         record(self.run_dir / "env.json", modules_backend(self.modules), stage=stage, step=self.step,
-               world=self.dist.world)
+               world=self.dist.world, **({"fsdp": self.fsdp} if self.strategy == "fsdp" else {}))
 
     def resume(self) -> bool:
         from .checkpoint import list_checkpoints
