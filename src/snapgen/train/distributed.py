@@ -1,10 +1,13 @@
-"""torch.distributed for the trainer: process-group setup from torchrun's environment, and the DDP wrapper.
+"""torch.distributed for the trainer: process-group setup from torchrun's environment, the ``distributed:``
+config section, the DDP wrapper, and FSDP2 (``fully_shard`` with a ``MixedPrecisionPolicy``, the
+``reshard_after_forward`` choice, sharded checkpoints through ``torch.distributed.checkpoint``).
 
 ``torchrun --nproc-per-node N -m snapgen.cli train --config ...`` (or ``snapgen train`` under torchrun)
 runs data-parallel: gloo on CPU, nccl on CUDA. Each rank computes its part of the global batch
 (``batch_size x ranks x accumulation``; see ``snapgen.data.batches``); DDP averages the gradients; every rank
 holds identical weights, EMA and optimizer state, so rank 0 alone writes checkpoints, metrics and exports,
-and a run resumes at any world size (the checkpoint does not depend on it).
+and a run resumes at any world size (the checkpoint does not depend on it). With ``strategy: fsdp`` weights,
+gradients and AdamW state are sharded instead, and every rank writes its shards (docs/distributed.md).
 """
 
 from __future__ import annotations
