@@ -113,6 +113,7 @@ class Task:
     name: str = ""
     kind: str = "train"                         # "train" | "distill"
     strategies: tuple[str, ...] = ("ddp", "fsdp")  # torchrun strategies the task supports
+    widths_per_step: int = 1                    # forwards of the trained model per loss (elastic: several widths)
     generator: torch.Generator | None = None
     rank: int = 0
     world: int = 1

@@ -150,6 +150,16 @@ class FlowTask(FlowKD, Task):
             self._vae = load_autoencoder(path).to(self.device).eval()
         return self._vae
 
+    @property
+    def widths_per_step(self) -> int:
+        """Widths of the supernetwork one loss runs (full + the sandwich rule's sub-networks), each a forward
+        through every block; FSDP keeps blocks gathered when it is > 1 (``snapgen.train.distributed``)."""
+        if self.elastic_loss is None:
+            return 1
+        from ..elastic.training import sample_subnetworks
+
+        return 1 + len(sample_subnetworks(self.model.variants, 0, self.cfg.seed, self.elastic_loss.num_random))
+
     def modules(self) -> dict:
         mods = {"transformer": (self.model, ROLES), "conditioning": (self.conditioning, ROLES)}
         if self.kd is not None:  # trained with the student (same group, one clip), not averaged or exported

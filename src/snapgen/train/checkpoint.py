@@ -6,7 +6,8 @@ A checkpoint is a folder ``checkpoints/step_0001000/`` holding
 - ``ema.safetensors``        the exponential moving average of the same weights
 - ``optimizer.safetensors``  optimizer tensors (``state.<param index>.<name>``) + ``optimizer.json``
                              (param groups and non-tensor state)
-- ``rng.safetensors``        the torch global RNG state and the task's own generator state
+- ``rng.safetensors``        the torch global RNG state, the task's own generator state and each rank's
+                             CUDA RNG state (:mod:`.rng`)
 - ``state.json``             step, wall time so far, and anything else the trainer keeps
 - ``data_state.json``        (streamed data only) every rank's position in its shard stream
 
@@ -27,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .rng import capture_rng
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "optimizer_to_tensors",
            "optimizer_from_tensors"]
@@ -72,8 +75,9 @@ def _write_json(path: Path, obj) -> None:
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: dict[str, torch.Tensor],
                     ema: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator | None, state: dict, keep: int = 2,
+                    rng: dict[str, torch.Tensor] | torch.Generator | None, state: dict, keep: int = 2,
                     extra_json: dict[str, object] | None = None) -> Path:
+    """``rng``: :func:`snapgen.train.rng.capture_rng`'s dict (a task generator or None: the CPU states only)."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step:07d}"
@@ -86,10 +90,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: dict[str, tor
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     _write_json(tmp / "optimizer.json", opt_meta)
-    rng = {"torch": torch.get_rng_state()}
-    if generator is not None:
-        rng["task"] = generator.get_state()
-    save_file(rng, tmp / "rng.safetensors")
+    if not isinstance(rng, dict):
+        rng = capture_rng(rng)
+    save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
     _write_json(tmp / "state.json", {"step": step, **state})
     for name, obj in (extra_json or {}).items():
         _write_json(tmp / name, obj)

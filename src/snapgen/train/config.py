@@ -57,7 +57,9 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 32
     device: str = "auto"                         # "auto" = cuda if available, else cpu
-    precision: str = "fp32"                      # "fp32" | "bf16" (bf16 autocast on CUDA only; fp32 on CPU)
+    # "fp32" | "bf16": bf16 autocast on CUDA only (fp32 on CPU); with strategy fsdp a MixedPrecisionPolicy
+    # (bf16 compute, fp32 reduce and master weights) on any device: snapgen.train.distributed
+    precision: str = "fp32"
     threads: int = 0                             # torch intra-op threads; 0 = torch default
     grad_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -77,7 +79,8 @@ class TrainConfig:
     elastic: dict[str, Any] = field(default_factory=dict)      # elastic width training (flow task, elastic model)
     distill: dict[str, Any] = field(default_factory=dict)      # step distillation (tasks dmd / kdmd)
     kd: dict[str, Any] = field(default_factory=dict)           # knowledge distillation from a teacher (flow task)
-    distributed: dict[str, Any] = field(default_factory=dict)  # {strategy: ddp, accumulation: N} (torchrun)
+    # {strategy: ddp | fsdp, accumulation: N, reshard_after_forward: auto | true | false (fsdp)} (torchrun)
+    distributed: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)

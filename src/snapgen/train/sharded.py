@@ -19,14 +19,11 @@ def resume_sharded(trainer, path: Path) -> bool:
 
     from .distributed import load_dcp
 
-    load_dcp(path / "dcp", trainer.params, trainer.ema, trainer.optimizer)
+    load_dcp(path / "dcp", trainer.modules, trainer.params, trainer.ema, trainer.optimizer)
     meta = json.loads((path / "optimizer.json").read_text())
     for g, saved in zip(trainer.optimizer.param_groups, meta["param_groups"]):
         g.update({k: v for k, v in saved.items() if k != "params"})
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    if "task" in rng and trainer.task.generator is not None:
-        trainer.task.generator.set_state(rng["task"])
+    trainer._restore_rng(load_file(str(path / "rng.safetensors")), path)
     state = json.loads((path / "state.json").read_text())
     trainer.step, trainer.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
     trainer._load_data_state(path)
@@ -48,20 +45,17 @@ def save_sharded(trainer) -> Path:
 
     final = trainer.ckpt_dir / f"step_{trainer.step:07d}"
     tmp = trainer.ckpt_dir / f".tmp_step_{trainer.step:07d}"
-    data_states = trainer._data_states()
+    data_states, rng = trainer._data_states(), trainer._capture_rng()
     if trainer.dist.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     trainer.dist.barrier()
-    save_dcp(tmp / "dcp", trainer.params, trainer.ema, trainer.optimizer)
+    save_dcp(tmp / "dcp", trainer.modules, trainer.params, trainer.ema, trainer.optimizer)
     trainer.dist.barrier()
     if trainer.dist.is_main:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
         (tmp / "optimizer.json").write_text(json.dumps({"param_groups": groups}) + "\n")
-        rng = {"torch": torch.get_rng_state()}
-        if trainer.task.generator is not None:
-            rng["task"] = trainer.task.generator.get_state()
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": trainer.step, "elapsed": trainer.elapsed,
                                                     "format": "dcp", "world": trainer.dist.world}) + "\n")

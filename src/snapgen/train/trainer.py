@@ -3,8 +3,9 @@ weight decay and gradient clip each; :mod:`.optim`), EMA of the modules with rol
 and gradient accumulation for every task, checkpoints, exact resume. Tasks: :mod:`snapgen.tasks`.
 
 Exact resume: everything random is either a pure function of ``(seed, step)`` (which data items form a
-batch) or drawn from RNGs whose states are checkpointed (the task's generator for noise and times, the
-global torch RNG for dropout). Weights, EMA and optimizer tensors are stored bit-exact in safetensors.
+batch) or drawn from RNGs whose states are checkpointed (the task's generator for noise and times; the
+global torch RNG of the CPU and of each rank's CUDA device for dropout and caption drops: :mod:`.rng`).
+Weights, EMA and optimizer tensors are stored bit-exact in safetensors.
 So a run killed at any point (SIGKILL included) and resumed from its last checkpoint computes the same
 later losses as a run that was never interrupted (``tests/test_train.py`` checks this).
 
@@ -30,6 +31,7 @@ from ..tasks import build_task, module_roles, param_groups
 from .checkpoint import latest_checkpoint, optimizer_from_tensors, save_checkpoint
 from .config import TrainConfig
 from .optim import build_optimizer, clip_gradients, set_lr
+from .rng import capture_rng, restore_rng
 
 __all__ = ["Trainer", "TrainingDiverged", "lr_at"]
 
@@ -65,7 +67,7 @@ class Trainer:
     """Runs a task (see ``snapgen.tasks``) for ``cfg.steps`` optimizer steps in ``cfg.run_dir``."""
 
     def __init__(self, cfg: TrainConfig, task=None, progress: bool = True):
-        from .distributed import DistributedContext, LossModule
+        from .distributed import DistributedContext, LossModule, read_settings
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -81,21 +83,8 @@ class Trainer:
             retain_freed_memory()
         torch.manual_seed(cfg.seed)
         self.task = task if task is not None else build_task(cfg, self.device)
-        d = cfg.distributed
-        unknown = sorted(set(d) - {"strategy", "accumulation"})
-        if unknown:
-            raise ValueError(f"unknown keys in 'distributed': {unknown}; valid: ['accumulation', 'strategy']")
-        strategy = d.get("strategy", "ddp")
-        if strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"distributed.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
-        self.strategy = strategy if self.dist.enabled else "single"
-        supported = getattr(self.task, "strategies", ("ddp", "fsdp"))
-        if self.dist.enabled and strategy not in supported:
-            raise ValueError(f"task {cfg.task!r} supports distributed.strategy {' or '.join(supported)}, "
-                             f"not {strategy!r}")
-        self.accumulation = int(d.get("accumulation", 1))
-        if self.accumulation < 1:
-            raise ValueError(f"distributed.accumulation must be >= 1, got {self.accumulation}")
+        self.strategy, self.accumulation, reshard = read_settings(
+            cfg.distributed, cfg.task, getattr(self.task, "strategies", ("ddp", "fsdp")), self.dist.enabled)
         self.parts = self.dist.world * self.accumulation
         if hasattr(self.task, "set_data_parallel"):  # the part of the global batch; streamed data: own shards
             self.task.set_data_parallel(self.dist.rank, self.dist.world, self.parts)
@@ -104,10 +93,14 @@ class Trainer:
                              f"(it has no set_data_parallel; see snapgen.tasks.Task)")
         roles = module_roles(self.task)
         self.modules = {n: m for n, (m, r) in roles.items() if "trained" in r}
-        if self.strategy == "fsdp":
-            from .distributed import shard_modules
+        if self.strategy == "fsdp":  # bf16: MixedPrecisionPolicy (on CPU too), not autocast
+            from .distributed import mixed_precision_policy, reshard_after_forward, shard_modules
 
-            shard_modules(self.modules, self.dist.world, self.device.type)
+            self.fsdp = shard_modules(self.modules, self.dist.world, self.device.type,
+                                      mixed_precision_policy(cfg.precision),
+                                      reshard_after_forward(reshard, getattr(self.task, "widths_per_step", 1)))
+            if self.dist.is_main:
+                print(f"fsdp: {self.fsdp}")
         self.params = {f"{m}.{n}": p for m, mod in self.modules.items() for n, p in mod.named_parameters()
                        if p.requires_grad}
         self.groups = param_groups(self.task, roles)
@@ -124,10 +117,10 @@ class Trainer:
                                    device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step = 0
         self.elapsed = 0.0  # training seconds over all sessions
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if cfg.precision == "bf16" and self.device.type == "cuda" else contextlib.nullcontext())
-        if cfg.precision == "bf16" and self.device.type != "cuda":
-            print("note: precision bf16 is used on CUDA only; training in fp32 on CPU "
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16"
+                         and self.device.type == "cuda" and self.strategy != "fsdp" else contextlib.nullcontext())
+        if cfg.precision == "bf16" and self.device.type != "cuda" and self.strategy != "fsdp":
+            print("note: precision bf16 is used on CUDA only (or with FSDP); training in fp32 on CPU "
                   "(bf16 matmul has no fast CPU kernel)")
 
     # ---------------------------------------------------------------------------------------------------
@@ -171,7 +164,7 @@ class Trainer:
         from ..env import record
 
         record(self.run_dir / "env.json", modules_backend(self.modules), stage=stage, step=self.step,
-               world=self.dist.world)
+               world=self.dist.world, **({"fsdp": self.fsdp} if self.strategy == "fsdp" else {}))
 
     def resume(self) -> bool:
         from .checkpoint import list_checkpoints
@@ -193,9 +186,7 @@ class Trainer:
         for k, e in self.ema.items():
             e.copy_(ck["ema"][k])
         optimizer_from_tensors(self.optimizer, ck["optimizer"], ck["optimizer_meta"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if "task" in ck["rng"] and self.task.generator is not None:
-            self.task.generator.set_state(ck["rng"]["task"])
+        self._restore_rng(ck["rng"], path)
         self.step = int(ck["state"]["step"])
         self.elapsed = float(ck["state"].get("elapsed", 0.0))
         self._load_data_state(path)
@@ -203,6 +194,13 @@ class Trainer:
         if self.dist.is_main:
             print(f"resumed from {path} (step {self.step})")
         return True
+
+    def _capture_rng(self) -> dict:
+        """RNG states to checkpoint (:mod:`.rng`); a collective with several ranks (each rank's CUDA state)."""
+        return capture_rng(self.task.generator, self.device, self.dist)
+
+    def _restore_rng(self, states: dict, path: Path) -> None:
+        restore_rng(states, self.task.generator, self.device, self.dist.rank, self.dist.world, where=str(path))
 
     # --- streamed data position (one per rank) ----------------------------------------------------------
     def _data_states(self) -> dict | None:
@@ -244,13 +242,13 @@ class Trainer:
         """Rank 0 writes (all ranks hold the same state); the others wait for the checkpoint to exist."""
         if self.strategy == "fsdp":
             return self._save_sharded()
-        data_states = self._data_states()
+        data_states, rng = self._data_states(), self._capture_rng()
         if not self.dist.is_main:
             self.dist.barrier()
             return None
         path = save_checkpoint(self.ckpt_dir, self.step,
                                {k: p.detach() for k, p in self.params.items()}, self.ema, self.optimizer,
-                               self.task.generator, {"elapsed": self.elapsed}, keep=self.cfg.keep_checkpoints,
+                               rng, {"elapsed": self.elapsed}, keep=self.cfg.keep_checkpoints,
                                extra_json={"data_state.json": data_states} if data_states is not None else None)
         self._plot()
         self.dist.barrier()
