@@ -29,8 +29,9 @@ Backends (all heads-last: ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)``, ``Hq % H
 
 The dense ``reference`` is no oracle for non-finite inputs: SDPA's additive mask lets a NaN/Inf in a key
 *outside* a query's window through (NaN + -inf = NaN, 0 * Inf = NaN). ``gather``, ``tiles`` and ``fused``
-touch only the window's keys; ``flex`` skips empty blocks but multiplies masked (zero) probabilities by the
-values of partial blocks, so an Inf in ``v`` can reach queries of the same blocks outside its window.
+touch only the window's keys. ``flex`` masks scores (a NaN key outside the window stays out) but multiplies
+masked, zero probabilities by the values it loads -- those of partial blocks when compiled, all of them
+eagerly -- so an Inf in ``v`` can reach queries outside its window (eager CPU: every query of that head).
 """
 
 from __future__ import annotations
