@@ -12,6 +12,11 @@ function actually performs; ``flop_ratio = dense FLOPs / ASSA FLOPs``; the goal 
     python benchmarks/attention.py --tokens 4096 --json # one JSON object (default geometry, the model's
                                                         # default backend "auto"; --backend to choose)
     python benchmarks/attention.py --kernels            # the flash kernel alone on each problem shape
+    python benchmarks/attention.py --tokens 4096 --backend flex --device cuda --json   # one GPU row
+
+With a CUDA device the full table also gets GPU rows (bf16 by default, ``--cuda-dtype``): dense SDPA vs ASSA
+with the compiled flex_attention local branch (what ``auto`` runs there) and with ``gather``, row chunks and
+2-D tiles, forward and forward+backward, timed with ``torch.cuda.synchronize``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from _common import machine, md_table, median_ms, setup_torch, write_results  # 
 torch = setup_torch()
 from snapgen.utils.memory import retain_freed_memory  # noqa: E402
 from snapgen.attention import assa_attention, attention, make_geometry  # noqa: E402
-from snapgen.attention.bna import use_fused_kernel  # noqa: E402
+from snapgen.attention.bna import auto_backend  # noqa: E402
 from snapgen.attention.cpu_kernel import bna_rows, kernel_error, load_kernel  # noqa: E402
 from snapgen.models import PRESETS  # noqa: E402
 from snapgen.utils.flops import flop_counter  # noqa: E402
@@ -39,7 +44,7 @@ CFG = PRESETS["small"]
 REPEATS = {1024: 10, 4096: 9, 16384: 5}
 
 
-def make_inputs(tokens: int, grad: bool):
+def make_inputs(tokens: int, grad: bool, device: str = "cpu", dtype=None):
     side = int(math.isqrt(tokens))
     if side * side != tokens:
         raise SystemExit(f"--tokens must be a square number (a square token grid), got {tokens}")
@@ -51,7 +56,8 @@ def make_inputs(tokens: int, grad: bool):
     gate = torch.randn(1, tokens, Hq, generator=g)
     wk = torch.full((Hk * d, 1, 2, 2), 0.25)
     wv = torch.full((Hk * d, 1, 2, 2), 0.25)
-    leaves = [q, k, v, gate, wk, wv]
+    leaves = [t.to(device, dtype or torch.float32) for t in (q, k, v, gate, wk, wv)]  # drawn on CPU: same values
+    q, k, v, gate, wk, wv = leaves
     if grad:
         for t in leaves:
             t.requires_grad_(True)
@@ -69,9 +75,12 @@ def assa_fn(inp, tile, backend):
     return assa_attention(q, k, v, gate, geom, wk, wv, backend=backend, compile=backend == "flex")
 
 
-def timed_round_robin(fns, repeats: int) -> list[float]:
+def timed_round_robin(fns, repeats: int, sync=None) -> list[float]:
     """Median ms of each no-argument callable, timed in turn (a, b, ..., a, b, ...) after one warmup each,
-    so drift of this shared VM's speed hits all of them alike."""
+    so drift of this shared VM's speed hits all of them alike. ``sync`` (``torch.cuda.synchronize`` for GPU
+    work) runs inside each timed call, so the time is the device's, not the launch's."""
+    if sync is not None:
+        fns = [lambda fn=fn: (fn(), sync()) for fn in fns]
     for fn in fns:
         fn()
     times = [[] for _ in fns]
@@ -81,7 +90,7 @@ def timed_round_robin(fns, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def timed_pair(fn_a, fn_b, inp, grad: bool, repeats: int) -> tuple[float, float]:
+def timed_pair(fn_a, fn_b, inp, grad: bool, repeats: int, sync=None) -> tuple[float, float]:
     """Medians of ``fn_a(inp)`` and ``fn_b(inp)`` (forward, or forward + backward of the sum), alternating."""
     def runner(fn):
         def run():
@@ -92,7 +101,7 @@ def timed_pair(fn_a, fn_b, inp, grad: bool, repeats: int) -> tuple[float, float]
                     fn(inp)
         return run
 
-    return tuple(timed_round_robin([runner(fn_a), runner(fn_b)], repeats))
+    return tuple(timed_round_robin([runner(fn_a), runner(fn_b)], repeats, sync))
 
 
 def flops(fn, inp, grad: bool) -> int:
@@ -105,27 +114,29 @@ def flops(fn, inp, grad: bool) -> int:
     return fc.get_total_flops()
 
 
-def resolved_backend(tokens: int, tile, backend: str) -> str:
-    """What ``backend`` runs as for this geometry ("auto" resolves to "fused" or "gather")."""
+def resolved_backend(tokens: int, tile, backend: str, device: str = "cpu") -> str:
+    """What ``backend`` runs as for this geometry ("auto" resolves to "flex", "fused" or "gather")."""
     if backend != "auto":
         return backend
     side = int(math.isqrt(tokens))
-    x = torch.empty(1, tokens, 1, 1)
-    return "fused" if use_fused_kernel(x, x, x, make_geometry((side, side), tile, CFG.bna_radius)) else "gather"
+    x = torch.empty(1, tokens, 1, CFG.head_dim, device=device)
+    return auto_backend(x, x, x, make_geometry((side, side), tile, CFG.bna_radius))
 
 
-def measure(tokens: int, grad: bool, tile, backend: str):
-    inp = make_inputs(tokens, grad)
+def measure(tokens: int, grad: bool, tile, backend: str, device: str = "cpu", dtype=None):
+    inp = make_inputs(tokens, grad, device, dtype)
     reps = REPEATS.get(tokens, 3)
     fn = lambda i: assa_fn(i, tile, backend)  # noqa: E731
-    dense_ms, assa_ms = timed_pair(dense_fn, fn, inp, grad, reps)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    dense_ms, assa_ms = timed_pair(dense_fn, fn, inp, grad, reps, sync)
     dense_flops = flops(dense_fn, inp, grad)
     assa_flops = flops(lambda i: assa_fn(i, tile, "gather"), inp, grad)  # the sparse algorithm's own work
     ratio = dense_flops / assa_flops
     speedup = dense_ms / assa_ms
     if backend == "auto":
-        backend = f"auto ({resolved_backend(tokens, tile, backend)})"
+        backend = f"auto ({resolved_backend(tokens, tile, backend, device)})"
     return {"tokens": tokens, "pass": "fwd+bwd" if grad else "fwd", "backend": backend, "tile": list(tile),
+            "device": device, "dtype": str(inp[1].dtype).replace("torch.", ""),
             "dense_ms": round(dense_ms, 2), "assa_ms": round(assa_ms, 2), "speedup": round(speedup, 3),
             "flop_ratio": round(ratio, 3), "efficiency": round(speedup / ratio, 3),
             "dense_gflops": round(dense_flops / dense_ms / 1e6, 1), "assa_gflops": round(assa_flops / assa_ms / 1e6, 1)}
@@ -194,8 +205,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, help="one token count (square grid); prints one JSON object with --json")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--backend", default="auto", choices=("auto", "gather", "fused", "tiles"),
+    ap.add_argument("--backend", default="auto", choices=("auto", "gather", "fused", "tiles", "flex"),
                     help="BNA backend for --tokens (default: auto, the model's default)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device for --tokens (default: cpu)")
+    ap.add_argument("--cuda-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                    help="dtype of the GPU rows (default: bfloat16)")
     ap.add_argument("--no-flex", action="store_true", help="skip the compiled flex_attention backend")
     ap.add_argument("--kernels", action="store_true",
                     help="time the flash kernel alone on the dense, global and local problem shapes "
@@ -217,10 +231,14 @@ def main():
 
     if not load_kernel():
         print(f"note: fused BNA kernel unavailable ({kernel_error()}); 'auto' runs 'gather'", file=sys.stderr)
+    cuda_dtype = getattr(torch, args.cuda_dtype)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
     if args.tokens:
-        fwd = measure(args.tokens, False, default_tile, args.backend)
-        bwd = measure(args.tokens, True, default_tile, args.backend)
-        out = {k: fwd[k] for k in ("tokens", "dense_ms", "assa_ms", "speedup", "flop_ratio")}
+        dtype = cuda_dtype if args.device == "cuda" else None
+        fwd = measure(args.tokens, False, default_tile, args.backend, args.device, dtype)
+        bwd = measure(args.tokens, True, default_tile, args.backend, args.device, dtype)
+        out = {k: fwd[k] for k in ("tokens", "device", "dtype", "dense_ms", "assa_ms", "speedup", "flop_ratio")}
         out.update({"backend": fwd["backend"], "tile": list(default_tile), "allocator": allocator, "fwd_bwd": {
             k: bwd[k] for k in ("dense_ms", "assa_ms", "speedup", "flop_ratio")}})
         print(json.dumps(out) if args.json else out)
@@ -245,14 +263,27 @@ def main():
                     continue
                 rows.append(r)
                 print(json.dumps(r), flush=True)
+    if torch.cuda.is_available():  # GPU rows: compiled flex (what auto runs on CUDA) against gather
+        for tokens in (1024, 4096, 16384):
+            for grad in (False, True):
+                for tile, backend in [(default_tile, "flex"), (default_tile, "gather"), ((8, 8), "flex"),
+                                      ((8, 8), "gather")]:
+                    try:
+                        r = measure(tokens, grad, tile, backend, "cuda", cuda_dtype)
+                    except Exception as e:  # report, don't hide: e.g. a flex compile failure
+                        print(f"[cuda {tokens} {backend} {tile}] failed: {type(e).__name__}: {e}", file=sys.stderr)
+                        continue
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
 
-    headers = ["tokens", "pass", "backend", "tile", "dense ms", "ASSA ms", "speedup", "FLOP ratio",
+    headers = ["tokens", "pass", "device", "backend", "tile", "dense ms", "ASSA ms", "speedup", "FLOP ratio",
                "speedup/ratio", "dense GFLOP/s", "ASSA GFLOP/s"]
-    table = md_table(headers, [[r["tokens"], r["pass"], r["backend"], "x".join(map(str, r["tile"])).replace("x0", "xW"),
+    table = md_table(headers, [[r["tokens"], r["pass"], f"{r['device']} {r['dtype']}", r["backend"],
+                                "x".join(map(str, r["tile"])).replace("x0", "xW"),
                                 r["dense_ms"], r["assa_ms"], r["speedup"], r["flop_ratio"], r["efficiency"],
                                 r["dense_gflops"], r["assa_gflops"]] for r in rows])
     goal = [r for r in rows if r["tokens"] in (4096, 16384) and r["backend"].startswith("auto")
-            and tuple(r["tile"]) == tuple(default_tile)]
+            and tuple(r["tile"]) == tuple(default_tile) and r["device"] == "cpu"]
     met = all(r["efficiency"] >= 0.9 for r in goal)
     summary = ", ".join(f"{r['tokens']} {r['pass']}: {r['efficiency']:.2f}" for r in goal)
     m = machine()
@@ -262,7 +293,8 @@ def main():
           f"`python benchmarks/attention.py{' --glibc-malloc' if args.glibc_malloc else ''}`. Tile `4xW` = chunks of 4 full rows (default; the paper's 16 "
           f"blocks at 64x64), `8x8` = 2-D tiles. Radius 1. `auto` is the model's default: the fused CPU kernel for row chunks "
           f"under 768 tokens, else `gather` (flash attention on strided windows). The `reference` backend computes the full masked N^2 attention, so its "
-          f"speedup is expected below 1; `flex` is compiled flex_attention (forward only on CPU).\n\n{table}\n\n"
+          f"speedup is expected below 1; `flex` is compiled flex_attention (forward only on CPU). Rows on `cuda` "
+          f"(when a GPU is present): `flex` is what `auto` runs there, `gather` the portable path.\n\n{table}\n\n"
           f"Goal (default geometry, default backend `auto`, 4096 and 16384 tokens, fwd and fwd+bwd): speedup >= 0.9 x "
           f"FLOP ratio: **{'met' if met else 'NOT met'}** "
           f"({summary}).\n")

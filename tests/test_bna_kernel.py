@@ -11,9 +11,9 @@ import pytest
 import torch
 from helpers.builders import make_qkv
 
-from snapgen.attention import assa_attention, block_neighborhood_attention, make_geometry
+from snapgen.attention import assa_attention, bna_mask, block_neighborhood_attention, make_geometry
 from snapgen.attention.bna import FUSED_MAX_TILE_TOKENS, use_fused_kernel
-from snapgen.attention.cpu_kernel import bna_rows, kernel_error, load_kernel
+from snapgen.attention.cpu_kernel import bna_rows, bna_rows_lerp, kernel_error, load_kernel
 from snapgen.utils.flops import flop_counter
 
 pytestmark = pytest.mark.kernel
@@ -262,3 +262,79 @@ def test_mix_ops_pass_torch_library_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(RuntimeError, match="weight must be a contiguous"):
         torch.ops.snapgen.bna_rows_mix_forward(q, k, v, end, weight[:, :, :2], 16, 3, 1, False)
+
+
+def windowed_attention(q, k, v, geom):
+    """The definition, one query at a time: softmax over the keys of the query's own window only (``bna_mask``,
+    itself checked against a brute-force loop in test_bna.py). Unlike the dense ``reference`` backend, a key
+    outside the window takes no part at all -- SDPA's additive mask lets a NaN/Inf there through
+    (NaN + -inf = NaN, 0 * Inf = NaN), so the dense reference is no oracle for non-finite inputs."""
+    mask = bna_mask(geom)
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    out = torch.empty_like(q)
+    for i in range(q.shape[1]):
+        keys = mask[i].nonzero().squeeze(1)
+        s = torch.einsum("bhd,bmhd->bhm", q[:, i], k[:, keys]) / q.shape[-1] ** 0.5
+        out[:, i] = torch.einsum("bhm,bmhd->bhd", s.softmax(-1), v[:, keys])
+    return out
+
+
+# (tensor, index (b, token, head, channel), value): one token's q, one key, one value, and an Inf query
+NON_FINITE = [("q", (1, 5, 2, 3), float("nan")), ("k", (0, 40, 1, 7), float("nan")),
+              ("v", (1, 20, 0, 1), float("inf")), ("q", (0, 50, 3, 0), float("inf"))]
+
+
+@needs_kernel
+@pytest.mark.parametrize("name,index,value", NON_FINITE)
+def test_fused_propagates_nan_and_inf_where_the_definition_does(name, index, value):
+    """A NaN/Inf in q, k or v gives non-finite outputs in exactly the positions the definition gives them: the
+    kernel is built without -ffinite-math-only (with it, a NaN in q came out as a finite row). 8 chunks, so a
+    key reaches some queries and not others; the finite outputs still equal the definition's."""
+    geom = make_geometry((16, 4), (2, 0), 1)
+    inputs = dict(zip("qkv", qkv(64, 4, 2, d=32)))
+    inputs[name][index] = value
+    q, k, v = inputs.values()
+    want = windowed_attention(q.double(), k.double(), v.double(), geom)
+    bad = ~torch.isfinite(want)
+    assert 0 < bad.sum() < bad[index[0]].numel() // 2  # some outputs non-finite, most of that image not
+    with torch.no_grad():
+        for out in (block_neighborhood_attention(q, k, v, geom, backend="fused"),
+                    bna_rows_lerp(q, k, v, torch.zeros_like(q), torch.zeros(q.shape[:3]), geom.tile_tokens,
+                                  geom.window[0], geom.radius)):  # ASSA's mixed form, gate 0: the local branch
+            assert torch.equal(~torch.isfinite(out), bad), (int((~torch.isfinite(out)).sum()), int(bad.sum()))
+            torch.testing.assert_close(out[~bad], want[~bad].float(), rtol=1e-5, atol=1e-5)
+    # gather (no key outside the window is touched) agrees; the dense masked reference does not for k and v
+    assert torch.equal(~torch.isfinite(block_neighborhood_attention(q, k, v, geom, backend="gather")), bad)
+
+
+def test_a_failed_build_falls_back_with_one_logged_line_and_is_recorded(monkeypatch, caplog):
+    """No compiler (here: a build that raises): one warning, status `build-failed` with the error in
+    backend_report, `auto` runs gather with the reason recorded, `fused` raises naming the way out."""
+    import logging
+
+    import torch.utils.cpp_extension
+
+    from snapgen.attention import backend, backend_report, cpu_kernel
+
+    def broken_build(**kwargs):
+        raise OSError("g++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken_build)
+    monkeypatch.setitem(cpu_kernel._state, "loaded", False)
+    monkeypatch.setitem(cpu_kernel._state, "error", None)
+    monkeypatch.setattr(backend, "_choices", {})
+    monkeypatch.setenv("SNAPGEN_BNA_KERNEL", "1")
+    q, k, v = qkv(64, 4, 2)
+    geom = make_geometry((8, 8), (2, 0), 1)
+    with caplog.at_level(logging.DEBUG, logger="snapgen.attention"):
+        outs = [block_neighborhood_attention(q, k, v, geom) for _ in range(3)]
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "g++: command not found" in warned[0].getMessage()
+    assert all(torch.equal(o, block_neighborhood_attention(q, k, v, geom, backend="gather")) for o in outs)
+    report = backend_report("auto")
+    assert report["kernel_status"] == "build-failed" and "command not found" in report["kernel_error"]
+    assert list(report["auto_choices"].values()) == ["gather"]
+    assert "fused kernel unavailable: OSError" in next(iter(report["auto_choices"]))
+    with pytest.raises(RuntimeError, match="SNAPGEN_BNA_KERNEL=0 or use backend='gather'"):
+        block_neighborhood_attention(q, k, v, geom, backend="fused")

@@ -32,7 +32,7 @@ def test_defaults_and_runtime_values(monkeypatch, tmp_path):
     assert env.scene_detector_dir() == REPO / "models" / "evaluators" / "scene-detector"
     assert env.image_encoder_dir() == REPO / "models" / "evaluators" / "image-encoder"
     assert env.cache_dir() == Path.home() / ".cache" / "snapgen"
-    assert env.bna_kernel_enabled() and env.cpu_allocator() == "retain"
+    assert env.bna_kernel_enabled() and env.cpu_allocator() == "retain" and env.flex_compile() == "auto"
     assert env.world_size() == 1 and env.local_rank() == 0
     # values are read when asked for, so monkeypatch works at run time; an empty path means the default
     monkeypatch.setenv("SNAPGEN_MODEL", str(tmp_path))
@@ -50,6 +50,9 @@ def test_defaults_and_runtime_values(monkeypatch, tmp_path):
     for word in ("1", "true", "On", "yes", ""):
         monkeypatch.setenv("SNAPGEN_BNA_KERNEL", word)
         assert env.bna_kernel_enabled()
+    for word, mode in (("", "auto"), ("Auto", "auto"), ("1", "on"), ("yes", "on"), ("0", "off"), ("OFF", "off")):
+        monkeypatch.setenv("SNAPGEN_FLEX_COMPILE", word)
+        assert env.flex_compile() == mode
     monkeypatch.setenv("SNAPGEN_CPU_ALLOCATOR", "Default")
     assert env.cpu_allocator() == "default"
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -58,6 +61,7 @@ def test_defaults_and_runtime_values(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("name,value,fn", [("SNAPGEN_BNA_KERNEL", "maybe", env.bna_kernel_enabled),
+                                           ("SNAPGEN_FLEX_COMPILE", "always", env.flex_compile),
                                            ("SNAPGEN_CPU_ALLOCATOR", "jemalloc", env.cpu_allocator),
                                            ("WORLD_SIZE", "two", env.world_size),
                                            ("WORLD_SIZE", "0", env.world_size),
@@ -71,12 +75,14 @@ def test_bad_values_name_the_variable(monkeypatch, name, value, fn):
 
 def test_describe_is_json_and_names_what_changes_numerics(monkeypatch):
     monkeypatch.setenv("SNAPGEN_BNA_KERNEL", "1")
+    monkeypatch.delenv("SNAPGEN_FLEX_COMPILE", raising=False)
     d = json.loads(json.dumps(env.describe("auto")))
     assert d["variables"]["SNAPGEN_BNA_KERNEL"] == "1" and d["torch"] == torch.__version__
     assert d["threads"] == torch.get_num_threads() and d["cpu"]
     att = d["numerics"]["attention"]
     assert att["requested"] == "auto"
     assert att["kernel_status"] in ("built", "not-loaded-yet", "build-failed")
+    assert att["flex_compile"] == d["resolved"]["flex_compile"] == "auto"
     assert backend_report("gather")["kernel_status"] == "not-applicable"
 
 

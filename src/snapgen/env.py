@@ -17,6 +17,14 @@ Variable                   Default                                      Values, 
                                                                         ``auto`` then runs ``gather``); ``1`` /
                                                                         ``true`` / ``on`` / ``yes`` / empty: use it
                                                                         (:func:`bna_kernel_enabled`)
+``SNAPGEN_FLEX_COMPILE``   ``auto``                                     ``auto`` / empty: the BNA ``flex`` backend
+                                                                        runs ``torch.compile(flex_attention)`` on
+                                                                        CUDA, eager flex elsewhere; ``1`` /
+                                                                        ``true`` / ``on`` / ``yes``: compiled on
+                                                                        every device (CPU too, forward only);
+                                                                        ``0`` / ``false`` / ``off`` / ``no``: never
+                                                                        (eager flex holds all N x N scores:
+                                                                        debugging only) (:func:`flex_compile`)
 ``SNAPGEN_CPU_ALLOCATOR``  unset                                        ``default``: leave glibc's malloc settings
                                                                         alone (no ``retain_freed_memory``); empty /
                                                                         unset: the trainer keeps freed memory
@@ -55,7 +63,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (shipped weights live under models/)
 
 __all__ = ["VARIABLES", "model_dir", "scene_detector_dir", "image_encoder_dir", "cache_dir", "bna_kernel_enabled",
-           "cpu_allocator", "world_size", "local_rank", "settings", "describe", "cpu_model", "shipped_path",
+           "flex_compile", "cpu_allocator", "world_size", "local_rank", "settings", "describe", "cpu_model", "shipped_path",
            "write_json", "record"]
 
 # name -> what it sets (the table above, for `describe` and error messages)
@@ -65,6 +73,7 @@ VARIABLES = {
     "SNAPGEN_IMAGE_ENCODER": "alignment/FD image encoder folder",
     "SNAPGEN_CACHE": "cache root (emoji rasters in <it>/emoji)",
     "SNAPGEN_BNA_KERNEL": "fused CPU BNA kernel on (1) or off (0)",
+    "SNAPGEN_FLEX_COMPILE": "BNA flex_attention compiled: auto (CUDA only), 1 (always) or 0 (never)",
     "SNAPGEN_CPU_ALLOCATOR": "'default' keeps glibc's malloc settings",
     "WORLD_SIZE": "torchrun: number of ranks",
     "LOCAL_RANK": "torchrun: this rank's local index",
@@ -142,6 +151,11 @@ def bna_kernel_enabled() -> bool:
     return _word("SNAPGEN_BNA_KERNEL", {"on": _ON, "off": _OFF}, "on") == "on"
 
 
+def flex_compile() -> str:
+    """``"auto"`` (unset / empty / ``auto``: compile flex_attention on CUDA only), ``"on"`` or ``"off"``."""
+    return _word("SNAPGEN_FLEX_COMPILE", {"auto": ("", "auto"), "on": _ON[1:], "off": _OFF}, "auto")
+
+
 def cpu_allocator() -> str:
     """``"default"`` (``SNAPGEN_CPU_ALLOCATOR=default``: leave glibc alone) or ``"retain"`` (unset/empty)."""
     return _word("SNAPGEN_CPU_ALLOCATOR", {"default": ("default",), "retain": ("",)}, "retain")
@@ -179,7 +193,8 @@ def _resolved() -> dict:
     out = {}
     for key, fn in (("model_dir", model_dir), ("scene_detector_dir", scene_detector_dir),
                     ("image_encoder_dir", image_encoder_dir), ("cache_dir", cache_dir),
-                    ("bna_kernel_enabled", bna_kernel_enabled), ("cpu_allocator", cpu_allocator),
+                    ("bna_kernel_enabled", bna_kernel_enabled), ("flex_compile", flex_compile),
+                    ("cpu_allocator", cpu_allocator),
                     ("world_size", world_size), ("local_rank", local_rank)):
         try:
             v = fn()

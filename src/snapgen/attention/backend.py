@@ -1,11 +1,13 @@
 """Which BNA backend ``"auto"`` runs, and why: the decision, its log line and :func:`backend_report`.
 
-``"auto"`` (the model default) runs the fused CPU kernel (``cpu_kernel.py``) where it applies and is faster
--- CPU, fp32, row chunks of fewer than 768 tokens, not while tracing/exporting/compiling, kernel built --
-and ``gather`` otherwise. Each distinct choice is logged once at DEBUG level on the ``snapgen.attention``
-logger with its reason (``logging.getLogger("snapgen.attention").setLevel("DEBUG")`` to see it), and
-remembered for :func:`backend_report`, which :func:`snapgen.env.describe` puts into run folders and eval
-reports. Nothing is recorded while tracing or compiling (the exported graph runs ``gather``).
+``"auto"`` (the model default) runs, on CUDA, compiled ``flex_attention`` with a cached block mask
+(``flex.py``) for fp16/bf16/fp32 tensors with head size >= 16; on CPU, the fused kernel (``cpu_kernel.py``)
+where it applies and is faster -- fp32, row chunks of fewer than 768 tokens, kernel built; and ``gather``
+otherwise, and always while tracing/exporting/compiling (the exported or compiled graph holds the portable
+backend). Each distinct choice is logged once at DEBUG level on the ``snapgen.attention`` logger with its
+reason (``logging.getLogger("snapgen.attention").setLevel("DEBUG")`` to see it), and remembered for
+:func:`backend_report`, which :func:`snapgen.env.describe` puts into run folders and eval reports. Nothing is
+recorded while tracing or compiling.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from .cpu_kernel import kernel_error, kernel_status, load_kernel
 if TYPE_CHECKING:
     from .bna import TileGeometry
 
-__all__ = ["FUSED_MAX_TILE_TOKENS", "backend_report", "check_fused_inputs", "model_backends", "use_fused_kernel"]
+__all__ = ["FUSED_MAX_TILE_TOKENS", "FLEX_DTYPES", "FLEX_MIN_HEAD_DIM", "auto_backend", "backend_report",
+           "check_fused_inputs", "model_backends", "use_fused_kernel"]
 
 _log = logging.getLogger("snapgen.attention")
 
@@ -28,6 +31,12 @@ _log = logging.getLogger("snapgen.attention")
 # runs as fast as the fused kernel (measured at 16384 tokens, 1024-token chunks; docs/performance.md).
 FUSED_MAX_TILE_TOKENS = 767
 
+# flex_attention's CUDA (Triton) kernels take these dtypes; heads of fewer than 16 channels (below the K of
+# a Triton dot) are left to SDPA's kernels through gather, untried with flex here
+FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLEX_MIN_HEAD_DIM = 16
+
+_FLEX = "CUDA tensors: compiled flex_attention with a cached block mask"
 _FUSED = "fp32 CPU row chunks of <= 767 tokens and the kernel is built"
 _TILES = "2-D tiles or a padded grid (the fused kernel runs row chunks only)"
 _LONG = "row chunks of >= 768 tokens (PyTorch's flash kernel is as fast there)"
@@ -56,25 +65,42 @@ def _note(reason: str, backend: str) -> None:
     _log.debug("BNA backend 'auto' runs %r: %s", backend, reason)
 
 
-def use_fused_kernel(q, k, v, geom: TileGeometry) -> bool:
-    """Whether backend ``"auto"`` runs the fused CPU kernel for these inputs (see the module docstring)."""
+def _choose(reason: str, backend: str) -> str:
+    if reason not in _choices:
+        _note(reason, backend)
+    return backend
+
+
+def _cuda_choice(dtype: torch.dtype, head_dim: int) -> tuple[str, str]:
+    """``(reason, backend)`` for CUDA tensors of ``dtype`` with ``head_dim`` channels per head."""
+    if dtype in FLEX_DTYPES and head_dim >= FLEX_MIN_HEAD_DIM:
+        return _FLEX, "flex"
+    return (f"{dtype} CUDA tensors with head size {head_dim} (flex runs float16/bfloat16/float32 with head size "
+            f">= {FLEX_MIN_HEAD_DIM})", "gather")
+
+
+def auto_backend(q, k, v, geom: TileGeometry) -> str:
+    """The backend ``"auto"`` runs for these inputs: ``"flex"``, ``"fused"`` or ``"gather"`` (module docstring)."""
+    if _exporting():  # no Python side effects inside traced / compiled code; the graph holds gather
+        return "gather"
+    if q.device.type == "cuda":
+        return _choose(*_cuda_choice(q.dtype, q.shape[-1]))
     if not geom.is_identity_tiling:
         reason = _TILES
     elif geom.tile_tokens > FUSED_MAX_TILE_TOKENS:
         reason = _LONG
     elif not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v)):
         reason = f"{q.dtype} tensors on {q.device.type} (the fused kernel runs fp32 CPU tensors)"
-    elif _exporting():
-        return False
     elif not load_kernel():
         reason = f"fused kernel unavailable: {str(kernel_error()).splitlines()[0]}"
     else:
-        if _FUSED not in _choices:
-            _note(_FUSED, "fused")
-        return True
-    if not _exporting() and reason not in _choices:  # no Python side effects inside traced / compiled code
-        _note(reason, "gather")
-    return False
+        return _choose(_FUSED, "fused")
+    return _choose(reason, "gather")
+
+
+def use_fused_kernel(q, k, v, geom: TileGeometry) -> bool:
+    """Whether backend ``"auto"`` runs the fused CPU kernel for these inputs (see the module docstring)."""
+    return auto_backend(q, k, v, geom) == "fused"
 
 
 def model_backends(module: torch.nn.Module) -> list[str]:
@@ -89,7 +115,8 @@ def backend_report(requested: str | list[str] | None = None, build: bool = False
     * ``kernel_status``: ``built`` / ``disabled-by-env`` / ``build-failed`` (with ``kernel_error``) /
       ``not-loaded-yet`` (nothing has needed it yet; ``build=True`` builds it now), or ``not-applicable``
       when no requested backend can use it (e.g. ``gather``);
-    * ``auto_choices``: every distinct choice ``auto`` made so far in this process, reason -> backend.
+    * ``auto_choices``: every distinct choice ``auto`` made so far in this process, reason -> backend;
+    * ``flex_compile``: ``SNAPGEN_FLEX_COMPILE`` as parsed (``auto`` = flex compiled on CUDA only).
     """
     if build:
         load_kernel()
@@ -100,7 +127,15 @@ def backend_report(requested: str | list[str] | None = None, build: bool = False
     return {"requested": requested if isinstance(requested, str) or requested is None else wanted,
             "kernel_status": status,
             "kernel_error": kernel_error() if status == "build-failed" else None,
-            "auto_choices": dict(_choices)}
+            "auto_choices": dict(_choices),
+            "flex_compile": _flex_compile_setting()}
+
+
+def _flex_compile_setting() -> str:
+    try:
+        return _env.flex_compile()
+    except ValueError as e:  # reported, not raised: the report must not fail
+        return f"error: {e}"
 
 
 def modules_backend(modules) -> str | list[str] | None:

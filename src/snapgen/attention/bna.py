@@ -1,21 +1,8 @@
 """Blockwise Neighborhood Attention (BNA): the local branch of ASSA.
 
-Geometry (chosen here; the paper leaves it open, see ``docs/architecture.md``)
------------------------------------------------------------------------------
-* The ``H x W`` token grid is cut into rectangular **tiles** of ``tile = (th, tw)`` tokens. A
-  ``0`` in ``tile`` means "the whole axis": ``tile=(4, 0)`` (our default) cuts a 64x64 grid into the
-  paper's 16 raster-order blocks of 4 rows; ``tile=(8, 8)`` gives 2-D tiles. A tile larger than the
-  grid is clipped to it.
-* Query tile ``(i, j)`` attends to the keys of the ``(2r+1) x (2r+1)`` tiles around it
-  (per axis the window is ``min(2r+1, n_tiles)`` tiles wide).
-* **Border rule: shift, don't shrink** (as NATTEN clamps its windows). Near the border the window
-  slides inward so every query tile sees the same number of tiles: window start
-  ``s_i = clamp(i - r, 0, n_tiles - window)``. Cost is then identical for every tile, shapes are
-  static, and the efficient backend is a plain gather + dense SDPA.
-* **Grids not divisible by the tile** are padded on the bottom/right to whole tiles. Padded keys are
-  masked out and padded queries dropped, so the result is exactly the neighbourhood attention on the
-  real tokens of each (partial) tile window. The padded path carries a key mask and is slower; the
-  window geometry is computed on the padded tile grid.
+Geometry: ``tiling.py`` (tiles of ``tile = (th, tw)`` tokens, ``0`` = the whole axis; each query tile
+attends to the ``(2r+1) x (2r+1)`` tiles around it, windows shifted inward at the borders; grids the tile
+does not divide are padded, padded keys masked and padded queries dropped).
 
 Backends (all heads-last: ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)``, ``Hq % Hkv == 0``)
 ------------------------------------------------------------------------------------------
@@ -28,122 +15,44 @@ Backends (all heads-last: ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)``, ``Hq % H
 * ``"tiles"``: ``gather`` without the strided-view shortcut: always index gathers + one batched SDPA
   (the paper's on-device form, "blockwise attention as a batch of small dense attentions"); used by the
   Core ML / ExecuTorch exports.
-* ``"flex"``: ``torch.nn.attention.flex_attention`` on tile-major tokens with a cached block mask.
-  Inference only on CPU (flex has no CPU backward); compiled when ``compile=True``.
+* ``"flex"``: ``torch.nn.attention.flex_attention`` on tile-major tokens with a cached block mask
+  (``flex.py``): the GPU path, forward and backward, compiled on CUDA. Inference only on CPU (PyTorch has no
+  CPU backward for flex), where it runs eagerly unless ``compile=True`` / ``SNAPGEN_FLEX_COMPILE=1``.
 * ``"fused"``: snapgen's own CPU kernel for row chunks (``cpu_kernel.py``, ``csrc/bna_rows_cpu.cpp``): one
   exact-softmax block per (chunk, head), dK/dV accumulated straight into the key/value gradient. fp32 CPU,
   row-chunk geometries only; compiled with g++ on first use.
-* ``"auto"`` (the model default): ``fused`` where it applies and is faster -- CPU, fp32, row chunks of fewer
-  than 768 tokens (from 768 query rows PyTorch's flash kernel switches to 256-row blocks and matches it),
-  not while tracing/exporting/compiling, kernel built -- otherwise ``gather`` (decided in ``backend.py``, which
-  logs each choice once with its reason; :func:`snapgen.attention.backend_report`).
+* ``"auto"`` (the model default): on CUDA ``flex`` (fp16/bf16/fp32, head size >= 16); on CPU ``fused`` where
+  it applies and is faster -- fp32, row chunks of fewer than 768 tokens (from 768 query rows PyTorch's flash
+  kernel switches to 256-row blocks and matches it), kernel built; otherwise, and always while
+  tracing/exporting/compiling, ``gather`` (decided in ``backend.py``, which logs each choice once with its
+  reason; :func:`snapgen.attention.backend_report`).
+
+The dense ``reference`` is no oracle for non-finite inputs: SDPA's additive mask lets a NaN/Inf in a key
+*outside* a query's window through (NaN + -inf = NaN, 0 * Inf = NaN). ``gather``, ``tiles`` and ``fused``
+touch only the window's keys. ``flex`` masks scores (a NaN key outside the window stays out) but multiplies
+masked, zero probabilities by the values it loads -- those of partial blocks when compiled, all of them
+eagerly -- so an Inf in ``v`` can reach queries outside its window (eager CPU: every query of that head).
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backend import FUSED_MAX_TILE_TOKENS, check_fused_inputs, use_fused_kernel
+from .backend import FUSED_MAX_TILE_TOKENS, auto_backend, check_fused_inputs, use_fused_kernel
 from .cpu_kernel import bna_rows
+from .flex import bna_flex
+from .tiling import TileGeometry, _crop_grid, _pad_grid, _tables, bna_mask, make_geometry
 
 __all__ = ["TileGeometry", "make_geometry", "bna_mask", "block_neighborhood_attention", "bna_lerp_into",
-           "BNA_BACKENDS", "FUSED_MAX_TILE_TOKENS", "check_fused_inputs", "use_fused_kernel"]
+           "BNA_BACKENDS", "FUSED_MAX_TILE_TOKENS", "auto_backend", "check_fused_inputs", "use_fused_kernel"]
 
 BNA_BACKENDS = ("auto", "gather", "fused", "tiles", "reference", "flex")
-
-
-@dataclass(frozen=True)
-class TileGeometry:
-    """Static description of a BNA layout on one token grid (hashable, so index tables are cached)."""
-
-    grid: tuple[int, int]  # (H, W) tokens
-    tile: tuple[int, int]  # (th, tw) tokens, already clipped to the grid
-    radius: int
-
-    @property
-    def n_tiles(self) -> tuple[int, int]:
-        return (math.ceil(self.grid[0] / self.tile[0]), math.ceil(self.grid[1] / self.tile[1]))
-
-    @property
-    def window(self) -> tuple[int, int]:
-        """Tiles per axis in each query tile's neighbourhood."""
-        nh, nw = self.n_tiles
-        return (min(2 * self.radius + 1, nh), min(2 * self.radius + 1, nw))
-
-    @property
-    def padded_grid(self) -> tuple[int, int]:
-        nh, nw = self.n_tiles
-        return (nh * self.tile[0], nw * self.tile[1])
-
-    @property
-    def needs_padding(self) -> bool:
-        return self.padded_grid != self.grid
-
-    @property
-    def tile_tokens(self) -> int:
-        return self.tile[0] * self.tile[1]
-
-    @property
-    def keys_per_query(self) -> int:
-        """Keys each query attends to (including padded keys, which are masked)."""
-        return self.window[0] * self.window[1] * self.tile_tokens
-
-    @property
-    def is_identity_tiling(self) -> bool:
-        """True when tile-major order equals raster order (full-width row chunks, no padding)."""
-        return self.tile[1] == self.grid[1] and not self.needs_padding
-
-
-def make_geometry(grid: tuple[int, int], tile: tuple[int, int], radius: int) -> TileGeometry:
-    """Build a :class:`TileGeometry`; ``0`` in ``tile`` means the whole axis, and tiles are clipped to the grid."""
-    H, W = int(grid[0]), int(grid[1])
-    if H <= 0 or W <= 0:
-        raise ValueError(f"BNA grid must be positive, got {grid}")
-    if len(tile) != 2 or tile[0] < 0 or tile[1] < 0:
-        raise ValueError(f"BNA tile must be two non-negative ints (0 = whole axis), got {tile}")
-    if radius < 0:
-        raise ValueError(f"BNA radius must be >= 0, got {radius}")
-    th = H if tile[0] == 0 else min(int(tile[0]), H)
-    tw = W if tile[1] == 0 else min(int(tile[1]), W)
-    return TileGeometry((H, W), (th, tw), int(radius))
-
-
-def _window_starts(n_tiles: int, window: int, radius: int) -> np.ndarray:
-    return np.clip(np.arange(n_tiles) - radius, 0, n_tiles - window)
-
-
-# Index tables depend only on the (hashable) geometry, so they are cached -- as numpy arrays, never as
-# torch tensors: a tensor created while tracing (torch.export, FlopCounter on meta, torch.compile) would be
-# a fake/meta tensor and poison the cache for later eager calls.
-
-@functools.lru_cache(maxsize=64)
-def _mask_np(geom: TileGeometry) -> np.ndarray:
-    H, W = geom.grid
-    th, tw = geom.tile
-    (nh, nw), (wh, ww) = geom.n_tiles, geom.window
-    tile_r = np.repeat(np.arange(H), W) // th  # raster order
-    tile_c = np.tile(np.arange(W), H) // tw
-    start_r = _window_starts(nh, wh, geom.radius)[tile_r]  # window start of each query's tile
-    start_c = _window_starts(nw, ww, geom.radius)[tile_c]
-    ok_r = (tile_r[None, :] >= start_r[:, None]) & (tile_r[None, :] < start_r[:, None] + wh)
-    ok_c = (tile_c[None, :] >= start_c[:, None]) & (tile_c[None, :] < start_c[:, None] + ww)
-    return ok_r & ok_c
 
 
 # ----------------------------------------------------------------------------------------------
 # Reference: dense SDPA with an explicit boolean mask
 # ----------------------------------------------------------------------------------------------
-
-def bna_mask(geom: TileGeometry) -> torch.Tensor:
-    """``(N, N)`` boolean mask, ``True`` where query token (row) may attend to key token (column)."""
-    return torch.from_numpy(_mask_np(geom))
-
 
 def _bna_reference(q, k, v, geom: TileGeometry) -> torch.Tensor:
     mask = bna_mask(geom).to(q.device)
@@ -155,50 +64,6 @@ def _bna_reference(q, k, v, geom: TileGeometry) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Gather backend: tiles folded into the batch, one dense SDPA
 # ----------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=64)
-def _gather_tables(geom: TileGeometry):
-    """Index tables on the padded grid, as numpy arrays.
-
-    Returns ``(query_index (tiles*T,), inverse (Np,), key_index (tiles, K), key_valid (tiles, K) or None)``.
-    ``query_index`` lists padded-raster token ids in tile-major order, ``inverse`` undoes it.
-    """
-    Hp, Wp = geom.padded_grid
-    th, tw = geom.tile
-    (nh, nw), (wh, ww) = geom.n_tiles, geom.window
-    # token ids of tile (i, j): (i*th + a) * Wp + (j*tw + b)
-    offsets = np.arange(th)[:, None] * Wp + np.arange(tw)[None, :]  # (th, tw) inside a tile
-    tile_origin = np.arange(nh)[:, None] * th * Wp + np.arange(nw)[None, :] * tw  # (nh, nw)
-    tile_tokens = (tile_origin[:, :, None, None] + offsets).reshape(nh * nw, th * tw)  # (tiles, T)
-    query_index = tile_tokens.reshape(-1)
-    inverse = np.argsort(query_index)
-    sr = _window_starts(nh, wh, geom.radius)[:, None] + np.arange(wh)[None, :]  # (nh, wh) tile rows
-    sc = _window_starts(nw, ww, geom.radius)[:, None] + np.arange(ww)[None, :]  # (nw, ww) tile cols
-    nb = sr[:, None, :, None] * nw + sc[None, :, None, :]  # (nh, nw, wh, ww) neighbour tile ids
-    key_index = tile_tokens[nb.reshape(nh * nw, wh * ww)].reshape(nh * nw, wh * ww * th * tw)
-    key_valid = None
-    if geom.needs_padding:
-        H, W = geom.grid
-        real = np.zeros((Hp, Wp), dtype=bool)
-        real[:H, :W] = True
-        key_valid = real.reshape(-1)[key_index]
-    return query_index, inverse, key_index, key_valid
-
-
-def _tables(geom: TileGeometry, device: torch.device):
-    return tuple(None if a is None else torch.from_numpy(a).to(device) for a in _gather_tables(geom))
-
-
-def _pad_grid(x: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
-    """(B, N, h, d) on the real grid -> (B, Np, h, d) on the padded grid (zeros in the padding)."""
-    if not geom.needs_padding:
-        return x
-    (H, W), (Hp, Wp) = geom.grid, geom.padded_grid
-    B, _, h, d = x.shape
-    x = x.reshape(B, H, W, h * d)
-    x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
-    return x.reshape(B, Hp * Wp, h, d)
-
 
 def _row_chunk_parts(q, k, v, geom: TileGeometry):
     """Row chunks (tiles spanning the full width, no padding): raster order is already tile-major and a
@@ -311,68 +176,7 @@ def _bna_gather(q, k, v, geom: TileGeometry, views: bool = True) -> torch.Tensor
     out = out.transpose(1, 2).reshape(B, n_tiles * T, Hq, d)
     if not geom.is_identity_tiling:
         out = out.index_select(1, inverse)  # back to padded raster order
-    if geom.needs_padding:
-        (H, W), (Hp, Wp) = geom.grid, geom.padded_grid
-        out = out.reshape(B, Hp, Wp, Hq, d)[:, :H, :W].reshape(B, N, Hq, d)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# flex_attention backend (inference; optional)
-# ----------------------------------------------------------------------------------------------
-
-_compiled_flex = None
-
-
-@functools.lru_cache(maxsize=32)
-def _flex_block_mask(geom: TileGeometry, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    T = geom.tile_tokens
-    (nh, nw), (wh, ww) = geom.n_tiles, geom.window
-    start_r = torch.from_numpy(_window_starts(nh, wh, geom.radius)).to(device)
-    start_c = torch.from_numpy(_window_starts(nw, ww, geom.radius)).to(device)
-    Np = nh * nw * T
-    valid = None
-    if geom.needs_padding:
-        q_index = _gather_tables(geom)[0]
-        H, W = geom.grid
-        Wp = geom.padded_grid[1]
-        r, c = q_index // Wp, q_index % Wp  # tile-major position -> padded raster coordinate
-        valid = torch.from_numpy((r < H) & (c < W)).to(device)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        tq, tk = q_idx // T, kv_idx // T
-        qr, qc, kr, kc = tq // nw, tq % nw, tk // nw, tk % nw
-        sr, sc = start_r[qr], start_c[qc]
-        ok = (kr >= sr) & (kr < sr + wh) & (kc >= sc) & (kc < sc + ww)
-        if valid is not None:
-            ok = ok & valid[kv_idx]
-        return ok
-
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=Np, KV_LEN=Np, device=device)
-
-
-def _bna_flex(q, k, v, geom: TileGeometry, compile: bool = False) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    global _compiled_flex
-    fn = flex_attention
-    if compile:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        fn = _compiled_flex
-    B, N, Hq, d = q.shape
-    q_index, inverse, _, _ = _tables(geom, q.device)
-    q, k, v = _pad_grid(q, geom), _pad_grid(k, geom), _pad_grid(v, geom)
-    qt, kt, vt = (x[:, q_index].transpose(1, 2) for x in (q, k, v))  # tile-major, heads-first
-    block_mask = _flex_block_mask(geom, str(q.device))
-    out = fn(qt, kt, vt, block_mask=block_mask, enable_gqa=qt.shape[1] != kt.shape[1])
-    out = out.transpose(1, 2)[:, inverse]
-    if geom.needs_padding:
-        (H, W), (Hp, Wp) = geom.grid, geom.padded_grid
-        out = out.reshape(B, Hp, Wp, Hq, d)[:, :H, :W].reshape(B, N, Hq, d)
-    return out
+    return _crop_grid(out, geom)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,11 +184,12 @@ def _bna_flex(q, k, v, geom: TileGeometry, compile: bool = False) -> torch.Tenso
 # ----------------------------------------------------------------------------------------------
 
 def block_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geom: TileGeometry,
-                                 backend: str = "auto", compile: bool = False) -> torch.Tensor:
+                                 backend: str = "auto", compile: bool | None = None) -> torch.Tensor:
     """Blockwise neighborhood attention on heads-last tensors; returns ``(B, N, Hq, d)``.
 
     ``q``: ``(B, N, Hq, d)``; ``k``, ``v``: ``(B, N, Hkv, d)`` with ``Hq % Hkv == 0`` (GQA);
-    ``N == H * W`` of ``geom.grid`` in raster order.
+    ``N == H * W`` of ``geom.grid`` in raster order. ``compile`` applies to ``flex`` only: ``None`` compiles
+    on CUDA (or as ``SNAPGEN_FLEX_COMPILE`` says), ``True`` / ``False`` force it.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"BNA expects heads-last 4-D tensors (B, N, heads, d); got {tuple(q.shape)}, "
@@ -397,7 +202,7 @@ def block_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"BNA needs k and v of equal shape and query heads divisible by key heads; got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if backend == "auto":
-        backend = "fused" if use_fused_kernel(q, k, v, geom) else "gather"
+        backend = auto_backend(q, k, v, geom)
     if backend == "gather":
         return _bna_gather(q, k, v, geom)
     if backend == "fused":
@@ -408,8 +213,5 @@ def block_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if backend == "reference":
         return _bna_reference(q, k, v, geom)
     if backend == "flex":
-        if torch.is_grad_enabled() and q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
-            raise RuntimeError("BNA backend 'flex' has no backward pass on CPU (a PyTorch limitation); "
-                               "use backend='gather' for training, or run under torch.no_grad()")
-        return _bna_flex(q, k, v, geom, compile=compile)
+        return bna_flex(q, k, v, geom, compile=compile)
     raise ValueError(f"unknown BNA backend {backend!r}; choose one of {BNA_BACKENDS}")

@@ -5,7 +5,8 @@ Built on first use with ``torch.utils.cpp_extension`` (g++, about 10 s, cached p
 ops ``torch.ops.snapgen.bna_rows_forward`` / ``bna_rows_backward`` and their ASSA variants with the gate
 mix fused in, ``bna_rows_mix_forward`` / ``bna_rows_mix_backward`` (defined below, with fake-tensor and
 FLOP-counter formulas).
-``-march=native``: the build is tied to this CPU, so the cache name carries a hash of the CPU's flags.
+``-march=native``: the build is tied to this CPU, so the cache name carries a hash of the CPU's flags, and of
+the compile flags and the source (a changed kernel or flag is a new build).
 
 Why it exists (``docs/performance.md``): PyTorch's CPU flash attention runs the 256-query row chunks of the
 paper's geometry (16 blocks at 64x64 tokens) with 64-row query blocks and returns one gradient per
@@ -38,15 +39,20 @@ __all__ = ["kernel_error", "kernel_status", "load_kernel", "bna_rows", "bna_rows
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "bna_rows_cpu.cpp"
 _lock = threading.Lock()
-# -march=native + the parts of -ffast-math that let gcc vectorise the softmax loops (max/sum reductions,
-# exp polynomial); not -ffast-math itself, whose startup code would flush denormals process-wide.
+# -march=native + the parts of -ffast-math that let gcc vectorise the softmax's sum reductions
+# (-fassociative-math, which needs -fno-signed-zeros and -fno-trapping-math) without libm calls
+# (-fno-math-errno). Not -ffinite-math-only: with it gcc may assume no NaN/Inf, and a NaN in q came out as a
+# finite row (the kernel must propagate NaN/Inf where the definition does; tested). Not -ffast-math itself,
+# whose startup code would flush denormals process-wide. None of these flags turns a NaN into a number.
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++20", "-fno-math-errno", "-fno-trapping-math",
-           "-fassociative-math", "-fno-signed-zeros", "-ffinite-math-only"]
+           "-fassociative-math", "-fno-signed-zeros"]
 _state: dict[str, object] = {"loaded": False, "error": None}
 
 
-def _cpu_tag() -> str:
-    """A short hash of what ``-march=native`` depends on: the machine and its CPU feature flags."""
+def _build_tag() -> str:
+    """A short hash of what the build depends on: the machine and its CPU feature flags (``-march=native``),
+    the compile flags, the source text and its path. It names the build folder, so a changed source or flag
+    builds anew instead of reusing (or racing with) another checkout's build under the same name."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -55,7 +61,12 @@ def _cpu_tag() -> str:
                 break
     except OSError:
         pass
-    return hashlib.sha1(f"{platform.machine()}|{flags}".encode()).hexdigest()[:10]
+    try:
+        source = _SOURCE.read_bytes()
+    except OSError:  # the build itself will report the missing file
+        source = b""
+    key = "|".join([platform.machine(), flags, " ".join(_CFLAGS), str(_SOURCE.resolve())]).encode() + source
+    return hashlib.sha1(key).hexdigest()[:12]
 
 
 # The ops are defined here, not in C++, so that their schemas, fake-tensor rules (torch.compile, meta-device
@@ -170,7 +181,7 @@ def load_kernel(raise_on_error: bool = False) -> bool:
 
                     _log.info("building/loading the fused CPU BNA kernel (first build takes ~10 s)")
                     with _ninja_on_path():
-                        load(name=f"snapgen_bna_rows_{_cpu_tag()}", sources=[str(_SOURCE)],
+                        load(name=f"snapgen_bna_rows_{_build_tag()}", sources=[str(_SOURCE)],
                              extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                              is_python_module=False, verbose=False)
                     _state["loaded"] = True

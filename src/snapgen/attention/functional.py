@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bna import (TileGeometry, block_neighborhood_attention, bna_lerp_into, check_fused_inputs,
-                  use_fused_kernel)
+from .bna import TileGeometry, auto_backend, block_neighborhood_attention, bna_lerp_into, check_fused_inputs
 from .cpu_kernel import bna_rows_lerp
 from .rope import apply_rope
 
@@ -70,7 +69,7 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
                    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                    rope_coarse: tuple[torch.Tensor, torch.Tensor] | None = None,
                    k_bias: torch.Tensor | None = None, v_bias: torch.Tensor | None = None,
-                   backend: str = "auto", compile: bool = False) -> torch.Tensor:
+                   backend: str = "auto", compile: bool | None = None) -> torch.Tensor:
     """Adaptive Sparse Self-Attention on one token grid.
 
     ``q (B, N, Hq, d)``, ``k, v (B, N, Hkv, d)`` after QK-norm and *before* RoPE; ``gate_logits (B, N, Hq)``.
@@ -81,10 +80,11 @@ def assa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_logit
     * local: blockwise neighbourhood attention on the full-resolution keys.
     * ``out = g * global + (1 - g) * local`` with ``g = sigmoid(gate_logits)`` per token and head.
 
-    ``backend``/``compile`` choose the BNA backend (``compile`` applies to ``"flex"`` only).
+    ``backend``/``compile`` choose the BNA backend (``compile`` applies to ``"flex"`` only; ``None``: compiled
+    on CUDA, see :func:`snapgen.attention.flex.flex_compiles`).
     """
     if backend == "auto":  # decided on the projected tensors, before RoPE makes new ones
-        backend = "fused" if use_fused_kernel(q, k, v, geom) else "gather"
+        backend = auto_backend(q, k, v, geom)
     kc = compress_tokens(k, geom.grid, k_weight, k_bias)
     vc = compress_tokens(v, geom.grid, v_weight, v_bias)
     if rope is not None:

@@ -45,8 +45,9 @@ class ThreeStageDiTConfig(JSONConfigMixin):
     bna_tile: tuple[int, int] = (4, 0)   # BNA tile in tokens, 0 = whole axis: (4, 0) = 4-row chunks, the
                                          # paper's 16 blocks at 64x64; (8, 8) = 2-D tiles
     bna_radius: int = 1              # neighbour tiles on each side
-    bna_backend: str = "auto"        # "auto" (fused CPU kernel where it applies, else gather), "gather" (train +
-    #                                  export), "fused", "tiles", "reference", "flex" (inference only)
+    bna_backend: str = "auto"        # "auto" (CUDA: compiled flex; CPU: fused kernel where it applies; else
+    #                                  gather), "gather" (train + export), "fused", "tiles", "reference",
+    #                                  "flex" (CUDA train + inference; CPU inference only)
     rope_theta: float = 10000.0
     # --- text -------------------------------------------------------------------------------------------
     text_dim: int = 2560             # width of the text-encoder features fed to cross-attention

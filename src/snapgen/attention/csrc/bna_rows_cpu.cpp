@@ -48,12 +48,19 @@ inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
   sgemm_(&tb, &ta, &n, &m, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
 }
 
+// NaN and Inf: the kernel is built without -ffinite-math-only, and every step below keeps IEEE semantics, so
+// a NaN/Inf in q, k or v gives non-finite outputs exactly where the definition does (tested against it): a
+// NaN score makes its row's sum, hence the whole row, NaN; a +Inf score gives Inf - Inf = NaN; an Inf in v
+// reaches every query whose window holds it (no probability is exactly 0: see exp_softmax's clamp).
+
 // exp(x) for the softmax arguments (x <= ~0): Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial for
 // e^r (Cephes expf coefficients, ~1 ulp), 2^n through the exponent bits. Branch-free, so loops over it
-// vectorise (AVX2/AVX-512 with -march=native) without libm calls.
+// vectorise (AVX2/AVX-512 with -march=native) without libm calls. A NaN x stays NaN: std::max(NaN, c) returns
+// its first argument, so r and p are NaN; and 2^n is read from the bits of a float, not through a float -> int
+// conversion (undefined for NaN in C++).
 inline float exp_softmax(float x) {
   x = std::max(x, -87.0f);  // below: e^x < 2^-125, clamped to a tiny normal (0 after the sum)
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);  // an integer in [-126, 0]
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -63,15 +70,45 @@ inline float exp_softmax(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = ((int32_t)n + 127) << 23;
-  return p * std::bit_cast<float>(bits);
+  // n + 127 (in [1, 127]) is exact in the low mantissa bits of n + 127 + 2^23 (whose ulp is 1)
+  const uint32_t biased = std::bit_cast<uint32_t>(n + (127.0f + 8388608.0f)) & 0xFFu;
+  return p * std::bit_cast<float>(biased << 23);
+}
+
+// The row max in lanes of one native vector register (a GCC/Clang vector type: AVX-512, AVX or SSE/NEON width;
+// a type wider than the hardware's would be split into scalars). gcc vectorises a max *reduction* only under
+// -ffinite-math-only (without it std::fmax is a libm call per element and std::max a scalar vmaxss chain); an
+// element-wise `x > acc ? x : acc` on vector types is one (v)maxps, with IEEE semantics. A NaN score is skipped
+// here (the comparison is false) and makes the row NaN in the exp/sum that follows.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+using VecF = float __attribute__((vector_size(kVectorBytes)));
+float row_max(const float* __restrict s, int64_t n) {
+  constexpr int64_t L = kVectorBytes / sizeof(float);
+  float m = s[0];
+  int64_t j = 0;
+  if (n >= L) {
+    VecF acc, x;
+    std::memcpy(&acc, s, sizeof acc);
+    for (j = L; j + L <= n; j += L) {
+      std::memcpy(&x, s + j, sizeof x);
+      acc = x > acc ? x : acc;
+    }
+    for (int64_t l = 0; l < L; ++l) m = acc[l] > m ? acc[l] : m;
+  }
+  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
+  return m;
 }
 
 // Row softmax in place; returns the row's log-sum-exp. Separate functions with restrict pointers so that gcc
 // vectorises each loop (inside the parallel lambdas it kept scalar versions).
 float softmax_row(float* __restrict s, int64_t n) {
-  float m = s[0];
-  for (int64_t j = 0; j < n; ++j) m = std::fmax(m, s[j]);  // fmax (not std::max) vectorises
+  const float m = row_max(s, n);
   float sum = 0.f;
   for (int64_t j = 0; j < n; ++j) {
     const float e = exp_softmax(s[j] - m);
