@@ -111,6 +111,7 @@ class DiffusersTeacher(Teacher):
         self.name = name
         self._rows: dict[str, dict[str, torch.Tensor]] = {}
         self._pipe = None
+        self.eval()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, transformer: str | os.PathLike | None = None,

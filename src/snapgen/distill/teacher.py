@@ -38,8 +38,10 @@ __all__ = ["Teacher", "SnapgenTeacher", "match_token_grid", "capture_outputs", "
 
 
 def match_token_grid(tokens: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
-    """``(B, h*w, D)`` raster-order tokens of an ``src_hw`` grid resampled to ``dst_hw`` (identity when they are
-    equal): bilinear, with antialiasing when shrinking (so a 2x coarser grid averages 2x2 tokens)."""
+    """``(B, h*w, D)`` raster-order tokens of an ``src_hw`` grid resampled to ``dst_hw``: the identity when they
+    are equal; the mean of each ``k x l`` block when the source is an integer multiple (a patch-1 teacher seen
+    by a patch-2 student: each student token gets the mean of the 2x2 teacher tokens it covers); otherwise
+    bilinear, antialiased when shrinking."""
     src_hw, dst_hw = tuple(int(s) for s in src_hw), tuple(int(s) for s in dst_hw)
     B, N, D = tokens.shape
     if N != src_hw[0] * src_hw[1]:
@@ -47,7 +49,10 @@ def match_token_grid(tokens: torch.Tensor, src_hw: tuple[int, int], dst_hw: tupl
     if src_hw == dst_hw:
         return tokens
     grid = tokens.transpose(1, 2).reshape(B, D, *src_hw).float()
-    out = F.interpolate(grid, size=dst_hw, mode="bilinear", align_corners=False, antialias=True)
+    if all(s % d == 0 for s, d in zip(src_hw, dst_hw)):
+        out = F.avg_pool2d(grid, (src_hw[0] // dst_hw[0], src_hw[1] // dst_hw[1]))
+    else:
+        out = F.interpolate(grid, size=dst_hw, mode="bilinear", align_corners=False, antialias=True)
     return out.flatten(2).transpose(1, 2).to(tokens.dtype)
 
 
