@@ -102,7 +102,8 @@ def test_feature_taps_are_the_hooked_blocks_image_tokens_on_the_students_grid(tm
     assert tokens.shape == (2, 64, 16)
     want = tokens.reshape(2, 4, 2, 4, 2, 16).mean((2, 4)).reshape(2, 16, 16)
     torch.testing.assert_close(f["last"], want, atol=1e-6, rtol=0)
-    assert f["transformer_blocks.0"].shape == (2, 16, 16) and (f["transformer_blocks.0"] - f["last"]).abs().max() > 1e-3
+    first = f["transformer_blocks.0"]
+    assert first.shape == (2, 16, 16) and (first - f["last"]).abs().max() > 1e-3
     torch.testing.assert_close(v, plain, atol=0, rtol=0)
     assert not block._forward_hooks  # the teacher's hooks are gone
     with pytest.raises(ValueError, match="no module 'transformer_blocks.7'"):
@@ -130,7 +131,8 @@ def test_dropped_captions_get_the_negative_prompt_and_padding_does_not_change_a_
     full = teacher.condition(CAPTIONS)
     alone = teacher.condition(CAPTIONS[:1])
     lengths = full["encoder_hidden_states_mask"].sum(1)
-    assert lengths[1] > lengths[0] and alone["encoder_hidden_states"].shape[1] < full["encoder_hidden_states"].shape[1]
+    assert lengths[1] > lengths[0]
+    assert alone["encoder_hidden_states"].shape[1] < full["encoder_hidden_states"].shape[1]
     x, t = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(teacher(x, t, full)[:1], teacher(x[:1], t[:1], alone), atol=1e-5, rtol=0)
@@ -182,7 +184,8 @@ def test_the_student_must_use_the_teachers_vae(tmp_path, folders):
                       up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
                       layers_per_block=1, scaling_factor=scale).save_pretrained(tmp_path / name)
     assert load_autoencoder(tmp_path / "vae_a").latent_channels == 4
-    spec = {"kind": "diffusers", "path": str(folders["sd3"]), "max_sequence_length": 8, "vae": str(tmp_path / "vae_a")}
+    spec = {"kind": "diffusers", "path": str(folders["sd3"]), "max_sequence_length": 8,
+            "vae": str(tmp_path / "vae_a")}
     kw = dict(where="kd.teacher", encoder_dims=[32], student_channels=4, student_patch=2)
     build_teacher(spec, torch.device("cpu"), student_vae=tmp_path / "vae_a", **kw)
     with pytest.raises(ValueError, match=r"differs from the student's VAE .* in \['scaling_factor'\].*teacher's VAE"):

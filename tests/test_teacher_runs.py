@@ -80,7 +80,8 @@ def test_dmd_real_score_from_an_external_teacher(tmp_path, base, sd3):
     task.prepare(tmp_path / "dmd")
     cond, uncond, extra = task._condition(0)
     assert set(extra) == {"teacher_cond", "teacher_uncond"}
-    assert extra["teacher_cond"]["encoder_hidden_states"].shape == extra["teacher_uncond"]["encoder_hidden_states"].shape
+    shapes = {k: extra[k]["encoder_hidden_states"].shape for k in extra}
+    assert shapes["teacher_cond"] == shapes["teacher_uncond"]
     student = [p for n, p in task.base.named_parameters() if ".lora.dmd_tiny." in n]
     assert student and task.losses["tiny"].is_generator_step(0)
     _teacher_effect(task, task.teacher, student)

@@ -120,7 +120,8 @@ def diffusers_pipeline(directory: Path):
             parts[sub] = getattr(transformers, arch).from_pretrained(directory / sub).eval()
     if pipe_cls == "StableDiffusion3Pipeline":
         parts.update(text_encoder_3=None, tokenizer_3=None)
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=pipe_cls != "StableDiffusion3Pipeline")
+    dynamic = pipe_cls != "StableDiffusion3Pipeline"  # Flux / Qwen-Image pass a resolution-dependent mu
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=dynamic)
     pipe = getattr(diffusers, pipe_cls)(scheduler=scheduler, vae=None, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -3,30 +3,24 @@
 diffusers' flow-matching families (checked in diffusers 0.42's sources, ``FlowMatchEulerDiscreteScheduler``:
 ``scale_noise`` gives ``x_t = sigma * eps + (1 - sigma) * x0`` and ``step`` is ``x + (sigma_next - sigma) *
 model_output``) predict ``eps - x0`` at noise level ``sigma``: exactly snapgen's ``v`` at ``t = sigma``. What
-differs per family is the timestep scale, the latent layout and the extra inputs:
+differs per family is the timestep scale, the latent layout and the extra inputs (``H, W``: latent sizes;
+text inputs always come from the family pipeline's own ``encode_prompt``):
 
-=================================  ==================  ==========================  ==================================
-transformer                        ``timestep`` input  latents                     text inputs (from the pipeline's
-                                                                                   own ``encode_prompt``)
-=================================  ==================  ==========================  ==================================
-``SD3Transformer2DModel``          ``1000 t`` (the     ``(B, C, H, W)``; patch     ``encoder_hidden_states`` (CLIP-L +
-(SD3 / SD3.5)                      pipeline passes     ``patch_size`` inside       CLIP-G penultimate states, padded
-                                   ``scheduler.timest                              to T5's width, then T5 tokens; zeros
-                                   eps = 1000 sigma``)                             without T5), ``pooled_projections``
-``FluxTransformer2DModel``         ``t`` (the pipeline 2x2 patches packed into     ``encoder_hidden_states`` (T5),
-                                   passes ``timestep   ``(B, H/2 * W/2, 4C)``      ``pooled_projections`` (CLIP),
-                                   / 1000``; the model tokens (channel-major per   ``txt_ids`` zeros, ``img_ids``
-                                   multiplies by 1000) patch), raster order        ``(0, row, col)``; Flux-dev:
-                                                                                   ``guidance`` (embedded, x1000
-                                                                                   inside)
-``QwenImageTransformer2DModel``    ``t`` (pipeline:    packed like Flux            ``encoder_hidden_states`` (Qwen2.5-VL
-(Qwen-Image)                       ``timestep / 1000``;                            last hidden state, template tokens
-                                   ``Timesteps(scale=                              dropped), ``encoder_hidden_states_
-                                   1000)`` inside)                                 mask``, ``img_shapes [(1, H/2,
-                                                                                   W/2)]``
-=================================  ==================  ==========================  ==================================
+* ``SD3Transformer2DModel`` (SD3 / SD3.5): ``timestep = 1000 t`` (the pipeline passes
+  ``scheduler.timesteps = 1000 sigma``; the embedding does not rescale); latents ``(B, C, H, W)``, patchified
+  inside (``patch_size``); ``encoder_hidden_states`` = CLIP-L + CLIP-G penultimate states (padded to T5's
+  width) followed by T5's tokens (zeros without T5), ``pooled_projections`` = both CLIP pooled outputs.
+* ``FluxTransformer2DModel`` (Flux): ``timestep = t`` (the pipeline passes ``timestep / 1000``; the model
+  multiplies by 1000); 2x2 patches packed into ``(B, H/2 * W/2, 4C)`` tokens (channel-major per patch, raster
+  order; :func:`pack_latents`); ``encoder_hidden_states`` = T5, ``pooled_projections`` = CLIP, ``txt_ids``
+  zeros, ``img_ids`` ``(0, row, col)``; Flux-dev's ``guidance`` is an embedding (x1000 inside), not CFG.
+* ``QwenImageTransformer2DModel`` (Qwen-Image): ``timestep = t`` (pipeline ``timestep / 1000``;
+  ``Timesteps(scale=1000)`` inside); packed like Flux, ``img_shapes = [(1, H/2, W/2)]``;
+  ``encoder_hidden_states`` = Qwen2.5-VL's last hidden state with the prompt template's tokens dropped, and
+  its ``encoder_hidden_states_mask``. True CFG rescales the guided prediction per token to the conditional
+  one's norm (``cfg_renorm``).
 
-``H, W`` are latent sizes. The latents themselves are the pipelines' normalised VAE latents (AutoencoderKL:
+The latents themselves are the pipelines' normalised VAE latents (AutoencoderKL:
 ``(z - shift_factor) * scaling_factor``; Qwen-Image's VAE: ``(z - latents_mean) / latents_std``): the student
 must be trained on the same latents (the same VAE through snapgen's adapter).
 """

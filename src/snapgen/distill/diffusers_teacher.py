@@ -208,7 +208,8 @@ class DiffusersTeacher(Teacher):
         lengths = [r["encoder_hidden_states"].shape[0] for r in rows]
         L = max(lengths + [length or 0])
         if not self.family.masked and (len(set(lengths)) > 1 or L != lengths[0]):
-            raise ValueError(f"{self.family.transformer_class} text features of different lengths {sorted(set(lengths))} "
+            raise ValueError(f"{self.family.transformer_class} text features of different lengths "
+                             f"{sorted(set(lengths))} "
                              f"cannot be padded (the model takes no text mask)")
         dev, dt = self.device, self.dtype
         emb = torch.zeros(len(rows), L, rows[0]["encoder_hidden_states"].shape[1], device=dev, dtype=dt)
@@ -216,7 +217,8 @@ class DiffusersTeacher(Teacher):
             emb[i, :lengths[i]] = r["encoder_hidden_states"].to(dev, dt)
         cond = {"encoder_hidden_states": emb}
         if self.family.masked:
-            cond["encoder_hidden_states_mask"] = torch.arange(L, device=dev)[None] < torch.tensor(lengths, device=dev)[:, None]
+            n = torch.tensor(lengths, device=dev)
+            cond["encoder_hidden_states_mask"] = torch.arange(L, device=dev)[None] < n[:, None]
         if "pooled_projections" in rows[0]:
             cond["pooled_projections"] = torch.stack([r["pooled_projections"] for r in rows]).to(dev, dt)
         return cond
@@ -231,12 +233,13 @@ class DiffusersTeacher(Teacher):
         missing = [c for c in captions if c not in self._rows]
         if missing:
             self.encode_captions(missing, release=False)
-        dropped = torch.zeros(len(captions), dtype=torch.bool)
-        if drop is not None:
-            drops = [drop] if torch.is_tensor(drop) else list(drop)
-            dropped = torch.stack([torch.as_tensor(d, dtype=torch.bool).cpu() for d in drops]).all(0)
-        keys = [_NULL if d else c for c, d in zip(captions, dropped.tolist())]
-        return self._batch(keys, self._rows[_NULL]["encoder_hidden_states"].shape[0])
+        cond = self._batch(captions, self._rows[_NULL]["encoder_hidden_states"].shape[0])
+        if drop is None:
+            return cond
+        drops = [drop] if torch.is_tensor(drop) else list(drop)
+        dropped = torch.stack([torch.as_tensor(d, dtype=torch.bool).to(self.device) for d in drops]).all(0)
+        null = self.null_condition(len(captions), cond)  # padded to the same length: selected on the device
+        return {k: torch.where(dropped.view(-1, *[1] * (v.dim() - 1)), null[k], v) for k, v in cond.items()}
 
     def null_condition(self, batch_size: int, like: dict) -> dict:
         if _NULL not in self._rows:
