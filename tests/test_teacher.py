@@ -138,6 +138,11 @@ def test_dropped_captions_get_the_negative_prompt_and_padding_does_not_change_a_
         torch.testing.assert_close(teacher(x, t, full)[:1], teacher(x[:1], t[:1], alone), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="caption strings"):
         teacher.condition(None, (torch.zeros(2, 3, 32), torch.ones(2, 3, dtype=torch.bool)))
+    # a caption not prepared (streamed shards): the encoders are loaded again, and kept
+    late = teacher.condition(["dog face"])
+    assert teacher._pipe is not None
+    fresh = DiffusersTeacher.from_pretrained(folders["qwenimage"]).condition(["dog face"])
+    torch.testing.assert_close(late, fresh, atol=0, rtol=0)
 
 
 def test_teacher_config_errors(tmp_path, folders):
