@@ -25,7 +25,11 @@ Plain DMD is the same with no few-step teacher. ``generator`` may be a :class:`s
 (one part of a data-parallel global batch).
 
 Models are Denoisers, called as ``model(x, t, cond)`` (velocity) and ``model(x, t, cond, features=("last",))``
-(velocity, ``{"last": last-block features}``); ``cond``/``uncond`` are dicts of batch tensors.
+(velocity, ``{"last": last-block features}``); ``cond``/``uncond`` are dicts of batch tensors. The teacher and
+the few-step teacher may be :class:`snapgen.distill.teacher.Teacher` s with their own text side (an external
+diffusers transformer): then ``teacher_cond``/``teacher_uncond`` and ``few_step_cond`` are their conditionings
+of the same captions (default: the student's ``cond``/``uncond``), and the real score is
+``teacher.velocity(x, tau, teacher_cond, guidance, teacher_uncond)`` (the teacher's own form of guidance).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 
 from ..sampling import SamplerConfig, cfg_velocity, make_sampler
 from .dmd import backward_simulate, critic_loss, dmd_loss, randn, sample_tau
+from .teacher import Teacher
 
 __all__ = ["KDMDConfig", "KDMDLoss"]
 
@@ -93,9 +98,17 @@ class KDMDLoss:
     def _student_velocity(self, cond):
         return lambda x, t: self.student(x, t, cond)
 
+    def _real_velocity(self, x, t, cond, uncond):
+        if isinstance(self.teacher, Teacher):
+            return self.teacher.velocity(x, t, cond, self.cfg.guidance, uncond)
+        return cfg_velocity(self.teacher, x, t, cond, uncond, self.cfg.guidance)
+
     def __call__(self, step: int, cond: dict, uncond: dict | None, shape: tuple, generator=None,
-                 device=None) -> tuple[torch.Tensor, dict]:
+                 device=None, teacher_cond: dict | None = None, teacher_uncond: dict | None = None,
+                 few_step_cond: dict | None = None) -> tuple[torch.Tensor, dict]:
         c = self.cfg
+        if teacher_cond is None:
+            teacher_cond, teacher_uncond = cond, uncond
         B = shape[0]
         k = self.step_index(step)
         noise = randn(generator, shape, device=device)
@@ -114,7 +127,7 @@ class KDMDLoss:
             with torch.no_grad():
                 eps = randn(generator, shape, device=noise.device)
                 x_tau = (1 - tau_b) * x0_hat.detach() + tau_b * eps
-                v_real = cfg_velocity(self.teacher, x_tau, tau, cond, uncond, c.guidance)
+                v_real = self._real_velocity(x_tau, tau, teacher_cond, teacher_uncond)
                 v_fake = self.critic(x_tau, tau, cond)
                 x0_real, x0_fake = x_tau - tau_b * v_real, x_tau - tau_b * v_fake
             l_dmd, grad = dmd_loss(x0_hat, x0_real, x0_fake)
@@ -122,7 +135,8 @@ class KDMDLoss:
             metrics.update(loss_dmd=float(l_dmd.detach()), dmd_grad=float(grad.abs().mean()))
             if self.few_step_teacher is not None:
                 with torch.no_grad():
-                    v_t, f_t = self.few_step_teacher(x_t, t_k, cond, features=("last",))
+                    v_t, f_t = self.few_step_teacher(x_t, t_k, cond if few_step_cond is None else few_step_cond,
+                                                     features=("last",))
                     f_t = f_t["last"]
                 l_out = F.mse_loss(v.float(), v_t.float())
                 f_s = self.projector(feats) if self.projector is not None else feats

@@ -3,15 +3,22 @@
 One frozen base model serves every role that the paper gives to one backbone, switched by width and LoRA:
 
 * teacher (real score): the base transformer at full width, no adapter, with CFG ``teacher_guidance``;
+  or ``distill.teacher``: an external teacher (:mod:`snapgen.tasks.teachers`; e.g. a diffusers Qwen-Image /
+  SD3 / Flux transformer with its own text encoders, the paper's setup), guided its own way;
 * few-step teacher (``kdmd`` only): the base at full width with the few-step LoRA of a previous ``dmd``
-  run switched on (the paper's Qwen-Image-Lightning = Qwen-Image + Lightning LoRA; no extra copy);
+  run switched on (the paper's Qwen-Image-Lightning = Qwen-Image + Lightning LoRA; no extra copy); or an
+  external teacher (``few_step_teacher: {kind: diffusers, ...}``, e.g. a Lightning LoRA fused into its
+  transformer and saved), whose feature width the projectors map to;
 * student: the base at the student's width with its own LoRA ``<prefix>_<variant>`` (or a full copy when
   ``student_lora`` is null);
 * critic (fake score): a copy of the student (same width), with its own LoRA or fully trained.
 
 ``distill.variants`` lists the widths distilled in this one run (each step trains every listed width; their
 LoRAs, critics and projectors are separate, so the widths do not interfere and share all settings -- the
-paper's "no per-capacity tuning"). Only captions are read from the data cache: DMD is data-free.
+paper's "no per-capacity tuning"). Only captions are read from the data cache: DMD is data-free. The critic
+stays a LoRA copy of the student's base even with an external teacher: it must model the *student's*
+distribution in the student's latent space (which must be the external teacher's: checked), and starting
+from the student's base is closer to that than the teacher is.
 
 Export: the base pipeline folder plus ``adapters/<name>.safetensors`` and a ``pipeline.json`` whose default
 sampler is the few-step one (``few_step_times``, guidance 1) with ``adapters`` mapping variant -> adapter.
@@ -45,7 +52,7 @@ from .registry import register_task
 __all__ = ["DistillTask"]
 
 _DISTILL_KEYS = {"variants", "student_lora", "critic_lora", "teacher_guidance", "few_step_teacher", "steps",
-                 "shift", "gen_every", "weights", "tau", "adapter_prefix", "feat_loss"}
+                 "shift", "gen_every", "weights", "tau", "adapter_prefix", "feat_loss", "teacher"}
 
 
 class _Role(nn.Module):
@@ -99,18 +106,25 @@ class DistillTask(Task):
                                feat_weight=float(w.get("feat", 1.0)), feat_loss=str(d.get("feat_loss", "mse")),
                                seed=cfg.seed)
         self.prefix = d.get("adapter_prefix", cfg.task)
-        # few-step teacher: the base with a LoRA from a previous dmd run (K-DMD only)
-        self.few_step = None
+        # external teachers (their own text side) for the real score and/or the few-step knowledge terms
+        self.ext_teacher = self._external(d.get("teacher"), "distill.teacher")
+        # few-step teacher: the base with a LoRA from a previous dmd run (K-DMD only), or an external one
+        self.few_step, self.ext_few_step = None, None
         if cfg.task == "kdmd":
             src = d.get("few_step_teacher")
             if not src:
                 raise ValueError("task kdmd needs distill.few_step_teacher: a pipeline folder from a dmd run "
-                                 "(its full-width adapter is the few-step teacher); use task dmd for plain DMD")
-            adapter_file = self._few_step_adapter_file(Path(src))
-            load_lora(self.base, adapter_file, name="few_step_teacher")
-            self.base.requires_grad_(False)
-            self.few_step = _Role(self.base, "full", "few_step_teacher")
-        self.teacher = _Role(self.base, "full", None)
+                                 "(its full-width adapter is the few-step teacher), or {kind: diffusers, ...}; "
+                                 "use task dmd for plain DMD")
+            if isinstance(src, dict):
+                self.ext_few_step = self._external(src, "distill.few_step_teacher")
+                self.few_step = self.ext_few_step
+            else:
+                adapter_file = self._few_step_adapter_file(Path(src))
+                load_lora(self.base, adapter_file, name="few_step_teacher")
+                self.base.requires_grad_(False)
+                self.few_step = _Role(self.base, "full", "few_step_teacher")
+        self.teacher = self.ext_teacher if self.ext_teacher is not None else _Role(self.base, "full", None)
         s_lora, c_lora = d.get("student_lora", {"rank": 64, "alpha": 128}), d.get("critic_lora", {"rank": 64, "alpha": 128})
         self.students, self.critics, self.projectors, self.losses = {}, nn.ModuleDict(), nn.ModuleDict(), {}
         self.student_copies = nn.ModuleDict()
@@ -132,7 +146,8 @@ class DistillTask(Task):
             projector = None
             if self.few_step is not None:
                 width = int(self.base.config.width * self.base.variants[v])
-                projector = nn.Linear(width, self.base.config.width)
+                out = self.ext_few_step.feature_width if self.ext_few_step is not None else self.base.config.width
+                projector = nn.Linear(width, out)
                 self.projectors[v] = projector
             self.students[v] = student
             self.losses[v] = KDMDLoss(self.kcfg, student, critic, self.teacher, self.few_step, projector)
@@ -140,6 +155,16 @@ class DistillTask(Task):
         self.projectors.to(device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self._replay = StepGenerator(self.generator)
+
+    def _external(self, spec, where: str):
+        """An external teacher from a config value (None: none), in the student base's latent space."""
+        if spec is None:
+            return None
+        from .teachers import build_teacher
+
+        return build_teacher(spec, self.device, where=where, encoder_dims=self.conditioning.encoder_dims,
+                             student_channels=self.base.config.in_channels, student_patch=self.base.config.patch_size,
+                             student_vae=self.base_dir / "vae")
 
     @staticmethod
     def _few_step_adapter_file(folder: Path) -> Path:
@@ -175,6 +200,14 @@ class DistillTask(Task):
         cache = load_latent_cache(path)
         self.text_tokens, self.text_mask = cache["text_tokens"], cache["text_mask"]
         self.caption_index = cache["caption_index"]
+        self.captions = cache["captions"]
+        for teacher in (self.ext_teacher, self.ext_few_step):
+            if teacher is not None and teacher.needs_captions:
+                if len(self.captions) != len(self.text_tokens):
+                    raise ValueError(f"data.cache {path} stores {len(self.captions)} caption strings for "
+                                     f"{len(self.text_tokens)} captions; an external teacher encodes caption "
+                                     f"strings with its own text encoder: rebuild the cache")
+                teacher.prepare_captions(self.captions)
         res = self.cfg.data.get("resolution", self.pipe.config.resolution[0])
         f = self.pipe.vae_factor
         self.latent_shape = (self.base.config.in_channels, res // f, res // f)
@@ -185,19 +218,27 @@ class DistillTask(Task):
         cap = self.caption_index[idx]
         feats = (self.text_tokens[cap].float().to(self.device), self.text_mask[cap].to(self.device))
         B = len(idx)
+        keep = [torch.zeros(B, dtype=torch.bool)]
         with torch.no_grad():
-            text, mask = self.conditioning([feats], drop=[torch.zeros(B, dtype=torch.bool)])
+            text, mask = self.conditioning([feats], drop=keep)
             null, null_mask = self.conditioning.null(B, lengths=[text.shape[1]])
-        return {"text": text, "text_mask": mask}, {"text": null, "text_mask": null_mask}
+            # external teachers: their own conditioning of the same captions (None: the student's is used)
+            extra, captions = {}, [self.captions[i] for i in cap.tolist()] if self.captions else None
+            if self.ext_teacher is not None:
+                tc = self.ext_teacher.condition(captions, feats, keep)
+                extra.update(teacher_cond=tc, teacher_uncond=self.ext_teacher.null_condition(B, tc))
+            if self.ext_few_step is not None:
+                extra["few_step_cond"] = self.ext_few_step.condition(captions, feats, keep)
+        return {"text": text, "text_mask": mask}, {"text": null, "text_mask": null_mask}, extra
 
     def loss(self, step: int, part: int = 0):
         B = self.cfg.batch_size
         draws = BatchDraws(self._replay.begin(step), B * self.parts, part_slice(part, self.parts, B))
-        cond, uncond = self._condition(step, part)
+        cond, uncond, extra = self._condition(step, part)
         total, logs = 0.0, {}
         for v, objective in self.losses.items():
             loss, metrics = objective(step, cond, uncond, (len(cond["text"]), *self.latent_shape), draws,
-                                      self.device)
+                                      self.device, **extra)
             total = total + loss
             logs.update({f"{k}_{v}": val for k, val in metrics.items() if k != "k"})
         self.base.set_variant("full")

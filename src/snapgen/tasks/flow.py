@@ -212,7 +212,9 @@ class FlowTask(FlowKD, Task):
 
         if self._batches is None:
             self._batches = iter(self.batcher)
-        x0, feats = collate_latents(next(self._batches))
+        batch = next(self._batches)
+        captions = [s.caption for s in batch]
+        x0, feats = collate_latents(batch)
         x0 = x0.to(self.device)
         feats = (feats[0].to(self.device), feats[1].to(self.device))
         g = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, step, part]).integers(2**62)))
@@ -222,7 +224,7 @@ class FlowTask(FlowKD, Task):
         o = self.objective
         t = logit_normal_times(B, o.mean, o.std, o.shift_for(x0), g, "cpu").to(self.device)
         eps = torch.randn(x0.shape, generator=g).to(self.device)
-        return x0, feats, drops, t, eps
+        return x0, feats, drops, t, eps, captions
 
     def prepare(self, run_dir: Path) -> None:
         from ..data.latent_cache import build_latent_cache, load_latent_cache
@@ -243,6 +245,13 @@ class FlowTask(FlowKD, Task):
         self.latents = cache["latents"]
         self.text_tokens, self.text_mask = cache["text_tokens"], cache["text_mask"]
         self.caption_index = cache["caption_index"]
+        self.captions = cache["captions"]
+        if self.kd_teacher is not None and self.kd_teacher.needs_captions:
+            if len(self.captions) != len(self.text_tokens):
+                raise ValueError(f"latent cache {path} stores {len(self.captions)} caption strings for "
+                                 f"{len(self.text_tokens)} captions; the kd teacher encodes caption strings with "
+                                 f"its own text encoder: rebuild the cache")
+            self._kd_prepare(self.captions)
         if self.text_tokens.shape[-1] != self.cond_kwargs["encoder_dims"][0]:
             raise ValueError(f"latent cache {path} holds {self.text_tokens.shape[-1]}-d text features but the "
                              f"text encoder gives {self.cond_kwargs['encoder_dims'][0]}; rebuild the cache")
@@ -290,8 +299,8 @@ class FlowTask(FlowKD, Task):
         B, parts = self.cfg.batch_size, self.parts
         sl = part_slice(part, parts, B)
         if self.batcher is not None:
-            x0, feats, drops, t, eps = self._stream_batch(step, part)
-            return self._loss(step, x0, feats, drops, t, eps)
+            x0, feats, drops, t, eps, captions = self._stream_batch(step, part)
+            return self._loss(step, x0, feats, drops, t, eps, captions)
         idx = torch.from_numpy(part_indices(self.cfg.seed, step, len(self.latents), B, part, parts))
         draws = self._step_draws(step, (B * parts, *self.latents.shape[1:]))
         x0 = self.latents[idx].float().to(self.device)
@@ -299,11 +308,13 @@ class FlowTask(FlowKD, Task):
         feats = (self.text_tokens[cap].float().to(self.device), self.text_mask[cap].to(self.device))
         drops = None if draws["drops"] is None else [d[sl] for d in draws["drops"]]
         t, eps = draws["t"][sl], draws["eps"][sl]
-        return self._loss(step, x0, feats, drops, t, eps)
+        captions = [self.captions[i] for i in cap.tolist()] if self.kd_teacher is not None \
+            and self.kd_teacher.needs_captions else None
+        return self._loss(step, x0, feats, drops, t, eps, captions)
 
-    def _loss(self, step: int, x0, feats, drops, t, eps):
+    def _loss(self, step: int, x0, feats, drops, t, eps, captions=None):
         if self.kd is not None:
-            return self._kd_loss(step, x0, feats, drops, t, eps)
+            return self._kd_loss(step, x0, feats, drops, t, eps, captions)
         text, mask = self.conditioning([feats], drop=drops)
         from ..flow import loss_per_time_bin
 
