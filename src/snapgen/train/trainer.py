@@ -26,6 +26,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from ..utils.device import resolve_device
 from ..utils.memory import retain_freed_memory
 from ..tasks import build_task, module_roles, param_groups
 from .checkpoint import latest_checkpoint, optimizer_from_tensors, save_checkpoint
@@ -55,12 +56,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.steps - o.warmup)
     progress = min(1.0, (step - o.warmup) / span)
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Trainer:
