@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..nn.hub import resolve_pretrained
 from ..nn.io import CONFIG_NAME
 from ..utils.quiet import quiet_imports
 
@@ -39,7 +39,7 @@ class DiffusersAutoencoder(nn.Module):
         except ImportError:
             raise ImportError("loading a diffusers AutoencoderKL needs diffusers: pip install 'snapgen[diffusers]'") \
                 from None
-        directory = Path(directory)
+        directory = resolve_pretrained(directory, "diffusers VAE", "a folder saved by AutoencoderKL.save_pretrained")
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"no diffusers VAE at {directory}: expected config.json and "
                                     f"diffusion_pytorch_model.safetensors (a folder saved by AutoencoderKL)")
@@ -59,10 +59,12 @@ class DiffusersAutoencoder(nn.Module):
 
 
 def load_autoencoder(directory: str | os.PathLike):
-    """snapgen's Autoencoder or a diffusers AutoencoderKL, told apart by the folder's config.json."""
+    """snapgen's Autoencoder or a diffusers AutoencoderKL, told apart by the folder's config.json; ``directory``
+    may be a Hugging Face Hub id holding such a folder (:func:`snapgen.nn.hub.resolve_pretrained`)."""
     from .autoencoder import Autoencoder
 
-    directory = Path(directory)
+    directory = resolve_pretrained(directory, "autoencoder", "a folder written by Autoencoder.save_pretrained or "
+                                                             "diffusers' AutoencoderKL.save_pretrained")
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"autoencoder folder {directory} has no {CONFIG_NAME}; pass a folder written by "
