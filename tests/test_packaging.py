@@ -19,7 +19,7 @@ from snapgen.utils.extras import EXTRAS
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "snapgen"
 try:
-    import tomllib
+    import tomllib  # novm (Python 3.11+; tomli below on 3.10)
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
