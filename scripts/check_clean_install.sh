@@ -43,12 +43,12 @@ mkdir "$WORK/run" && cd "$WORK/run"
 HF_HUB_OFFLINE=1 HF_HUB_CACHE="$WORK/hf-cache" OMP_NUM_THREADS=1 "$VENV/bin/python" - "$VENV" "$WORK" <<'EOF'
 import importlib.metadata as md
 import importlib.util
-import json
-import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+T0 = time.perf_counter()
 import torch
 
 venv, work = Path(sys.argv[1]), Path(sys.argv[2])
@@ -59,8 +59,24 @@ from snapgen.utils.extras import EXTRAS, MissingExtra
 assert Path(snapgen.__file__).resolve().is_relative_to(venv.resolve()), f"not the installed copy: {snapgen.__file__}"
 present = [m for m in EXTRAS if importlib.util.find_spec(m) is not None]
 assert not present, f"extras' packages in a no-extras install: {present}"
+import importlib.resources as res
+data = [res.files("snapgen.attention") / "csrc" / "bna_rows_cpu.cpp", *res.files("snapgen.eval").joinpath("prompts").iterdir()]
+assert data[0].is_file() and any(str(f).endswith(".jsonl") for f in data[1:]), "package data missing from the wheel"
 print(f"snapgen {snapgen.__version__}, torch {torch.__version__}, Python {sys.version.split()[0]}; "
       f"core: " + ", ".join(f"{d} {md.version(d)}" for d in ("numpy", "transformers", "huggingface_hub", "scipy")))
+
+
+last = T0
+
+
+def stage(name):
+    global last
+    now = time.perf_counter()
+    print(f"  {name}: {now - last:.1f} s")
+    last = now
+
+
+stage("imports")
 
 # a nano model from a config, a forward, the save/load round trip and its card
 from snapgen.models import build_model, load_model
@@ -94,15 +110,19 @@ try:
     raise AssertionError("a missing Hub id loaded")
 except FileNotFoundError as e:
     assert "hf download org/missing" in str(e), e
+stage("nano model: forward, save/load + card, Hub-cache id")
 
 # the sampler
 from snapgen.sampling import SamplerConfig, make_sampler
 with torch.no_grad():
     z = make_sampler(SamplerConfig("euler", steps=3)).sample(lambda z, tt: model(z, tt, cond), torch.randn(2, 4, 16, 16))
 assert torch.isfinite(z).all()
+stage("sampler")
 
 # a pipeline whose text encoder is a tiny transformers BERT (its own 20-word vocabulary)
+import transformers
 from transformers import BertConfig, BertModel, BertTokenizerFast
+transformers.utils.logging.disable_progress_bar()
 bert = work / "bert"
 bert.mkdir()
 words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "the", "of",
@@ -123,12 +143,14 @@ pipe = TextToImagePipeline(build_model({"preset": "nano", "text_dim": 32, "vae_f
 pipe.save_pretrained(work / "pipe")
 image = TextToImagePipeline.from_pretrained(work / "pipe")("a red circle", seed=0)[0]
 assert image.size == (16, 16)
+stage("BERT pipeline: save, load, generate")
 snapgen_cli = venv / "bin" / "snapgen"
 out = subprocess.run([str(snapgen_cli), "generate", "a red circle", "--model", str(work / "pipe"), "--out",
                       str(work / "out.png"), "--no-progress"], capture_output=True, text=True)
 assert out.returncode == 0 and (work / "out.png").is_file(), out.stdout + out.stderr
 help_ = subprocess.run([str(snapgen_cli), "--help"], capture_output=True, text=True)
 assert help_.returncode == 0 and "generate" in help_.stdout, help_.stderr
+stage("snapgen generate + snapgen --help (two processes)")
 
 # the extras' errors
 from snapgen.text import MiniLMEncoder
