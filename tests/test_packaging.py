@@ -187,3 +187,4 @@ def test_clean_venv_install_without_extras(tmp_path):
                           capture_output=True, text=True, timeout=1800, cwd=str(REPO))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "clean install OK" in proc.stdout
+    print(proc.stdout)  # versions and per-stage times (pytest -s shows them)
