@@ -15,6 +15,7 @@
 # Prints "clean install OK" and the install / check times. Needs the package registry for the core
 # dependencies (or a pip cache that holds them).
 set -euo pipefail
+unset PYTHONPATH PYTHONHOME PYTHONUSERBASE  # nothing but the new venv: a source tree on the path would hide its copy
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PYTHON=${PYTHON:-python3}
