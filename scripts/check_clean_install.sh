@@ -15,7 +15,8 @@
 # Prints "clean install OK" and the install / check times. Needs the package registry for the core
 # dependencies (or a pip cache that holds them).
 set -euo pipefail
-unset PYTHONPATH PYTHONHOME PYTHONUSERBASE  # nothing but the new venv: a source tree on the path would hide its copy
+# nothing but the new venv: a source tree on the path would hide the installed copy
+unset PYTHONPATH PYTHONHOME PYTHONUSERBASE
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PYTHON=${PYTHON:-python3}
@@ -57,12 +58,14 @@ torch.set_num_threads(1)
 import snapgen
 from snapgen.utils.extras import EXTRAS, MissingExtra
 
-assert Path(snapgen.__file__).resolve().is_relative_to(venv.resolve()), f"not the installed copy: {snapgen.__file__}"
+installed = Path(snapgen.__file__).resolve().is_relative_to(venv.resolve())
+assert installed, f"not the installed copy: {snapgen.__file__}"
 present = [m for m in EXTRAS if importlib.util.find_spec(m) is not None]
 assert not present, f"extras' packages in a no-extras install: {present}"
 import importlib.resources as res
-data = [res.files("snapgen.attention") / "csrc" / "bna_rows_cpu.cpp", *res.files("snapgen.eval").joinpath("prompts").iterdir()]
-assert data[0].is_file() and any(str(f).endswith(".jsonl") for f in data[1:]), "package data missing from the wheel"
+kernel_source = res.files("snapgen.attention") / "csrc" / "bna_rows_cpu.cpp"
+prompts = [f.name for f in res.files("snapgen.eval").joinpath("prompts").iterdir()]
+assert kernel_source.is_file() and "sceneeval.jsonl" in prompts, f"package data missing from the wheel: {prompts}"
 print(f"snapgen {snapgen.__version__}, torch {torch.__version__}, Python {sys.version.split()[0]}; "
       f"core: " + ", ".join(f"{d} {md.version(d)}" for d in ("numpy", "transformers", "huggingface_hub", "scipy")))
 
@@ -116,7 +119,8 @@ stage("nano model: forward, save/load + card, Hub-cache id")
 # the sampler
 from snapgen.sampling import SamplerConfig, make_sampler
 with torch.no_grad():
-    z = make_sampler(SamplerConfig("euler", steps=3)).sample(lambda z, tt: model(z, tt, cond), torch.randn(2, 4, 16, 16))
+    sampler = make_sampler(SamplerConfig("euler", steps=3))
+    z = sampler.sample(lambda z, tt: model(z, tt, cond), torch.randn(2, 4, 16, 16))
 assert torch.isfinite(z).all()
 stage("sampler")
 

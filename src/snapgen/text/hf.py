@@ -147,7 +147,7 @@ class HFTextEncoder(TextEncoder):
         n_pos = getattr(text_config, "max_position_embeddings", None)
         self.max_length = min(max_length, int(n_pos)) if isinstance(n_pos, int) and n_pos > 0 else max_length
         self.hidden_state = hidden_state
-        hub = path != Path(given).expanduser()  # a Hub id's cache snapshot (a hash-named folder): name it by its id
+        hub = path != Path(given).expanduser()  # a Hub id's snapshot (a hash-named folder): named by the id
         self.name = name if name is not None else (given if hub else path.name)
         params = inspect.signature(model.forward).parameters
         self._forward_kwargs = {"use_cache": False} if "use_cache" in params else {}

@@ -39,7 +39,8 @@ class DiffusersAutoencoder(nn.Module):
         except ImportError:
             raise ImportError("loading a diffusers AutoencoderKL needs diffusers: pip install 'snapgen[diffusers]'") \
                 from None
-        directory = resolve_pretrained(directory, "diffusers VAE", "a folder saved by AutoencoderKL.save_pretrained")
+        directory = resolve_pretrained(directory, "diffusers VAE",
+                                       "a folder saved by AutoencoderKL.save_pretrained")
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"no diffusers VAE at {directory}: expected config.json and "
                                     f"diffusion_pytorch_model.safetensors (a folder saved by AutoencoderKL)")
