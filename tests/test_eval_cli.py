@@ -9,8 +9,10 @@ CATEGORIES = ["single_object", "two_object", "counting", "colors", "position", "
 
 def test_eval_quick_json_and_report(tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["eval", "--quick", "--json", "--out", str(out), "--no-progress", "--steps", "4"]) == 0
+    assert main(["eval", "--quick", "--json", "--out", str(out), "--no-progress", "--steps", "4",
+                 "--device", "cpu", "--dtype", "fp32"]) == 0
     summary = json.loads(capsys.readouterr().out)
+    assert summary["device"] == "cpu" and summary["dtype"] == "float32"
     assert set(CATEGORIES) <= set(summary["sceneeval"])
     scores = [summary["sceneeval"][c] for c in CATEGORIES[:-1]]
     assert all(0.0 <= v <= 1.0 for v in scores)

@@ -1,5 +1,6 @@
 """snapgen's autoencoder (shapes, latent normalisation, posterior, save/load, config errors, that it learns)
-and ``load_autoencoder``'s dispatch to it or to a diffusers ``AutoencoderKL``."""
+and ``load_autoencoder``'s dispatch to it or to a diffusers ``AutoencoderKL`` (the other diffusers classes:
+test_vae_diffusers.py)."""
 
 import json
 import math
@@ -288,7 +289,7 @@ def test_load_autoencoder_diffusers(diffusers_vae):
     ae = load_autoencoder(folder)
     assert isinstance(ae, DiffusersAutoencoder)
     assert ae.factor == 2 and ae.latent_channels == 4
-    assert ae.scaling_factor == 0.5 and ae.shift_factor == pytest.approx(0.1)
+    assert ae.latents_scale.tolist() == [0.5] * 4 and ae.latents_shift.tolist() == pytest.approx([0.1] * 4)
     assert not any(p.requires_grad for p in ae.parameters())
     x = images(2, 16, 24, seed=4)
     with torch.no_grad():

@@ -18,6 +18,26 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return parse(text, error=CLI_RESOLUTION_ERROR)
 
 
+def add_device_args(p) -> None:
+    """``--device`` / ``--dtype`` of the commands that run a PyTorch pipeline (generate, eval)."""
+    p.add_argument("--device", help="where the model runs: auto (default: cuda if a GPU is visible, else cpu), cpu, "
+                                    "cuda, cuda:N, mps")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="weights and activations (default fp32; bf16/fp16 are for GPUs: slow on CPUs)")
+
+
+def pipeline_placement(args) -> tuple:
+    """``(device, dtype)`` from ``--device`` / ``--dtype``, checked (a missing GPU is a clear error)."""
+    from ..utils.device import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cpu" and dtype is not __import__("torch").float32:
+        print(f"note: --dtype {args.dtype} on the CPU is slow here (no fast half-precision CPU matmul); "
+              f"fp32 is the CPU default")
+    return device, dtype
+
+
 def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
     """The positional prompts plus the non-empty, non-``#`` lines of ``prompts_file``; at least one."""
     prompts = list(prompts or [])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ._common import add_device_args, pipeline_placement
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="SceneEval per category, alignment score and FD of a model, with a "
@@ -19,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--variant", help="elastic sub-network: tiny | small | full (default full)")
     p.add_argument("--base", action="store_true",
                    help="distilled models: use the base (teacher) model and its sampler instead of the few-step one")
+    add_device_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -26,9 +29,10 @@ def register(subparsers) -> None:
 def cmd_eval(args) -> int:
     from ..eval.run import format_report, run_evaluation
 
+    device, dtype = pipeline_placement(args)
     summary = run_evaluation(args.model, args.prompts, seeds=args.seeds, steps=args.steps, guidance=args.cfg,
                              quick=args.quick, out_dir=args.out, progress=not args.no_progress,
-                             variant=args.variant, base=args.base)
+                             variant=args.variant, base=args.base, device=device, dtype=dtype)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

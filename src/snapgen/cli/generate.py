@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ._common import read_prompts, variant_grid, write_images
+from ._common import add_device_args, pipeline_placement, read_prompts, variant_grid, write_images
 
 _BACKEND_NAMES = {"onnx": "onnxruntime", "executorch": "ExecuTorch"}
 
@@ -29,6 +29,7 @@ def register(subparsers) -> None:
                    help="distilled models: use the base (teacher) model and its sampler instead of the few-step one")
     p.add_argument("--backend", choices=["torch", "onnx", "executorch"], default="torch",
                    help="onnx / executorch: run an export folder (snapgen export onnx|executorch)")
+    add_device_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -81,10 +82,12 @@ def _load_exported(args, model_dir):
         raise ValueError(f"--backend {args.backend} needs --model EXPORT_DIR (a folder from "
                          f"`snapgen export {args.backend}`)")
     fixed = [f for f, v in (("--steps", args.steps), ("--cfg", args.cfg), ("--size", args.size),
-                            ("--variant", args.variant)) if v is not None] + (["--base"] if args.base else [])
+                            ("--variant", args.variant), ("--device", args.device), ("--dtype", args.dtype))
+             if v is not None] + (["--base"] if args.base else [])
     if fixed:
-        raise ValueError(f"{', '.join(fixed)} cannot change an exported model (its variant, size, sampler "
-                         f"and guidance are fixed at export time); export again with the settings you want")
+        raise ValueError(f"{', '.join(fixed)} cannot change an exported model (its variant, size, sampler, "
+                         f"guidance and precision are fixed at export time, and it runs on its runtime's CPU "
+                         f"provider); export again with the settings you want")
     return (OnnxPipeline if args.backend == "onnx" else ExecuTorchPipeline)(model_dir)
 
 
@@ -92,8 +95,10 @@ def _load_torch(args, model_dir):
     """``(pipeline, variant names to generate with, several)``; several = a prompt x variant grid."""
     from ..pipelines import TextToImagePipeline
 
+    device, dtype = pipeline_placement(args)  # checked before the (slow) load
     several = args.variant is not None and (args.variant == "all" or "," in args.variant)
     pipe = TextToImagePipeline.from_pretrained(model_dir, variant=None if several else args.variant)
+    pipe.to(device, dtype)
     names = [pipe.variant]
     if several:  # one supernetwork, several sub-networks: a prompt x variant grid
         names = pipe.variants if args.variant == "all" else [v.strip() for v in args.variant.split(",")]

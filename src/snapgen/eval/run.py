@@ -26,10 +26,13 @@ __all__ = ["run_evaluation", "format_report"]
 def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int | None = None,
                    guidance: float | None = None, quick: bool = False, out_dir: str | Path = "eval_report",
                    batch_size: int = 36, progress: bool = True, variant: str | None = None,
-                   base: bool = False, pipe=None) -> dict:
+                   base: bool = False, pipe=None, device=None, dtype=None) -> dict:
     """Generate the prompt set's images and score them. ``pipe``: any generator with
     ``pipe(prompts, seed=...) -> images`` (e.g. an ONNX / ExecuTorch export, or a quantized pipeline)
-    instead of loading ``model_dir``; its sampler settings are its own."""
+    instead of loading ``model_dir``; its sampler settings are its own. ``device`` / ``dtype``: where the loaded
+    pipeline runs (``None``: auto / fp32; :mod:`snapgen.utils.device`); scoring runs on the CPU."""
+    from ..utils.device import resolve_device, resolve_dtype
+
     from .. import env
     from ..data.scenes import SceneDataset
     from ..pipelines import TextToImagePipeline
@@ -43,6 +46,8 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
     else:
         model_dir = Path(model_dir) if model_dir is not None else env.model_dir()
         pipe = TextToImagePipeline.from_pretrained(model_dir, variant=variant)
+        device = resolve_device(device)
+        pipe.to(device, resolve_dtype(dtype, device))
         if base:
             pipe.use_base()
     loaded = {"model": _absolute(model_dir), "detector": _absolute(default_detector_dir())}
@@ -110,6 +115,8 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
                **{"image_encoder": None, "text_encoder": None, **loaded},
                "variant": getattr(pipe, "variant", None) or getattr(pipe, "meta", {}).get("variant"),
                "sampler": settings["sampler"],
+               "device": None if external else str(pipe.device),
+               "dtype": None if external else str(pipe.dtype).removeprefix("torch."),
                "notes": notes,
                "environment": env.describe(_bna_backends(pipe))}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -6,7 +6,8 @@ A pipeline folder holds::
     README.md                     the model card (YAML front matter for the Hugging Face Hub; pipelines/card.py)
     transformer/                  ThreeStageDiT (config.json + model.safetensors)
     text_conditioning.safetensors learned null embedding(s) and projections (snapgen.text.TextConditioning)
-    vae/                          the autoencoder (snapgen Autoencoder or a diffusers AutoencoderKL)
+    vae/                          the autoencoder (snapgen Autoencoder, or a diffusers AutoencoderKL,
+                                  AutoencoderKLQwenImage or AutoencoderKLWan: snapgen.vae.load_autoencoder)
 
 Weights may be stored in float16 to keep shipped models small; they are loaded into float32 (this
 CPU has no fast half-precision matmul).
