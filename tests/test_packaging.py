@@ -147,7 +147,9 @@ from snapgen.data import EmojiDataset
 WORK = os.environ["WORK"]
 err("emoji", lambda: EmojiDataset(resolution=16, limit=2, cache_dir=WORK + "/emoji", progress=False))
 from snapgen.vae import DiffusersAutoencoder
-err("diffusers", lambda: DiffusersAutoencoder.from_pretrained(os.environ["WORK"] + "/m"))
+os.makedirs(WORK + "/kl")
+open(WORK + "/kl/config.json", "w").write('{"_class_name": "AutoencoderKL"}')  # read before diffusers is imported
+err("diffusers", lambda: DiffusersAutoencoder.from_pretrained(WORK + "/kl"))
 out["errors"] = errors
 from snapgen.train.plots import plot_metrics
 open(os.environ["WORK"] + "/metrics.jsonl", "w").write('{"step": 1, "loss": 1.0}\n')
