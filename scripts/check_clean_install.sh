@@ -17,6 +17,8 @@
 set -euo pipefail
 # nothing but the new venv: a source tree on the path would hide the installed copy
 unset PYTHONPATH PYTHONHOME PYTHONUSERBASE
+
+main() {  # one function, so bash has read the whole script before it runs (an edit meanwhile cannot break it)
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PYTHON=${PYTHON:-python3}
@@ -32,12 +34,15 @@ fi
 t0=$(date +%s)
 "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-if [ -n "$CONSTRAINTS" ]; then PIP+=(-c "$REPO/$CONSTRAINTS"); fi
+if [ -n "$CONSTRAINTS" ]; then
+    case $CONSTRAINTS in /*) ;; *) CONSTRAINTS=$REPO/$CONSTRAINTS ;; esac
+    PIP+=(-c "$CONSTRAINTS")
+fi
 # what the wheel is built from (pyproject.toml, README.md, src/: tracked and new files, not ignored ones), copied
 # so that the build leaves nothing (build/, *.egg-info) in the checkout
 mkdir "$WORK/tree"
 { echo pyproject.toml; echo README.md; git ls-files --cached --others --exclude-standard src; } \
-    | sort -u | while read -r f; do [ -f "$f" ] && cp --parents "$f" "$WORK/tree/"; done
+    | sort -u | while read -r f; do if [ -f "$f" ]; then cp --parents "$f" "$WORK/tree/"; fi; done
 "${PIP[@]}" "$WORK/tree"
 t1=$(date +%s)
 
@@ -169,3 +174,6 @@ print("checks: import, nano forward, save/load + card, Hub-cache id, sampler, BE
 EOF
 t2=$(date +%s)
 echo "clean install OK: pip install $((t1 - t0)) s, checks $((t2 - t1)) s ($VENV)"
+}
+
+main "$@"
