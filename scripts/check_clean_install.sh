@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # `pip install .` -- non-editable, no extras -- into a NEW virtual environment, then what the library alone must
 # do there, run from outside the checkout (so `import snapgen` is the installed copy): no extra is installed;
-# import; build a nano model from a config and run a forward; save_pretrained / from_pretrained round trip with
-# its model card; load by Hugging Face Hub id from a cache laid out as huggingface_hub writes it (HF_HUB_CACHE,
-# offline); the sampler; a pipeline with a tiny transformers BERT text encoder, saved, reloaded and generated
-# through the installed `snapgen generate`; `snapgen --help`; the MiniLM encoder's error naming its extra.
+# the package data is in the wheel; every module imports; a nano model from a config and a forward;
+# save_pretrained / from_pretrained round trip with its model card; load by Hugging Face Hub id from a cache
+# laid out as huggingface_hub writes it (HF_HUB_CACHE, offline); the sampler; a pipeline with a tiny
+# transformers BERT text encoder, saved, reloaded and generated through the installed `snapgen generate`;
+# `snapgen --help`; the MiniLM encoder's error naming its extra.
 #
 #   bash scripts/check_clean_install.sh [VENV_DIR]     # default: a temporary folder, removed afterwards
 #   make check-clean-install                            # the same
@@ -87,6 +88,17 @@ def stage(name):
 
 stage("imports")
 
+# every module of the package imports with the core dependencies alone (an undeclared one fails here)
+import importlib
+import pkgutil
+import warnings
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # the deprecated aliases (snapgen.models.io, ...)
+    modules = [m.name for m in pkgutil.walk_packages(snapgen.__path__, "snapgen.") if not m.name.endswith("__main__")]
+    for name in modules:
+        importlib.import_module(name)
+stage(f"import all {len(modules)} modules")
+
 # a nano model from a config, a forward, the save/load round trip and its card
 from snapgen.models import build_model, load_model
 torch.manual_seed(0)
@@ -119,7 +131,7 @@ try:
     raise AssertionError("a missing Hub id loaded")
 except FileNotFoundError as e:
     assert "hf download org/missing" in str(e), e
-stage("nano model: forward, save/load + card, Hub-cache id")
+stage("nano model: forward (builds the fused kernel if ninja is on PATH), save/load + card, Hub-cache id")
 
 # the sampler
 from snapgen.sampling import SamplerConfig, make_sampler
