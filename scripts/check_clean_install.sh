@@ -72,8 +72,17 @@ import importlib.resources as res
 kernel_source = res.files("snapgen.attention") / "csrc" / "bna_rows_cpu.cpp"
 prompts = [f.name for f in res.files("snapgen.eval").joinpath("prompts").iterdir()]
 assert kernel_source.is_file() and "sceneeval.jsonl" in prompts, f"package data missing from the wheel: {prompts}"
+
+
+def version(dist):
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "NOT INSTALLED"
+
+
 print(f"snapgen {snapgen.__version__}, torch {torch.__version__}, Python {sys.version.split()[0]}; "
-      f"core: " + ", ".join(f"{d} {md.version(d)}" for d in ("numpy", "transformers", "huggingface_hub", "scipy")))
+      f"core: " + ", ".join(f"{d} {version(d)}" for d in ("numpy", "transformers", "huggingface_hub", "scipy")))
 
 
 last = T0
