@@ -3,20 +3,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.snapgen-installed
 TEST_STAMP := $(VENV)/.snapgen-test-installed
+# pins torch to the CPU wheel on this project's machines (never an unpinned CUDA build); `CONSTRAINTS=` drops it
+CONSTRAINTS ?= constraints/cpu.txt
+PIP := $(VENV)/bin/pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: setup setup-test run train-shipped distill test test-all bench bench-peers clean
+.PHONY: setup setup-test run train-shipped distill test test-all check-clean-install bench bench-peers clean
 
-# core install (what generating needs); the test extra adds pytest, diffusers and the export/device toolchains
+# `pip install snapgen` is the library alone; setup adds the extras the demos use (docs/installation.md):
+# demo = the MiniLM text encoder + the emoji data + plots, kernel = ninja for the fused CPU attention kernel.
+# The test extra adds pytest, diffusers and the export/device toolchains.
 setup: $(STAMP)
 setup-test: $(TEST_STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e .
+	$(PIP) -e '.[demo,kernel]'
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	$(PIP) -e '.[test]'
 	touch $(TEST_STAMP)
 
 # The main job: generate images from prompts with the shipped model (models/snapgen-micro) into outputs/:
@@ -53,13 +58,18 @@ test: setup-test
 test-all: setup-test
 	$(PY) -m pytest -q
 
+# `pip install .` (no extras) into a new venv beside .venv: import, a nano model's forward, save/load from a
+# folder and from a Hugging Face cache id, the sampler, `snapgen --help` (scripts/check_clean_install.sh).
+check-clean-install:
+	CONSTRAINTS=$(CONSTRAINTS) bash scripts/check_clean_install.sh
+
 # Benchmarks (minutes to tens of minutes on 2 cores); results land in benchmarks/results/.
 bench: setup
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/ablation.py
 
 bench-peers: setup
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[bench]'
+	$(PIP) -e '.[bench]'
 	$(PY) benchmarks/peers.py
 
 clean:

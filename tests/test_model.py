@@ -66,7 +66,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         assert torch.equal(a, b), n
     x, t, text, mask = dummy_inputs(model.config)
     assert torch.equal(model(x, t, {"text": text, "text_mask": mask}), loaded(x, t, {"text": text, "text_mask": mask}))
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_config_json_round_trip_and_key_errors(tmp_path):

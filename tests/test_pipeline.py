@@ -115,8 +115,10 @@ def test_different_prompts_give_different_images(pipe):
 # ------------------------------------------------------------------------------------------- save/load
 def test_save_load_float32_identical(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.json", "text_conditioning.safetensors",
-                                                          "transformer", "vae"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "pipeline.json",
+                                                          "text_conditioning.safetensors", "transformer", "vae"]
+    # one card, at the top: the transformer/ and vae/ subfolders get none
+    assert not (tmp_path / "transformer" / "README.md").exists() and not (tmp_path / "vae" / "README.md").exists()
     back = TextToImagePipeline.from_pretrained(tmp_path, text_encoder=FakeEncoder())
     assert back.config == pipe.config
     assert PipelineConfig.from_json(tmp_path / "pipeline.json") == pipe.config

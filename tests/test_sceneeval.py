@@ -267,7 +267,7 @@ def test_detector_splits_touching_objects(detector):
 
 def test_save_load_round_trip(detector, renders, tmp_path):
     detector.save_pretrained(tmp_path / "det")
-    assert sorted(p.name for p in (tmp_path / "det").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "det").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     again = load_detector(tmp_path / "det")
     assert again.config == detector.config
     images = renders[0][::40]

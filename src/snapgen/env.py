@@ -38,14 +38,16 @@ Variable                   Default                                      Values, 
 
 Path variables: an empty value means the default. Words are case-insensitive and stripped; any other value
 raises ``ValueError`` naming the variable. ``torch.distributed`` itself reads ``RANK``, ``MASTER_ADDR`` and
-``MASTER_PORT`` (torchrun's protocol); snapgen does not. Each function reads ``os.environ`` when called, so
+``MASTER_PORT`` (torchrun's protocol), and ``huggingface_hub`` reads ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``
+(where :func:`snapgen.nn.hub.resolve_pretrained` finds a Hub id, and whether it may download one); snapgen
+does not. Each function reads ``os.environ`` when called, so
 a value set at run time (``monkeypatch.setenv``) takes effect; what is read once is the parsing, in this
 module.
 
 snapgen never writes to ``os.environ``. The one exception: building the fused kernel
 (``attention/cpu_kernel.py``, ``_ninja_on_path``) puts the ``ninja`` wheel's folder first on ``PATH`` for
 the duration of the build, because ``torch.utils.cpp_extension`` finds ``ninja`` through ``PATH`` only,
-and restores the previous value (exactly) right after. Hugging Face loads pass ``local_files_only=True``
+and restores the previous value (exactly) right after. ``transformers`` loads pass ``local_files_only=True``
 instead of setting ``HF_HUB_OFFLINE``. (Third-party code may still write: torch's first import of
 ``torch._dynamo``, which ``transformers`` triggers, sets its own default ``TORCHINDUCTOR_CACHE_DIR``.)
 

@@ -106,3 +106,20 @@ def build_distill_base(d):
                                        guidance=3.0)).save_pretrained(d)
     make_cache(d / "cache.safetensors")
     return d
+
+
+def fake_hub_snapshot(cache_dir, repo_id: str, folder, revision: str = "main", commit: str | None = None):
+    """Copy ``folder`` into a Hugging Face cache laid out as ``huggingface_hub`` writes it --
+    ``models--org--name/snapshots/<commit>/...`` and ``refs/<revision>`` holding the commit hash -- so that
+    ``snapshot_download(repo_id, revision=revision, local_files_only=True)`` finds it. Returns the snapshot."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    commit = commit or hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()  # 40 hex digits, like git
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot

@@ -44,9 +44,14 @@ _LONG = "row chunks of >= 768 tokens (PyTorch's flash kernel is as fast there)"
 _choices: dict[str, str] = {}
 
 
+# torch.compiler.is_exporting is torch >= 2.7; on 2.6, is_compiling() covers torch.compile and strict torch.export
+# (2.6's default mode). Only 2.13 is tested here.
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def _exporting() -> bool:
     return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
+            or _is_exporting() or torch.onnx.is_in_onnx_export())
 
 
 def check_fused_inputs(q, k, v, geom: TileGeometry) -> None:

@@ -33,6 +33,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import env
+from ..utils.extras import require
 
 __all__ = ["kernel_error", "kernel_status", "load_kernel", "bna_rows", "bna_rows_lerp"]
 
@@ -141,19 +142,16 @@ def _(grad_out_shape, q_shape, k_shape, v_shape, local_shape, lse_shape, end_sha
 
 @contextlib.contextmanager
 def _ninja_on_path():
-    """cpp_extension runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency) puts it next to the venv's
-    python, which is not on PATH when ``.venv/bin/python`` runs without an activated venv. The one place
-    snapgen writes to ``os.environ`` (documented in :mod:`snapgen.env`): PATH is restored exactly after."""
+    """cpp_extension runs ``ninja`` from PATH; the ``ninja`` wheel (the ``snapgen[kernel]`` extra) puts it next
+    to the venv's python, which is not on PATH when ``.venv/bin/python`` runs without an activated venv. The
+    one place snapgen writes to ``os.environ`` (documented in :mod:`snapgen.env`): PATH is restored exactly
+    after. Neither on PATH nor installed: :class:`~snapgen.utils.extras.MissingExtra` naming the extra (the
+    caller then falls back to ``gather`` with one logged line)."""
     old = os.environ.get("PATH")
     bin_dir = None
     if shutil.which("ninja") is None:
-        try:
-            import ninja
-
-            bin_dir = ninja.BIN_DIR
-        except ImportError:
-            pass
-    if bin_dir is None:  # ninja already on PATH, or no wheel to add: PATH is left alone
+        bin_dir = require("ninja", "building the fused CPU attention kernel").BIN_DIR
+    if bin_dir is None:  # ninja already on PATH: PATH is left alone
         yield
         return
     os.environ["PATH"] = bin_dir + os.pathsep + (old or "")
@@ -192,7 +190,7 @@ def load_kernel(raise_on_error: bool = False) -> bool:
         if not _state["loaded"] and raise_on_error:
             raise RuntimeError(
                 f"the fused CPU BNA kernel could not be loaded: {_state['error']}\n"
-                "It is compiled on first use with g++ and ninja (pip install ninja); set "
+                "It is compiled on first use with g++ and ninja (pip install 'snapgen[kernel]'); set "
                 "SNAPGEN_BNA_KERNEL=0 or use backend='gather' to run without it.")
         return bool(_state["loaded"])
 

@@ -133,7 +133,10 @@ def cmd_combine_adapters(args) -> int:
     from ..distill.combine import combine_adapters, parse_source
     from ..pipelines import TextToImagePipeline
 
+    from ..pipelines.card import write_pipeline_card
+
     out = combine_adapters([parse_source(s) for s in args.sources], args.out)
     pipe = TextToImagePipeline.from_pretrained(out)  # a folder that loads, or an error now rather than later
+    write_pipeline_card(pipe, out)  # the combined folder's README.md (its weights are copied, not re-saved)
     print(f"wrote {out}: adapters {pipe.config.adapters}")
     return 0

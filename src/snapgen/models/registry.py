@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..nn.hub import resolve_pretrained
 from ..registry import Registry, UnknownName
 
 __all__ = ["MODELS", "register_model", "build_model", "load_model", "model_names", "resolve_config",
@@ -181,11 +182,10 @@ def saved_class(folder: str | os.PathLike, config_file: str = "config.json") -> 
 
 
 def load_model(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model saved in ``folder``, of whichever registered family its ``config.json`` names."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder not found: {folder} (expected a folder written by save_pretrained, "
-                                f"holding config.json and model.safetensors)")
+    """The model saved in ``folder``, of whichever registered family its ``config.json`` names; ``folder`` may
+    be a Hugging Face Hub id holding such a folder (:func:`snapgen.nn.hub.resolve_pretrained`)."""
+    folder = resolve_pretrained(folder, "model", "a folder written by save_pretrained, holding config.json and "
+                                                 "model.safetensors")
     for marker, loader in _FOLDER_LOADERS:
         if (folder / marker).is_file():
             return loader(folder).to(map_location)

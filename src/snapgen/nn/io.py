@@ -1,4 +1,5 @@
-"""Saving and loading models as ``config.json`` + ``model.safetensors`` (never pickle).
+"""Saving and loading models as ``config.json`` + ``model.safetensors`` (never pickle), with a ``README.md``
+model card (:mod:`snapgen.nn.card`); loading takes a folder or a Hugging Face Hub id (:mod:`snapgen.nn.hub`).
 
 Writes are atomic (temporary file + ``os.replace``), so an interrupted save never leaves a half-written
 model folder behind; loads check every file and name the problem and the fix.
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .hub import resolve_pretrained
 
 __all__ = ["ModelIOMixin", "CONFIG_NAME", "WEIGHTS_NAME", "atomic_save_safetensors"]
 
@@ -42,9 +45,11 @@ class ModelIOMixin:
 
     config_class = None
 
-    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors``. ``dtype`` (e.g. ``torch.float16``) casts floating
-        tensors for a smaller file; ``from_pretrained`` always loads into the model's own dtype."""
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                        model_card: bool = True) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` and, with ``model_card``, a ``README.md`` model card
+        (:mod:`snapgen.nn.card`). ``dtype`` (e.g. ``torch.float16``) casts floating tensors for a smaller
+        file; ``from_pretrained`` always loads into the model's own dtype."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # LoRA adapters are not part of the model: they are saved beside it (snapgen.nn.lora.save_lora)
@@ -56,14 +61,19 @@ class ModelIOMixin:
         tmp = directory / f".{CONFIG_NAME}.tmp"
         self.config.to_json(tmp, class_name=type(self).__name__)  # load_model dispatches on it
         os.replace(tmp, directory / CONFIG_NAME)
+        if model_card:
+            from .card import module_card_sections, write_model_card
+
+            intro, sections, tags = module_card_sections(self, dtype)
+            write_model_card(directory, type(self).__name__, intro, sections, tags)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"):
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"model folder not found: {directory} (expected a folder written by "
-                                    f"save_pretrained, holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+        """Load a folder written by :meth:`save_pretrained`, or a Hugging Face Hub id holding one
+        (:func:`snapgen.nn.hub.resolve_pretrained`: the cache first, then a download unless offline)."""
+        directory = resolve_pretrained(directory, "model", f"a folder written by save_pretrained, holding "
+                                                           f"{CONFIG_NAME} and {WEIGHTS_NAME}")
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}; the folder is incomplete "

@@ -3,6 +3,7 @@
 A pipeline folder holds::
 
     pipeline.json                 PipelineConfig (text encoder, defaults for steps / guidance / size)
+    README.md                     the model card (YAML front matter for the Hugging Face Hub; pipelines/card.py)
     transformer/                  ThreeStageDiT (config.json + model.safetensors)
     text_conditioning.safetensors learned null embedding(s) and projections (snapgen.text.TextConditioning)
     vae/                          the autoencoder (snapgen Autoencoder, or a diffusers AutoencoderKL,
@@ -30,6 +31,7 @@ from ..sampling import SamplerConfig, guided, make_sampler
 from .. import compress  # noqa: F401  (registers the quantized-folder loader with load_model)
 from ..models import ThreeStageDiT, load_model
 from ..utils.random import randn
+from ..nn.hub import resolve_pretrained
 from ..nn.io import atomic_save_safetensors
 from ..utils.config import JSONConfigMixin
 from .. import env
@@ -233,7 +235,10 @@ class TextToImagePipeline:
         return TextToImagePipeline(sub, self.conditioning, self.vae, config, self._text_encoder)
 
     # --- io -----------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        model_card: bool = True) -> Path:
+        """Write the pipeline folder (module docstring) and, with ``model_card``, its ``README.md`` model card
+        (:mod:`snapgen.pipelines.card`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         _save_module(self.transformer, directory / "transformer", dtype)
@@ -249,19 +254,24 @@ class TextToImagePipeline:
         tmp = directory / ".pipeline.json.tmp"
         self.config.to_json(tmp)
         os.replace(tmp, directory / "pipeline.json")
+        if model_card:
+            from .card import write_pipeline_card
+
+            write_pipeline_card(self, directory, dtype)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike | None = None, text_encoder=None,
                         variant: str | None = None) -> "TextToImagePipeline":
-        """Load a pipeline folder; ``variant`` selects an elastic sub-network (default: full width)."""
+        """Load a pipeline folder, or a Hugging Face Hub id holding one (:func:`snapgen.nn.hub.resolve_pretrained`:
+        the cache first, then a download unless ``HF_HUB_OFFLINE``); ``variant`` selects an elastic sub-network
+        (default: full width)."""
         from ..text import TextConditioning
         from ..vae import load_autoencoder
 
-        directory = Path(directory) if directory is not None else default_model_dir()
-        if not directory.is_dir():
-            raise FileNotFoundError(f"model folder not found: {directory}. Pass --model DIR with a folder written "
-                                    f"by TextToImagePipeline.save_pretrained (e.g. a run's final/ folder)")
+        directory = resolve_pretrained(directory if directory is not None else default_model_dir(), "model",
+                                       "a folder written by TextToImagePipeline.save_pretrained (e.g. a run's "
+                                       "final/ folder; --model DIR on the command line)")
         if not (directory / "pipeline.json").is_file():
             raise FileNotFoundError(f"{directory} is not a snapgen pipeline folder: pipeline.json is missing "
                                     f"(expected pipeline.json, transformer/, vae/, text_conditioning.safetensors)")
@@ -386,7 +396,7 @@ def _save_module(module, directory: Path, dtype: torch.dtype) -> None:
     if hasattr(module, "vae"):  # DiffusersAutoencoder
         module.vae.save_pretrained(directory, safe_serialization=True)
         return
-    module.save_pretrained(directory, dtype=dtype)
+    module.save_pretrained(directory, dtype=dtype, model_card=False)  # the pipeline's card covers it
 
 
 def load_text_encoder(spec: str, max_length: int):

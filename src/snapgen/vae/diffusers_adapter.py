@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..nn.hub import resolve_pretrained
 from ..nn.io import CONFIG_NAME
 from ..utils.quiet import quiet_imports
 from ..utils.random import randn
@@ -149,9 +150,11 @@ class DiffusersAutoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "DiffusersAutoencoder":
-        """Load a local folder saved by one of :data:`DIFFUSERS_CLASSES` (``local_files_only``: never the
-        network); the class is the one its ``config.json`` names."""
-        directory = Path(directory)
+        """Load a folder saved by one of :data:`DIFFUSERS_CLASSES` (``local_files_only``: never the network),
+        or a Hugging Face Hub id holding one (:func:`snapgen.nn.hub.resolve_pretrained`); the class is the one
+        its ``config.json`` names."""
+        directory = resolve_pretrained(directory, "diffusers VAE", f"a folder saved by one of {_supported()} "
+                                                                   f"with save_pretrained")
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"no diffusers VAE at {directory}: expected config.json and "
                                     f"diffusion_pytorch_model.safetensors (a folder saved by one of "
@@ -221,10 +224,12 @@ class DiffusersAutoencoder(nn.Module):
 
 def load_autoencoder(directory: str | os.PathLike):
     """snapgen's Autoencoder or a diffusers VAE (:data:`DIFFUSERS_CLASSES`), told apart by the folder's
-    config.json ``_class_name``."""
+    config.json ``_class_name``; ``directory`` may be a Hugging Face Hub id holding such a folder
+    (:func:`snapgen.nn.hub.resolve_pretrained`)."""
     from .autoencoder import Autoencoder
 
-    directory = Path(directory)
+    directory = resolve_pretrained(directory, "autoencoder", "a folder written by Autoencoder.save_pretrained or "
+                                                             "a diffusers VAE's save_pretrained")
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"autoencoder folder {directory} has no {CONFIG_NAME}; pass a folder written by "
