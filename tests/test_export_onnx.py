@@ -134,7 +134,8 @@ def test_fp16_export_has_fp16_weights_and_generates_close_to_fp32(elastic_folder
     for graph in ("text", "dit", "decoder"):
         model = onnx.load(str(out / f"{graph}.onnx"))
         onnx.checker.check_model(model, full_check=True)
-        floats = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+        floats = [i for i in model.graph.initializer
+                  if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
         n16 = sum(int(np.prod(i.dims)) for i in floats if i.data_type == onnx.TensorProto.FLOAT16)
         n32 = sum(int(np.prod(i.dims)) for i in floats if i.data_type == onnx.TensorProto.FLOAT)
         assert n16 > 0 and n32 < 0.01 * n16, (graph, n16, n32)  # fp32 left: a few constants (time frequencies)

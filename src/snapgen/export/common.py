@@ -134,7 +134,8 @@ def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bo
                 ["x", "t", "text", "text_mask"], ["v"]),
         "decoder": (DecoderGraph(pipe.vae.eval()), (torch.randn(1, *latent),), ["latents"], ["image"]),
     }
-    graphs = {name: (*_cast_graph(module, args, dtype), ins, outs) for name, (module, args, ins, outs) in graphs.items()}
+    graphs = {name: (*_cast_graph(module, args, dtype), ins, outs)
+              for name, (module, args, ins, outs) in graphs.items()}
     return {"graphs": graphs, "tokenizer": encoder.tokenizer, "null": (null.detach(), null_mask), "meta": meta}
 
 
