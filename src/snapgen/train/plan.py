@@ -7,7 +7,7 @@ has its weights in their dtype, its gradients, AdamW state and EMA copy (trained
 divided by the ranks where the component is sharded (FSDP2) -- and two kinds of activation memory:
 
 * ``held``: kept until the backward pass (a trained forward's saved tensors, measured from the real model
-  code by :func:`snapgen.train.plan_measure.activation_bytes_per_sample`; a teacher's targets);
+  code by :func:`snapgen.train.plan_measure.saved_tensor_bytes`; a teacher's targets);
 * ``working``: the peak of a forward that keeps nothing for backward (a frozen teacher, the critic's score,
   FSDP's gathered blocks), freed when it returns (:func:`snapgen.train.plan_measure.forward_peak_bytes`).
 
@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .plan_measure import activation_bytes_per_sample
+from .plan_measure import activation_bytes_per_sample, saved_tensor_bytes
 
 __all__ = ["Component", "MemoryPlan", "plan_memory", "student_component", "activation_bytes_per_sample",
-           "parse_memory", "GiB", "DTYPE_BYTES"]
+           "parse_memory", "largest_block_params", "GiB", "DTYPE_BYTES"]
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -159,29 +159,33 @@ def largest_block_params(model) -> int:
 def student_component(model, resolution: int | tuple[int, int], text_len: int, batch_per_gpu: int,
                       shard: int = 1, checkpointing: bool = True, activation_bytes: int = 2,
                       widths: list[str] | None = None, name: str = "student", ema: bool = True,
-                      trained_params: int | None = None, cache: dict | None = None, key=None) -> Component:
+                      trained_params: int | None = None, cache: dict | None = None, key=None,
+                      parameters: bool = True) -> Component:
     """The trained model: its parameters (``trained_params``: only those trained, e.g. LoRA; default all) and
     the activations one step keeps for backward -- every width in ``widths`` runs before the one backward, so
     their saved tensors add up. Measured in fp32 on the meta device, scaled to ``activation_bytes``;
-    ``cache[key]`` keeps the per-sample measurement for the next plan of the same model (another GPU count)."""
+    ``cache[key]`` keeps the per-sample measurement for the next plan of the same model (another GPU count);
+    ``parameters``: count the weights autograd saves (autocast's bf16 copies: once per width, not per sample;
+    see ``saved_tensor_bytes``)."""
     cfg = model.config
     H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
     latent = (cfg.in_channels, H // cfg.vae_factor, W // cfg.vae_factor)
     full_key = (key, tuple(widths or ["full"]), latent, text_len, checkpointing)
     saved = cache.get(full_key) if cache is not None and key is not None else None
     if saved is None:
-        saved = 0
+        saved = [0, 0]
         try:
             for w in widths or ["full"]:
                 model.set_variant(w)
-                saved += activation_bytes_per_sample(model, latent, text_len, checkpointing)
+                a, p = saved_tensor_bytes(model, latent, text_len, checkpointing)
+                saved = [saved[0] + a, saved[1] + p]
         finally:
             model.set_variant("full")
         if cache is not None and key is not None:
             cache[full_key] = saved
     P = sum(p.numel() for p in model.parameters())
     T = P if trained_params is None else trained_params
-    held = saved * batch_per_gpu * activation_bytes / 4
+    held = (saved[0] * batch_per_gpu + (saved[1] if parameters else 0)) * activation_bytes / 4
     note = f"widths {'+'.join(widths or ['full'])}" + (", checkpointing" if checkpointing else "")
     return trained(name, T, shard, ema=ema, held=held, note=note)
 
@@ -190,8 +194,9 @@ def plan_memory(model_config, resolution: int, text_len: int, gpus: int, batch_p
                 strategy: str = "fsdp", checkpointing: bool = True, activation_bytes: int = 2,
                 widths: list[str] | None = None, gpu_memory: float = 80 * GiB) -> MemoryPlan:
     """The student alone (a plain flow run): per-GPU memory of training ``model_config`` at ``resolution`` px
-    on ``gpus`` GPUs; ``widths``: the elastic sub-networks trained per step. Whole configs (teachers, critics,
-    encoders): :func:`snapgen.train.plan_tasks.plan_config`."""
+    on ``gpus`` GPUs; ``widths``: the elastic sub-networks trained per step; ``activation_bytes`` 2 = bf16
+    (autocast with DDP, FSDP2's mixed precision with FSDP). Whole configs (teachers, critics, encoders, FSDP's
+    reshard setting): :func:`snapgen.train.plan_tasks.plan_config`."""
     from ..models import build_model
 
     if strategy not in ("ddp", "fsdp"):
@@ -200,16 +205,10 @@ def plan_memory(model_config, resolution: int, text_len: int, gpus: int, batch_p
         raise ValueError("gpus and batch_per_gpu must be >= 1")
     with torch.device("meta"):
         model = build_model(model_config)
-    shard = gpus if strategy == "fsdp" else 1
-    comps = [student_component(model, resolution, text_len, batch_per_gpu, shard, checkpointing, activation_bytes,
-                               widths)]
-    comps += fsdp_gathered(model, strategy, gpus)
+    fsdp = strategy == "fsdp" and gpus > 1
+    comps = [student_component(model, resolution, text_len, batch_per_gpu, gpus if fsdp else 1, checkpointing,
+                               activation_bytes, widths, parameters=activation_bytes == 2 and not fsdp)]
+    if fsdp:  # current + prefetched block, in the compute dtype
+        gathered = 2 * largest_block_params(model) * activation_bytes
+        comps.append(Component("FSDP gathered parameters", working=gathered, note="two blocks, unsharded"))
     return MemoryPlan(gpus, strategy, batch_per_gpu, comps, gpu_memory)
-
-
-def fsdp_gathered(model, strategy: str, gpus: int, bytes_per_param: int = 4, name: str = "FSDP gathered blocks"):
-    """FSDP2 gathers one block's full parameters for compute and prefetches the next: two blocks in fp32."""
-    if strategy != "fsdp" or gpus == 1:
-        return []
-    return [Component(name, working=2 * largest_block_params(model) * bytes_per_param,
-                      note="current + prefetched block, unsharded")]

@@ -1,8 +1,8 @@
 """Meta-device measurements for the memory planner (:mod:`snapgen.train.plan`), taken from the real model code
 without allocating memory:
 
-* :func:`activation_bytes_per_sample`: what one training sample keeps for backward (every tensor autograd
-  saves during a forward), with or without gradient checkpointing;
+* :func:`saved_tensor_bytes`: what one training sample keeps for backward (every tensor autograd saves
+  during a forward: activations, and the weights saved once per forward), with or without checkpointing;
 * :func:`forward_peak_bytes`: the peak of what a forward *without* gradient holds at once -- a frozen
   teacher's working set, the critic's score, backward simulation. Nothing is kept for backward there, so the
   peak is the largest set of tensors alive together, tracked op by op (``TorchDispatchMode``: each new
@@ -27,28 +27,31 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["activation_bytes_per_sample", "forward_peak_bytes", "FusedAttention"]
+__all__ = ["activation_bytes_per_sample", "saved_tensor_bytes", "forward_peak_bytes", "FusedAttention"]
 
 
-def activation_bytes_per_sample(model, latent_shape: tuple[int, int, int], text_len: int,
-                                checkpointing: bool = False, fused_attention: bool = True) -> int:
-    """Bytes (fp32) that one training sample keeps for backward, measured by recording every tensor autograd
-    saves during a forward of the real model on the meta device (nothing is allocated). With gradient
+def _is_parameter(t: torch.Tensor) -> bool:
+    return isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter)
+
+
+def saved_tensor_bytes(model, latent_shape: tuple[int, int, int], text_len: int, checkpointing: bool = False,
+                       fused_attention: bool = True) -> tuple[int, int]:
+    """``(activations, weights)``: bytes (fp32) that one training sample keeps for backward, measured by
+    recording every tensor autograd saves during a forward of the real model on the meta device (nothing is
+    allocated), split into activations (grow with the batch) and the weights autograd saves for the inputs'
+    gradients (a linear layer keeps its weight; once per forward, whatever the batch). With gradient
     checkpointing a block keeps only its input, and one block's saved tensors exist at a time (recompute).
     Parameters that do not require gradients (a frozen base under LoRA) save what autograd saves for them.
     ``fused_attention``: SDPA as a GPU's fused kernel (:class:`FusedAttention`), else the math path."""
     blocks = [*model.down_blocks, *model.middle_blocks, *model.up_blocks]
-    per_block = {id(b): 0 for b in blocks}
+    per_block = {id(b): [0, 0] for b in blocks}
     block_inputs = {id(b): 0 for b in blocks}
     current: list = [None]
-    outside = [0]
+    outside = [0, 0]
 
     def pack(t):
-        n = t.numel() * t.element_size()
-        if current[0] is None:
-            outside[0] += n
-        else:
-            per_block[current[0]] += n
+        n, kind = t.numel() * t.element_size(), int(_is_parameter(t))
+        (outside if current[0] is None else per_block[current[0]])[kind] += n
         return t
 
     def pre(module, args):
@@ -71,8 +74,15 @@ def activation_bytes_per_sample(model, latent_shape: tuple[int, int, int], text_
         for h in handles:
             h.remove()
     if not checkpointing:
-        return outside[0] + sum(per_block.values())
-    return outside[0] + sum(block_inputs.values()) + max(per_block.values(), default=0)
+        return outside[0] + sum(a for a, _ in per_block.values()), outside[1] + sum(w for _, w in per_block.values())
+    heaviest = max(per_block.values(), key=sum, default=[0, 0])  # the block being recomputed
+    return outside[0] + sum(block_inputs.values()) + heaviest[0], outside[1] + heaviest[1]
+
+
+def activation_bytes_per_sample(model, latent_shape: tuple[int, int, int], text_len: int,
+                                checkpointing: bool = False, fused_attention: bool = True) -> int:
+    """Everything one sample's forward saves for backward (:func:`saved_tensor_bytes`, both parts), in fp32."""
+    return sum(saved_tensor_bytes(model, latent_shape, text_len, checkpointing, fused_attention))
 
 
 class _FusedSDPA(torch.autograd.Function):

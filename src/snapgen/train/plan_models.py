@@ -1,8 +1,8 @@
 """Sizes of the models a run holds besides the student, for the memory planner -- without their weights.
 
-A model is described by a dict, either in the training config's ``plan:`` section (models that are not on
-this machine, or the paper's models where this implementation uses a stand-in) or derived from the run's own
-settings (``kd.teacher``, ``model.init_from``, ``text.encoder``, ``vae.path`` when those folders exist here).
+A model is described by a dict, either in the training config's ``plan:`` section (the sizes of models whose
+folders are not on this machine) or derived from the run's own settings (``kd.teacher``, ``distill.teacher``,
+``model.init_from``, ``text.encoder``, ``vae.path`` when those folders exist here).
 Keys (one of the first four says what the model is):
 
 * ``diffusers: QwenImageTransformer2DModel`` (+ ``config: {...}`` overrides of the class defaults): built
@@ -10,7 +10,8 @@ Keys (one of the first four says what the model is):
   set is measured on a one-block copy (a no-grad forward of identical blocks holds one block's tensors at a
   time, so one block gives the same peak). Supported classes: :data:`DIFFUSERS_INPUTS`.
 * ``snapgen: {preset: full, ...}``: a snapgen model (a ``model:`` section), built on the meta device;
-* ``path: <folder>``: a saved snapgen pipeline or transformer folder (its ``config.json``), or any folder of
+* ``path: <folder>``: a saved snapgen pipeline or transformer folder (its ``config.json``), a diffusers
+  transformer folder of a supported class (built from its ``config.json`` as above), or any folder of
   ``*.safetensors`` (parameters counted from the file headers; nothing is loaded);
 * ``params: 8.29e9``: a published parameter count (no working set is measured then);
 * ``name`` (for the table), ``dtype`` (``fp32`` / ``bf16`` / ``fp16``; default fp32 -- what snapgen's loaders
@@ -83,8 +84,16 @@ def model_size(desc: dict, where: str, default_name: str = "model") -> ModelSize
         folder = Path(desc["path"])
         if _is_snapgen(folder):
             spec = json.dumps({"path": str(folder)})
-            model = _snapgen_model(spec)
-            return _from_snapgen(model, name, f"{where}.path {folder}", {**common, "spec": spec}, text)
+            size = _from_snapgen(_snapgen_model(spec), name, f"{where}.path {folder}", {**common, "spec": spec}, text)
+            cond = folder / "text_conditioning.safetensors"  # a pipeline's trained text conditioning (frozen too)
+            size.params += safetensors_params(cond) if cond.is_file() else 0
+            return size
+        diffusers_cls = _diffusers_class(folder)
+        if diffusers_cls is not None:
+            config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items()
+                      if not k.startswith("_")}
+            return model_size({**{k: desc[k] for k in ("name", "dtype", "shard", "text_encoder") if k in desc},
+                               "diffusers": diffusers_cls, "config": config}, where, default_name)
         if not folder.is_dir():
             raise FileNotFoundError(f"{where}.path {folder} does not exist; give the model's size instead "
                                     f"({where}: {{params: ..., dtype: ...}})")
@@ -102,6 +111,15 @@ def model_size(desc: dict, where: str, default_name: str = "model") -> ModelSize
                      kind="diffusers", feature_width=DIFFUSERS_INPUTS[cls].feature_width(model.config),
                      largest_block=max(sum(p.numel() for p in b.parameters()) for b in model.transformer_blocks),
                      text_encoder=text, **common)
+
+
+def _diffusers_class(folder: Path) -> str | None:
+    """The ``_class_name`` of a diffusers model folder when the planner can measure that class."""
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return name if name in DIFFUSERS_INPUTS else None
 
 
 def _is_snapgen(folder: Path) -> bool:
@@ -156,10 +174,12 @@ def _diffusers_model(spec: str, num_layers: int):
 
 
 def safetensors_params(folder: Path) -> int:
-    """Parameters of every ``*.safetensors`` file under ``folder``, from the file headers (no tensor is read)."""
+    """Parameters of a ``.safetensors`` file or of every one under a folder, from the file headers (no tensor
+    is read)."""
     from safetensors import safe_open
 
-    files = sorted(Path(folder).rglob("*.safetensors"))
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else sorted(folder.rglob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder} holds no *.safetensors file to count parameters from")
     total = 0

@@ -1,28 +1,33 @@
-"""The memory plan of a whole training config (``snapgen plan``): the components each task holds per GPU.
+"""The memory plan of a whole training config (``snapgen plan``): what each task holds on one GPU, read from
+the trainer's behaviour (``snapgen.train.trainer``, ``snapgen.train.distributed``, ``snapgen.tasks``).
 
 ``flow`` (stages 1-2 of the paper recipe), in the order a step runs them:
 
-1. with a ``kd:`` section, the frozen teacher (SnapGen++ Sec. 3.1): weights in its dtype, divided over the
-   ranks when sharded; its no-grad forward's working set at the per-GPU batch (plus two gathered blocks when
-   sharded); its targets (velocity + last-block features) held until the backward; its own text encoder
-   when it has one (the paper's Qwen-Image reads Qwen2.5-VL features, which the student's latent shards do
-   not hold);
-2. the student: fp32 weights, gradients, AdamW and EMA (sharded with FSDP2), and the activations of every
-   width of the step (:func:`snapgen.train.plan.student_component`); the KD projectors (trained, no EMA);
-   FSDP's two gathered blocks;
+1. with a ``kd:`` section, the frozen teacher (SnapGen++ Sec. 3.1; :mod:`snapgen.tasks.teachers`): weights in
+   the dtype it is loaded in, replicated on every rank (the trainer shards trained modules only); the working
+   set of its no-grad forward at the per-GPU batch; its targets (velocity + last-block features, fp32) held
+   until the backward. An external (diffusers) teacher has its own text encoder: it encodes the cached
+   captions in ``prepare`` and is unloaded (counted as a working set before training), but with streamed
+   shards it encodes each new caption as it comes and stays loaded (counted as weights);
+2. the student: fp32 master weights, gradients, AdamW and EMA (divided over the ranks with FSDP2) and the
+   activations of every width of the step (:func:`snapgen.train.plan.student_component`); the text
+   conditioning and the KD projectors (trained; projectors without EMA); FSDP's gathered parameters in the
+   compute dtype (two blocks when blocks reshard after forward, every block when an elastic step keeps them
+   gathered: ``distributed.reshard_after_forward``);
 3. the student's text encoder and the VAE: only when the run loads them (sample grids, or a latent cache the
-   run builds itself); with precomputed latents and caption features they are never loaded.
+   run builds itself).
 
-``dmd`` / ``kdmd`` (stage 3; DDP only, nothing sharded): the frozen base at ``model.init_from`` (fp32) hosts
-each width's student LoRA (trained, EMA) and the few-step teacher's LoRA; one critic per width is a full copy
-of the base (fp32, frozen) with its own trained LoRA; projectors per width (kdmd). Held: every width's
-student and critic activations (one backward for all; no gradient checkpointing in the distillation task);
-working: the teacher with CFG (2x batch). The teacher is the base itself -- the trainer's stand-in for the
-paper's Qwen-Image -- unless ``plan.teacher`` declares the paper's (then counted as its own component).
+``dmd`` / ``kdmd`` (stage 3; DDP only): the frozen base at ``model.init_from`` (fp32, with its text
+conditioning) hosts each width's student LoRA (trained, EMA) and, for kdmd, the few-step teacher's LoRA; one
+critic per width is a full fp32 copy of the base with its own trained LoRA; projectors per width (kdmd). Held:
+every width's student and critic activations (one backward for all widths; the distillation task has no
+gradient checkpointing); working: the real-score teacher with CFG (2x batch) -- the base itself, or
+``distill.teacher`` (external, replicated, its text encoder used in ``prepare`` only).
 
-Where the sizes come from: ``plan.teacher`` / ``plan.base`` / ``plan.text_encoder`` / ``plan.vae``
-(:mod:`snapgen.train.plan_models`) when declared, else the run's folders (``kd.teacher``,
-``model.init_from``, ...) when they exist here; otherwise an error that names the key to add.
+Activations are bf16 under ``precision: bf16`` (autocast with DDP, FSDP2's MixedPrecisionPolicy with FSDP).
+The weights autograd saves for backward count as activation memory only as autocast's bf16 copies (DDP);
+under FSDP they are the gathered parameters. Sizes of models that are not on this machine come from the
+config's ``plan:`` section (:mod:`snapgen.train.plan_models`); a missing size is an error naming the key.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ from pathlib import Path
 
 import torch
 
-from .plan import (DTYPE_BYTES, Component, GiB, MemoryPlan, frozen, fsdp_gathered, student_component, trained)
+from .plan import DTYPE_BYTES, Component, GiB, MemoryPlan, frozen, largest_block_params, student_component, trained
 from .plan_models import ModelSize, model_size
 
 __all__ = ["plan_config", "widths_per_step"]
 
-_PLAN_KEYS = {"teacher", "base", "text_encoder", "vae"}
+_PLAN_KEYS = {"teacher", "few_step_teacher", "base", "text_encoder", "vae"}
 _SAVED: dict = {}  # per-sample activation measurements, reused by the plans of other GPU counts / batches
+_RUN_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def widths_per_step(mcfg, elastic: dict) -> list[str]:
@@ -57,34 +63,98 @@ def plan_config(cfg, gpus: int, batch_per_gpu: int | None = None, strategy: str 
                 gpu_memory: float = 80 * GiB) -> MemoryPlan:
     """Per-GPU memory of training config ``cfg`` (a :class:`snapgen.train.TrainConfig`) on ``gpus`` GPUs;
     ``text_len`` defaults to the config's ``text.max_length`` (else 300, the paper configs' caption length)."""
-    text_len = int(text_len or cfg.text.get("max_length", 300))
     plan = dict(cfg.plan or {})
     unknown = sorted(set(plan) - _PLAN_KEYS)
     if unknown:
         raise ValueError(f"unknown keys {unknown} in plan:; valid: {sorted(_PLAN_KEYS)}")
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
+    text_len = int(text_len or cfg.text.get("max_length", 300))
     batch = int(batch_per_gpu or cfg.batch_size)
     res = resolution or cfg.data.get("resolution", 256)
     res = (res, res) if isinstance(res, int) else (int(res[0]), int(res[1]))
-    act_bytes = 2 if cfg.precision == "bf16" else 4
+    strategy = strategy or cfg.distributed.get("strategy", "ddp")
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
     if cfg.task == "flow":
-        return _plan_flow(cfg, plan, gpus, batch, strategy or cfg.distributed.get("strategy", "ddp"), res, text_len,
-                          act_bytes, gpu_memory)
+        return _plan_flow(cfg, plan, gpus, batch, strategy, res, text_len, gpu_memory)
     if cfg.task in ("dmd", "kdmd"):
-        if (strategy or cfg.distributed.get("strategy", "ddp")) != "ddp":
+        if strategy != "ddp":
             raise ValueError(f"task {cfg.task} trains with DDP only (tasks/dmd.py: strategies = ('ddp',))")
-        return _plan_distill(cfg, plan, gpus, batch, res, text_len, act_bytes, gpu_memory)
+        return _plan_distill(cfg, plan, gpus, batch, res, text_len, gpu_memory)
     raise ValueError(f"snapgen plan covers the flow, dmd and kdmd tasks; {cfg.task!r} is not one of them")
 
 
+# ---------------------------------------------------------------------------------------------- teachers
+def _teacher_size(spec, plan: dict, key: str, where: str) -> ModelSize:
+    """A teacher's size: ``plan.<key>`` when declared, else the run's folder when it is here; the dtype is the
+    one the trainer loads it in (``plan.<key>.dtype`` / ``shard`` are what-if overrides, marked as such)."""
+    if isinstance(spec, (str, Path)):
+        spec = {"kind": "snapgen", "path": str(spec)}
+    kind = spec.get("kind", "snapgen")
+    dtype = _RUN_DTYPES.get(spec.get("dtype", "float32"), "fp32") if kind == "diffusers" else "fp32"
+    if key in plan:
+        desc = dict(plan[key])
+        what_if = sorted(k for k in ("dtype", "shard") if k in desc)
+        size = model_size({"dtype": dtype, **desc}, f"plan.{key}", "teacher")
+        size.source += f" (what-if: plan.{key}.{', '.join(what_if)})" if what_if else ""
+        return size
+    folder = Path(str(spec.get("transformer") or Path(spec.get("path") or "") / "transformer")) \
+        if kind == "diffusers" else Path(str(spec.get("path") or ""))
+    if not spec.get("path") and not spec.get("transformer") or not folder.is_dir():
+        raise FileNotFoundError(f"the plan needs the size of {where} ({folder} is not here): declare it as "
+                                f"plan.{key}, e.g. {{diffusers: QwenImageTransformer2DModel, text_encoder: {{params: "
+                                f"8.29e9}}}}, {{snapgen: {{preset: full}}}} or {{params: 2.0e9}}")
+    desc = {"path": str(folder), "dtype": dtype, "name": Path(str(spec.get("path") or folder)).name}
+    if kind == "diffusers":
+        from .plan_models import safetensors_params
+
+        root = Path(spec["path"]) if spec.get("path") else None
+        enc = [Path(str(spec[k])) for k in ("text_encoder", "text_encoder_2", "text_encoder_3") if spec.get(k)] or \
+            ([d for d in sorted(root.glob("text_encoder*")) if d.is_dir()] if root else [])
+        if enc:
+            desc["text_encoder"] = {"params": sum(safetensors_params(d) for d in enc),
+                                    "name": "+".join(d.name for d in enc)}
+    return model_size(desc, where, "teacher")
+
+
+def _teacher_rows(t: ModelSize, batch: int, gpus: int, latent, text_len: int, autocast: bool, cfg_batch: int,
+                  encoder_resident: bool, label: str = "teacher") -> tuple[list[Component], list[Component]]:
+    """``(text encoder rows, teacher rows)`` of a frozen teacher: its text encoder (resident, or loaded in
+    ``prepare`` only: then its weights are a working set before training, to be listed first), and the teacher
+    with the working set of a forward at ``cfg_batch x batch`` and its fp32 targets held at ``batch``."""
+    rows = []
+    if t.text_encoder is not None:
+        e = t.text_encoder  # loaded in the teacher's dtype (distill/diffusers_teacher.py)
+        bytes_ = DTYPE_BYTES[t.dtype] * e.params / (gpus if e.shard else 1)
+        if encoder_resident:
+            rows.append(frozen(f"{label} text encoder ({e.name})", e.params, t.dtype, gpus if e.shard else 1,
+                               note="loaded by the first new caption (streamed shards) and kept"))
+        else:
+            rows.append(Component(f"{label} text encoder ({e.name})", e.params, t.dtype, working=bytes_,
+                                  note="in prepare only: encodes the cached captions, then unloaded"))
+    per, kept = t.working(latent, text_len)
+    # an fp32 model computes in bf16 under autocast; a diffusers teacher returns fp32 targets (.float())
+    scale = 0.5 if autocast and t.dtype == "fp32" else 1.0
+    kept_scale = 4 / DTYPE_BYTES[t.dtype] if t.kind == "diffusers" else scale
+    shard = gpus if t.shard else 1
+    gathered = 2 * t.largest_block * DTYPE_BYTES[t.dtype] if shard > 1 else 0
+    note = f"frozen, {'sharded over ' + str(gpus) + ' (what-if)' if shard > 1 else 'replicated'}"
+    note += f", forward at batch {cfg_batch * batch}" if per else ", forward not measured (size by params)"
+    teacher = frozen(f"{label} ({t.name})", t.params, t.dtype, shard, held=kept * kept_scale * batch,
+                     working=per * scale * cfg_batch * batch + gathered, note=note)
+    return rows, [teacher]
+
+
 # ------------------------------------------------------------------------------------------------------ flow
-def _plan_flow(cfg, plan, gpus, batch, strategy, res, text_len, act_bytes, gpu_memory) -> MemoryPlan:
+def _plan_flow(cfg, plan, gpus, batch, strategy, res, text_len, gpu_memory) -> MemoryPlan:
     from ..models import build_model
 
-    if strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
-    shard = gpus if strategy == "fsdp" else 1
+    fsdp = strategy == "fsdp" and gpus > 1
+    shard = gpus if fsdp else 1
+    bf16 = cfg.precision == "bf16"
+    act_bytes = 2 if bf16 else 4
+    autocast = bf16 and not fsdp  # DDP / one process on CUDA: autocast; FSDP: MixedPrecisionPolicy
     with torch.device("meta"):
         model = build_model({k: v for k, v in cfg.model.items() if k != "init_from"})
     mcfg = model.config
@@ -93,34 +163,48 @@ def _plan_flow(cfg, plan, gpus, batch, strategy, res, text_len, act_bytes, gpu_m
     comps, notes = [], []
     teacher = None
     if cfg.kd:
-        if "teacher" in plan:
-            teacher = model_size(plan["teacher"], "plan.teacher", "teacher")
-            notes.append(f"teacher sized from plan.teacher ({teacher.source}), not from kd.teacher: the paper's "
-                         f"teacher; the trainer's kd teacher is a snapgen pipeline, loaded in fp32 and replicated")
-        else:
-            teacher = _folder_model(cfg.kd.get("teacher"), "kd.teacher", "plan.teacher")
-        comps += _teacher_components(teacher, batch, gpus, latent, text_len, act_bytes, cfg=1)
+        teacher = _teacher_size(cfg.kd.get("teacher"), plan, "teacher", "kd.teacher")
+        enc, rows = _teacher_rows(teacher, batch, gpus, latent, text_len, autocast, 1,
+                                  encoder_resident=bool(cfg.data.get("shards")))
+        comps += enc + rows  # the teacher's forward runs first in the step (flow_kd.py)
     key = json.dumps({k: v for k, v in cfg.model.items() if k != "init_from"}, sort_keys=True)
     comps.append(student_component(model, res, text_len, batch, shard, cfg.grad_checkpointing, act_bytes, widths,
-                                   cache=_SAVED, key=key))
+                                   cache=_SAVED, key=key, parameters=autocast))
     comps.append(_conditioning(cfg, mcfg, shard, notes))
     if teacher is not None:
         tw = teacher.feature_width or 0
         if not tw:
-            notes.append("KD projectors not counted: the teacher's feature width is unknown (declare it by class)")
+            notes.append("KD projectors not counted: the teacher's feature width is unknown (size it by class)")
         ratios = dict(model.variants)
         p = sum(int(mcfg.width * ratios[w]) * tw + tw for w in ratios) if tw else 0
-        tokens = _tokens(mcfg, latent)
+        tokens = (latent[1] // mcfg.patch_size) * (latent[2] // mcfg.patch_size)
         held = sum(batch * tokens * int(mcfg.width * ratios[w]) * act_bytes for w in widths) if tw else 0.0
         comps.append(trained("KD projectors", p, shard, ema=False, held=held,
                              note=f"Linear(width -> {tw}) per width, no EMA"))
-    comps += fsdp_gathered(model, strategy, gpus)
+    if fsdp:
+        comps.append(_gathered(model, cfg, len(widths), act_bytes))
     online = bool(cfg.sampling.get("prompts")) or ("spec" in cfg.data and not cfg.data.get("shards"))
     why = "sample grids / the run builds its latent cache" if online else ""
     comps.append(_encoder(plan, "text_encoder", "text encoder (student)", cfg.text.get("encoder", "minilm"), online,
                           why, "caption features precomputed", shard))
     comps.append(_encoder(plan, "vae", "VAE", cfg.vae.get("path"), online, why, "latents precomputed", shard))
     return MemoryPlan(gpus, strategy, batch, comps, gpu_memory, notes)
+
+
+def _gathered(model, cfg, widths: int, act_bytes: int) -> Component:
+    """FSDP2's unsharded parameters in the compute dtype (``snapgen.train.distributed.reshard_after_forward``):
+    roots stay gathered (``auto``); blocks reshard after forward (current + prefetched block) unless several
+    widths run per step (then every block stays gathered until its backward)."""
+    from .distributed import reshard_after_forward
+
+    root, blocks = reshard_after_forward(cfg.distributed.get("reshard_after_forward", "auto"), widths)
+    all_blocks = [*model.down_blocks, *model.middle_blocks, *model.up_blocks]
+    in_blocks = sum(p.numel() for b in all_blocks for p in b.parameters())
+    roots = sum(p.numel() for p in model.parameters()) - in_blocks
+    n = (2 * largest_block_params(model) if blocks else in_blocks) + (0 if root else roots)
+    how = "two blocks" if blocks else "every block (several widths per step)"
+    return Component("FSDP gathered parameters", n, "bf16" if act_bytes == 2 else "fp32", working=n * act_bytes,
+                     note=f"unsharded: {how}{'' if root else ' + the root module'}")
 
 
 def _conditioning(cfg, mcfg, shard, notes) -> Component:
@@ -137,28 +221,6 @@ def _conditioning(cfg, mcfg, shard, notes) -> Component:
         notes.append(f"text encoder {spec} is not here: its width is taken as the model's text_dim ({dim})")
     p = dim + (0 if dim == mcfg.text_dim else dim * mcfg.text_dim + mcfg.text_dim)
     return trained("text conditioning", p, shard, note=f"null embedding{' + projection' if p > dim else ''}")
-
-
-def _tokens(mcfg, latent) -> int:
-    return (latent[1] // mcfg.patch_size) * (latent[2] // mcfg.patch_size)
-
-
-def _teacher_components(t: ModelSize, batch, gpus, latent, text_len, act_bytes, cfg: int) -> list[Component]:
-    """The frozen teacher: weights (sharded or not), the working set of one forward at ``cfg`` x ``batch``
-    samples (CFG doubles the batch), two gathered blocks when sharded, its targets held at ``batch``."""
-    per, kept = t.working(latent, text_len)
-    scale = act_bytes / 4 if t.dtype == "fp32" else 1.0  # an fp32 model under bf16 autocast computes in bf16
-    shard = gpus if t.shard else 1
-    gathered = 2 * t.largest_block * DTYPE_BYTES[t.dtype] if t.shard and gpus > 1 else 0
-    note = f"frozen, {'sharded over ' + str(gpus) if shard > 1 else 'replicated'}"
-    note += f", forward at batch {cfg * batch}" if per else ", working set not measured (size by params)"
-    comps = [frozen(f"teacher ({t.name})", t.params, t.dtype, shard, working=per * scale * cfg * batch + gathered,
-                    held=kept * scale * batch, note=note)]
-    if t.text_encoder is not None:
-        e = t.text_encoder
-        comps.append(frozen(f"teacher text encoder ({e.name})", e.params, e.dtype, gpus if e.shard else 1,
-                            note="frozen, runs every step (working set not counted)"))
-    return comps
 
 
 def _encoder(plan, key, label, setting, online, why, offline_note, shard) -> Component:
@@ -179,100 +241,99 @@ def _encoder(plan, key, label, setting, online, why, offline_note, shard) -> Com
     return frozen(label, m.params, m.dtype, shard if m.shard else 1, note=f"frozen, loaded for {why}")
 
 
-def _folder_model(folder, where: str, key: str) -> ModelSize:
-    if not folder or not Path(str(folder)).is_dir():
-        raise FileNotFoundError(f"the plan needs the size of {where} ({folder!r} is not a folder here): declare "
-                                f"it in the config, e.g. {key}: {{diffusers: QwenImageTransformer2DModel, dtype: "
-                                f"bf16, shard: true}} or {{snapgen: {{preset: full}}}} or {{params: 2.0e9}}")
-    return model_size({"path": str(folder)}, where, Path(str(folder)).name)
-
-
 # --------------------------------------------------------------------------------------------- dmd / kdmd
-def _plan_distill(cfg, plan, gpus, batch, res, text_len, act_bytes, gpu_memory) -> MemoryPlan:
+def _plan_distill(cfg, plan, gpus, batch, res, text_len, gpu_memory) -> MemoryPlan:
     from ..nn.lora import add_lora, lora_parameters, set_adapter
     from .plan_models import _snapgen_model
 
     d = cfg.distill
+    bf16 = cfg.precision == "bf16"
+    act_bytes = 2 if bf16 else 4
     if "base" in plan:
         base_size = model_size(plan["base"], "plan.base", "base")
     else:
-        base_size = _folder_model(cfg.model.get("init_from"), "model.init_from", "plan.base")
+        folder = cfg.model.get("init_from")
+        if not folder or not Path(str(folder)).is_dir():
+            raise FileNotFoundError(f"the plan needs the size of model.init_from ({folder!r} is not here): declare "
+                                    f"it as plan.base, e.g. {{snapgen: {{preset: full}}}}")
+        base_size = model_size({"path": str(folder)}, "model.init_from", "base")
     if base_size.kind != "snapgen":
         raise ValueError("plan.base must describe a snapgen model (snapgen: {preset: ...} or path: a pipeline)")
     base = copy.deepcopy(_snapgen_model(base_size.spec)).requires_grad_(False)
     mcfg = base.config
     latent = (mcfg.in_channels, res[0] // mcfg.vae_factor, res[1] // mcfg.vae_factor)
     variants = list(d.get("variants", ["full"]))
+    n = len(variants)
     s_lora = d.get("student_lora", {"rank": 64, "alpha": 128})
     c_lora = d.get("critic_lora", {"rank": 64, "alpha": 128})
     prefix = d.get("adapter_prefix", cfg.task)
     notes = ["no gradient checkpointing: the distillation task trains without it"]
-    comps = []
-    few_rank = None
-    if cfg.task == "kdmd":
-        few_rank = _few_step_rank(d.get("few_step_teacher"), s_lora, notes)
-        add_lora(base, "few_step_teacher", few_rank, 2.0 * few_rank)
+    few = d.get("few_step_teacher") if cfg.task == "kdmd" else None
+    ext_few = _teacher_size(few, plan, "few_step_teacher", "distill.few_step_teacher") \
+        if isinstance(few, dict) else None
+    if few and ext_few is None:
+        rank = _few_step_rank(few, s_lora, notes)
+        add_lora(base, "few_step_teacher", rank, 2.0 * rank)
     student_params = 0
-    for v in variants:
-        if s_lora:
+    if s_lora:
+        for v in variants:
             student_params += sum(p.numel() for p in add_lora(base, f"{prefix}_{v}", int(s_lora["rank"]),
                                                                float(s_lora["alpha"])))
     base.requires_grad_(False)
-    base_params = sum(p.numel() for p in base.parameters()) - student_params
-    teacher = model_size(plan["teacher"], "plan.teacher", "teacher") if "teacher" in plan else None
-    role = ("students' host" if teacher is not None else "teacher, few-step teacher (LoRA) and students' host"
-            if cfg.task == "kdmd" else "teacher and students' host")
-    comps.append(frozen(f"base ({role})", base_params, "fp32", note="frozen fp32 (loaded as saved), replicated"))
-    # held activations: each width's student (LoRA on, only LoRA trained) -- then its critic, same architecture
-    acts = {}
+    teacher = _teacher_size(d["teacher"], plan, "teacher", "distill.teacher") if d.get("teacher") else None
+    roles = [r for r, on in (("teacher", teacher is None), ("few-step teacher (LoRA)", few and ext_few is None),
+                             ("students' host", True)) if on]
+    P0 = sum(p.numel() for p in _snapgen_model(base_size.spec).parameters())
+    conditioning = base_size.params - P0  # the pipeline's text conditioning, when sized from its folder
+    comps = [frozen(f"base ({', '.join(roles)})", sum(p.numel() for p in base.parameters()) - student_params
+                    + conditioning, "fp32", note="frozen fp32 (loaded as saved) + text conditioning, replicated")]
+    acts = {}  # each width's student activations (LoRA on, only LoRA trained); its critic has the same
     for v in variants:
-        m = base
         if s_lora:
-            for p in m.parameters():
-                p.requires_grad_(False)
-            set_adapter(m, f"{prefix}_{v}")
-            for p in lora_parameters(m, f"{prefix}_{v}").values():
+            set_adapter(base, f"{prefix}_{v}")
+            for p in lora_parameters(base, f"{prefix}_{v}").values():
                 p.requires_grad_(True)
         key = (base_size.spec, json.dumps(s_lora), prefix, cfg.task)
-        acts[v] = student_component(m, res, text_len, batch, 1, False, act_bytes, [v], name="_", cache=_SAVED,
-                                    key=key).held
+        acts[v] = student_component(base, res, text_len, batch, 1, False, act_bytes, [v], name="_", cache=_SAVED,
+                                    key=key, parameters=bf16).held
+        base.requires_grad_(False)
     if s_lora:
-        comps.append(trained(f"student LoRAs x{len(variants)}", student_params, held=sum(acts.values()),
+        comps.append(trained(f"student LoRAs x{n}", student_params, held=sum(acts.values()),
                              note=f"rank {s_lora['rank']} per width ({', '.join(variants)}), EMA"))
     else:
-        P = sum(p.numel() for p in base.parameters()) - student_params
-        comps.append(trained(f"students (full copies) x{len(variants)}", P * len(variants), held=sum(acts.values()),
+        comps.append(trained(f"students (full copies) x{n}", P0 * n, held=sum(acts.values()),
                              note="fully trained copies of the base, EMA"))
-    critic_lora = 0
     if c_lora:
         probe = copy.deepcopy(_snapgen_model(base_size.spec))
-        critic_lora = sum(p.numel() for p in add_lora(probe, "critic", int(c_lora["rank"]), float(c_lora["alpha"])))
-    P0 = sum(p.numel() for p in _snapgen_model(base_size.spec).parameters())
-    n = len(variants)
-    if c_lora:
+        r = sum(p.numel() for p in add_lora(probe, "critic", int(c_lora["rank"]), float(c_lora["alpha"])))
         comps.append(frozen(f"critics x{n} (copies of the base)", P0 * n, "fp32", note="frozen fp32 copies"))
-        comps.append(trained(f"critic LoRAs x{n}", critic_lora * n, ema=False, held=sum(acts.values()),
+        comps.append(trained(f"critic LoRAs x{n}", r * n, ema=False, held=sum(acts.values()),
                              note=f"rank {c_lora['rank']}, no EMA"))
     else:
         comps.append(trained(f"critics x{n} (full copies)", P0 * n, ema=False, held=sum(acts.values()),
                              note="fully trained copies of the base, no EMA"))
-    # the teacher's forwards: CFG at 2x batch (real score), the few-step teacher at the batch (kdmd)
+    # the teachers' forwards: the real score with CFG at 2x batch; the few-step teacher at the batch (kdmd)
     if teacher is not None:
-        notes.append(f"teacher sized from plan.teacher ({teacher.source}): the paper's; the trainer's {cfg.task} "
-                     f"uses the base as teacher (tasks/dmd.py)")
-        comps += _teacher_components(teacher, batch, gpus, latent, text_len, act_bytes, cfg=2)
-        tw = teacher.feature_width or mcfg.width
+        enc, rows = _teacher_rows(teacher, batch, gpus, latent, text_len, bf16, 2, encoder_resident=False)
+        rows[0].held = 0.0  # the real score is a velocity (latent-sized), not features
+        comps = enc + comps + rows  # its text encoder runs in prepare, before anything is held
     else:
-        per, kept = base_size.working(latent, text_len)
-        scale = act_bytes / 4
-        held = kept * scale * batch if cfg.task == "kdmd" else 0.0
-        comps.append(Component("teacher forwards (the base)", working=per * scale * 2 * batch, held=held,
+        per, _ = base_size.working(latent, text_len)
+        comps.append(Component("teacher forwards (the base)", working=per * act_bytes / 4 * 2 * batch,
                                note=f"CFG at batch {2 * batch}; weights in the base row"))
-        tw = mcfg.width
+    if ext_few is not None:
+        enc, rows = _teacher_rows(ext_few, batch, gpus, latent, text_len, bf16, 1, encoder_resident=False,
+                                  label="few-step teacher")
+        comps = enc + comps + rows
+    elif few:
+        _, kept = base_size.working(latent, text_len)
+        comps.append(Component("few-step teacher targets", held=kept * act_bytes / 4 * batch,
+                               note="the base + its LoRA: velocity and last-block features"))
     if cfg.task == "kdmd":
+        out = ext_few.feature_width if ext_few is not None else mcfg.width
         ratios = dict(base.variants)
-        p = sum(int(mcfg.width * ratios[v]) * tw + tw for v in variants)
-        comps.append(trained(f"projectors x{n}", p, ema=False, note=f"Linear(width -> {tw}), no EMA"))
+        p = sum(int(mcfg.width * ratios[v]) * out + out for v in variants)
+        comps.append(trained(f"projectors x{n}", p, ema=False, note=f"Linear(width -> {out}), no EMA"))
     comps.append(Component("text encoder (student)", note="not loaded: captions from data.cache"))
     comps.append(Component("VAE", note="not on the GPU (sample grids off)"))
     return MemoryPlan(gpus, "ddp", batch, comps, gpu_memory, notes)
