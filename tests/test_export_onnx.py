@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from snapgen.cli import main
-from snapgen.export.onnx import OnnxPipeline, export_onnx
+from snapgen.export.common import standalone_transformer
+from snapgen.export.onnx import OnnxPipeline, export_onnx, parameter_bytes
 from snapgen.pipelines import TextToImagePipeline
 
 pytest.importorskip("onnxruntime")
@@ -85,6 +86,86 @@ def test_export_refuses_bad_resolution_and_variant(elastic_folder, tmp_path):
         export_onnx(pipe, tmp_path / "x", resolution=(17, 16), progress=False)
     with pytest.raises(ValueError, match="unknown variant"):
         TextToImagePipeline.from_pretrained(elastic_folder, variant="medium")
+
+
+
+def _latents_and_images(pipe, prompts, seed=5):
+    latents = pipe(prompts, seed=seed, return_latents=True)
+    return latents, np.stack([np.asarray(im, dtype=np.int16) for im in pipe(prompts, seed=seed)])
+
+
+def test_external_data_export_loads_and_generates_the_same_images(elastic_folder, exported, tmp_path):
+    """Threshold 0 forces every graph's weights into ``<graph>.onnx.data`` (what a >2 GB model gets)."""
+    pipe = TextToImagePipeline.from_pretrained(elastic_folder, variant="small")
+    out = export_onnx(pipe, tmp_path / "ext", progress=False, external_threshold=0)
+    meta, plain = (json.loads((d / "export.json").read_text()) for d in (out, exported))
+    assert meta["external_data"] == {f"{n}.onnx": f"{n}.onnx.data" for n in ("text", "dit", "decoder")}
+    assert "external_data" not in plain and not list(exported.glob("*.data"))  # default threshold: inline
+    # the weights live in the .data file (the protobuf keeps the graph and the exporter's folded constants)
+    weights = parameter_bytes(standalone_transformer(pipe))
+    assert meta["files"]["dit.onnx.data"] >= weights
+    assert abs(plain["files"]["dit.onnx"] - meta["files"]["dit.onnx"] - weights) < 0.1 * weights
+    prompts = ["a red circle to the left of a blue square", "two green hearts"]
+    a, ia = _latents_and_images(OnnxPipeline(out), prompts)
+    b, ib = _latents_and_images(OnnxPipeline(exported), prompts)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # the same graph and weights, stored elsewhere
+    assert np.array_equal(ia, ib)
+    (out / "dit.onnx.data").unlink()  # a folder copied without its weights file
+    with pytest.raises(FileNotFoundError, match=r"dit\.onnx\.data.*incomplete"):
+        OnnxPipeline(out)
+
+
+# fp16 graphs against fp32 graphs on onnxruntime's CPU provider, same noise, the tiny test model's CFG sampler:
+# measured max |diff| of the latents 2.3e-3, images within 1 level of 255; held to ~4x that.
+FP16_LATENT_ATOL = 1e-2
+
+
+def test_fp16_export_has_fp16_weights_and_generates_close_to_fp32(elastic_folder, exported, tmp_path, capsys):
+    import onnx
+    import onnxruntime as ort
+
+    pipe = TextToImagePipeline.from_pretrained(elastic_folder, variant="small")
+    assert main(["export", "onnx", "--model", str(elastic_folder), "--variant", "small", "--dtype", "fp16",
+                 "--out", str(tmp_path / "fp16")]) == 0
+    out = tmp_path / "fp16"
+    meta, plain = (json.loads((d / "export.json").read_text()) for d in (out, exported))
+    assert meta["dtype"] == "float16" and plain["dtype"] == "float32"
+    names = {n for n, _ in pipe.extract("small").transformer.named_parameters()}
+    for graph in ("text", "dit", "decoder"):
+        model = onnx.load(str(out / f"{graph}.onnx"))
+        onnx.checker.check_model(model, full_check=True)
+        floats = [i for i in model.graph.initializer
+                  if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+        n16 = sum(int(np.prod(i.dims)) for i in floats if i.data_type == onnx.TensorProto.FLOAT16)
+        n32 = sum(int(np.prod(i.dims)) for i in floats if i.data_type == onnx.TensorProto.FLOAT)
+        assert n16 > 0 and n32 < 0.01 * n16, (graph, n16, n32)  # fp32 left: a few constants (time frequencies)
+        if graph == "dit":  # every exported parameter of the model is an fp16 initializer
+            params = [i for i in model.graph.initializer if i.name.removeprefix("model.") in names]
+            assert len(params) > 20 and all(i.data_type == onnx.TensorProto.FLOAT16 for i in params)
+            session = ort.InferenceSession(str(out / "dit.onnx"), providers=["CPUExecutionProvider"])
+            assert {i.name: i.type for i in session.get_inputs()} == {
+                "x": "tensor(float16)", "t": "tensor(float16)", "text": "tensor(float16)", "text_mask": "tensor(bool)"}
+    def float_bytes(path):  # the weights' share of a file (the rest: graph, folded integer index tables)
+        return sum(int(np.prod(i.dims)) * {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2}[i.data_type]
+                   for i in onnx.load(str(path)).graph.initializer
+                   if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+
+    assert 0.49 < float_bytes(out / "dit.onnx") / float_bytes(exported / "dit.onnx") < 0.51
+    assert next(pipe.transformer.parameters()).dtype == torch.float32  # the export cast copies
+    prompts = ["a red circle to the left of a blue square", "two green hearts"]
+    a, ia = _latents_and_images(OnnxPipeline(out), prompts)
+    b, ib = _latents_and_images(OnnxPipeline(exported), prompts)
+    assert a.dtype == torch.float32 and not torch.equal(a, b)
+    torch.testing.assert_close(a, b, atol=FP16_LATENT_ATOL, rtol=0)
+    assert np.abs(ia - ib).max() <= 4
+
+
+def test_dtype_flag_is_onnx_only(elastic_folder, tmp_path, capsys):
+    assert main(["export", "executorch", "--model", str(elastic_folder), "--dtype", "fp16", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "onnx export option" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        export_onnx(TextToImagePipeline.from_pretrained(elastic_folder), tmp_path / "y", dtype="bf16")
 
 
 # ------------------------------------------------------------------------------------- device rewrite + mobile

@@ -18,6 +18,9 @@ def _add_export(subparsers) -> None:
     p.add_argument("--rewrite", action="store_true",
                    help="onnx: use the on-device graph form (BNA as gathers + batched attention); "
                         "executorch/coreml always do")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="onnx: weights and activations of the graphs (fp16 halves the files; the runtime feeds "
+                        "fp16 inputs and returns fp32)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
 
@@ -72,12 +75,15 @@ def _load_pipeline(args):
 
 
 def cmd_export(args) -> int:
+    if args.dtype != "fp32" and args.format != "onnx":
+        raise ValueError(f"--dtype {args.dtype} is an onnx export option; {args.format} exports are fp32 "
+                         f"(drop --dtype or use: snapgen export onnx --dtype {args.dtype})")
     pipe = _load_pipeline(args)
     res = parse_resolution(args.resolution) if args.resolution else None
     if args.format == "onnx":
         from ..export.onnx import export_onnx
 
-        out = export_onnx(pipe, args.out, resolution=res, rewrite=args.rewrite)
+        out = export_onnx(pipe, args.out, resolution=res, rewrite=args.rewrite, dtype=args.dtype)
     elif args.format == "executorch":
         from ..export.mobile import export_executorch
 

@@ -38,13 +38,16 @@ def _add_consolidate(subparsers) -> None:
 
 
 def _add_plan(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="per-GPU memory of a training config for N GPUs (meta-device dry run)")
-    p.add_argument("--config", required=True, help="a flow training config")
+    p = subparsers.add_parser("plan", help="per-GPU memory of a training config for N GPUs, component by component "
+                                           "(meta-device dry run), and whether it fits the GPU")
+    p.add_argument("--config", required=True, help="a flow, dmd or kdmd training config")
     p.add_argument("--gpus", type=int, nargs="+", default=[8], help="GPU counts to plan for (default 8)")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU (default 80GB; GB = GiB as on GPU "
+                                                         "spec sheets: an A100-80GB has 80 GiB)")
     p.add_argument("--batch-per-gpu", type=int, help="per-GPU batch (default: the config's batch_size)")
     p.add_argument("--strategy", choices=["ddp", "fsdp"], help="default: the config's distributed.strategy")
     p.add_argument("--resolution", type=int, help="image size in pixels (default: the config's)")
-    p.add_argument("--text-len", type=int, default=300, help="text tokens (default 300)")
+    p.add_argument("--text-len", type=int, help="text tokens (default: the config's text.max_length, else 300)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
@@ -122,38 +125,22 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
-def _widths_per_step(mcfg, cfg) -> list[str]:
-    """The sub-networks one elastic training step runs, for the plan: full + smallest + num_random others (the
-    sandwich rule; the next-smallest stand in for the random ones)."""
-    widths = ["full"]
-    if mcfg.elastic_variants:
-        ranked = sorted(mcfg.elastic_variants, key=lambda v: v[1])
-        widths += [ranked[0][0]] + [n for n, _ in ranked[1:][: int(cfg.elastic.get("num_random", 1))]]
-    return widths
-
-
 def cmd_plan(args) -> int:
-    from ..models import resolve_config
     from ..train import load_config
-    from ..train.plan import plan_memory
+    from ..train.plan import parse_memory
+    from ..train.plan_tasks import plan_config
 
     cfg = load_config(args.config)
-    if cfg.task != "flow":
-        raise ValueError(f"snapgen plan reads flow-training configs; {args.config} has task {cfg.task!r}")
-    kw = {k: v for k, v in cfg.model.items() if k != "init_from"}
-    mcfg = resolve_config(kw)[1]
-    res = args.resolution or cfg.data.get("resolution", 256)
-    res = res if isinstance(res, int) else int(res[0])
-    strategy = args.strategy or cfg.distributed.get("strategy", "ddp")
-    batch = args.batch_per_gpu or cfg.batch_size
-    widths = _widths_per_step(mcfg, cfg)
-    plans = [plan_memory(mcfg, res, args.text_len, g, batch, strategy, cfg.grad_checkpointing, widths=widths)
+    memory = parse_memory(args.gpu_memory)
+    plans = [plan_config(cfg, g, args.batch_per_gpu, args.strategy, args.resolution, args.text_len, memory)
              for g in args.gpus]
     if args.json:
-        print(json.dumps([{**p.__dict__, "total_gib": p.total_gib} for p in plans], indent=2))
-    else:
-        print(f"{args.config}: {res}x{res} px, {args.text_len} text tokens, gradient checkpointing "
-              f"{'on' if cfg.grad_checkpointing else 'off'}, widths per step: {', '.join(widths)}")
-        for p in plans:
-            print(p.table())
+        print(json.dumps([p.to_dict() for p in plans], indent=2))
+        return 0
+    res = args.resolution or cfg.data.get("resolution", 256)
+    text_len = args.text_len or cfg.text.get("max_length", 300)
+    print(f"{args.config}: task {cfg.task}, {res} px, {text_len} text tokens, precision {cfg.precision}; "
+          f"memory in GiB per GPU")
+    for p in plans:
+        print(p.table())
     return 0

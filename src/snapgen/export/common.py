@@ -83,8 +83,20 @@ def device_rewrite(model: nn.Module) -> nn.Module:
     return model
 
 
-def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bool = False) -> dict:
-    """The three graphs of ``pipe`` (its current variant and mode) with example inputs and I/O names."""
+def _cast_graph(module: nn.Module, args: tuple, dtype: torch.dtype):
+    """A copy of ``module`` and its example inputs in ``dtype`` (float tensors only); the pipeline keeps its own."""
+    if dtype == torch.float32:
+        return module, args
+    import copy
+
+    return (copy.deepcopy(module).to(dtype),
+            tuple(a.to(dtype) if a.is_floating_point() else a for a in args))
+
+
+def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bool = False,
+                    dtype: torch.dtype = torch.float32) -> dict:
+    """The three graphs of ``pipe`` (its current variant and mode) with example inputs and I/O names, in ``dtype``
+    (fp32, or fp16 copies of the modules for an fp16 export; ``meta["dtype"]`` records it)."""
     from ..models.three_stage_dit import check_latent_size
 
     H, W = resolution or pipe.config.resolution
@@ -112,19 +124,19 @@ def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bo
     meta = {"variant": pipe.transformer.variant, "resolution": [H, W], "latent": list(latent), "batch": batch,
             "text_max_length": L, **sampler_meta(sampler), "rewrite": rewrite,
             "mode": "distilled" if pipe.distilled and not pipe._base_mode else "base",
-            "dit_parameters": dit.num_parameters()}
-    return {
-        "graphs": {
-            "text": (text_graph, (ids, torch.ones(1, L, dtype=torch.long)), ["input_ids", "attention_mask"],
-                     ["text", "text_mask"]),
-            "dit": (DenoiserGraph(dit), (torch.randn(batch, *latent), torch.full((batch,), 0.5),
-                          torch.randn(batch, tokens.shape[1], tokens.shape[2]),
-                          torch.ones(batch, tokens.shape[1], dtype=torch.bool)),
-                    ["x", "t", "text", "text_mask"], ["v"]),
-            "decoder": (DecoderGraph(pipe.vae.eval()), (torch.randn(1, *latent),), ["latents"], ["image"]),
-        },
-        "tokenizer": encoder.tokenizer, "null": (null.detach(), null_mask), "meta": meta,
+            "dit_parameters": dit.num_parameters(), "dtype": str(dtype).removeprefix("torch.")}
+    graphs = {
+        "text": (text_graph, (ids, torch.ones(1, L, dtype=torch.long)), ["input_ids", "attention_mask"],
+                 ["text", "text_mask"]),
+        "dit": (DenoiserGraph(dit), (torch.randn(batch, *latent), torch.full((batch,), 0.5),
+                                     torch.randn(batch, tokens.shape[1], tokens.shape[2]),
+                                     torch.ones(batch, tokens.shape[1], dtype=torch.bool)),
+                ["x", "t", "text", "text_mask"], ["v"]),
+        "decoder": (DecoderGraph(pipe.vae.eval()), (torch.randn(1, *latent),), ["latents"], ["image"]),
     }
+    graphs = {name: (*_cast_graph(module, args, dtype), ins, outs)
+              for name, (module, args, ins, outs) in graphs.items()}
+    return {"graphs": graphs, "tokenizer": encoder.tokenizer, "null": (null.detach(), null_mask), "meta": meta}
 
 
 def sampler_meta(sampler) -> dict:
@@ -137,13 +149,15 @@ def sampler_meta(sampler) -> dict:
 
 @torch.no_grad()
 def write_export(pipe, out_dir, fmt: str, suffix: str, writer, resolution=None, rewrite: bool = False,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, dtype: torch.dtype = torch.float32) -> Path:
     """Export ``pipe`` with ``writer(module, args, path, input_names, output_names)`` for each graph, atomically.
-    A writer may return a dict of extra manifest entries (e.g. Core ML's count of palettized weights)."""
+    A writer may return a dict of extra manifest entries (e.g. Core ML's count of palettized weights; dict
+    entries of several graphs are merged). ``files`` in ``export.json`` lists every file a graph wrote
+    (``dit.onnx`` and its external ``dit.onnx.data``), and loading checks that they are all there."""
     from .._version import __version__
 
     out = Path(out_dir)
-    parts = pipeline_graphs(pipe, resolution, rewrite)
+    parts = pipeline_graphs(pipe, resolution, rewrite, dtype)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -153,10 +167,11 @@ def write_export(pipe, out_dir, fmt: str, suffix: str, writer, resolution=None, 
     files, extra = {}, {}
     for name, (module, args, ins, outs) in parts["graphs"].items():
         log(f"exporting {name}{suffix} ...")
-        extra.update(writer(module, args, tmp / f"{name}{suffix}", ins, outs) or {})
-        p = tmp / f"{name}{suffix}"
-        files[f"{name}{suffix}"] = (sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir()
-                                    else p.stat().st_size)
+        for key, value in (writer(module, args, tmp / f"{name}{suffix}", ins, outs) or {}).items():
+            extra[key] = {**extra[key], **value} if isinstance(value, dict) and key in extra else value
+        for p in sorted(tmp.glob(f"{name}{suffix}*")):  # the graph and any side files (external data)
+            files[p.name] = (sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir()
+                             else p.stat().st_size)
     parts["tokenizer"].save_pretrained(tmp / "tokenizer")
     null, null_mask = parts["null"]
     np.save(tmp / "null_text.npy", null.numpy().astype(np.float32))
@@ -192,6 +207,11 @@ class ExportedPipeline:
         if self.meta.get("format") != self.format:
             raise ValueError(f"{d} holds format {self.meta.get('format')!r}, not {self.format!r}")
         self.directory = d
+        missing = [f for f in self.meta.get("files", {}) if not (d / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{d} lacks {', '.join(missing)} (listed in export.json); the export folder is "
+                                    f"incomplete: copy the whole folder (external weights *.data included) or "
+                                    f"re-run snapgen export {self.command}")
         self.graphs = {}
         for name in ("text", "dit", "decoder"):
             path = d / f"{name}{self.suffix}"

@@ -84,6 +84,9 @@ class TrainConfig:
     loss: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
+    # read only by `snapgen plan`: sizes of models that are not on this machine, or the paper's models where
+    # this implementation uses a stand-in (snapgen.train.plan_models); training ignores it
+    plan: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.optim, dict):

@@ -39,7 +39,7 @@ __all__ = ["Trainer", "TrainingDiverged", "lr_at"]
 
 # Keys that do not change what is trained, so a run may be resumed (or re-exported) with new values.
 RESUME_MAY_CHANGE = ("steps", "run_dir", "sampling", "export", "sample_every", "log_every", "ckpt_every",
-                     "keep_checkpoints", "threads", "distributed")
+                     "keep_checkpoints", "threads", "distributed", "plan")
 
 
 class TrainingDiverged(RuntimeError):
