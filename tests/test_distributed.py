@@ -192,5 +192,10 @@ def test_distill_two_ranks_equal_one_process(tmp_path, base, method):
     a, b = weights(tmp_path / "single"), weights(tmp_path / "ddp")
     assert a.keys() == b.keys() and any(".lora.critic." in k for k in a)
     assert any(".lora." in k and ".lora.critic." not in k and "tiny" in k for k in a)  # the student's adapter
+    # Adam with beta1 = 0 (the distill optimiser) turns a gradient into lr * g / sqrt(v), about lr * sign(g) at
+    # first: the K-DMD critic's LoRA gradients are near zero early on, so the summation order of 2 ranks vs 1
+    # process (1e-7 in the gradient) can move a critic weight by a few % of lr (measured 2.3e-5 with lr 1e-3 on
+    # one CPU, 0 on another). A data-parallel bug (wrong rows, a missing all-reduce) moves weights by ~lr.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=TOL, rtol=TOL, msg=k)
+        tol = 1e-4 if method == "kdmd" and ".lora.critic." in k else TOL
+        torch.testing.assert_close(b[k], a[k], atol=tol, rtol=TOL, msg=k)
