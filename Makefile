@@ -53,7 +53,7 @@ distill: setup
 # What CI runs (.ci/run): every test except those marked `slow` (docs/testing.md lists them and what covers
 # them in CI). `make test-all` runs everything. Select by marker: $(PY) -m pytest -m "kernel or export".
 test: setup-test
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 test-all: setup-test
 	$(PY) -m pytest -q

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one process: at most 2 threads (the CI machine's cores); under pytest-xdist (`make test` runs `-n 2`) the cores are
+# shared by the workers, so each gets its share (oversubscribed OpenMP threads spin and slow everything down)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _workers))
 
 from helpers.builders import ENC_DIM, build_distill_base, build_elastic_pipeline, nano, save_tiny_bert  # noqa: E402
 

@@ -10,6 +10,22 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.mark.export
+def test_bench_device_eager_rows(elastic_folder, tmp_path, capsys):
+    """Fast twin of the test below (eager backend only, fp32 and torchao int8; k-means quantization has its own
+    tests): the CLI, the rows, the files."""
+    assert main(["bench", "device", "--model", str(elastic_folder), "--variants", "tiny", "--backends", "eager",
+                 "--precisions", "fp32", "int8", "--repeats", "1", "--work", str(tmp_path / "work"),
+                 "--out", str(tmp_path / "res"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {(r["backend"], r["precision"]): r for r in report["rows"]}
+    assert set(rows) == {("eager", "fp32"), ("eager", "int8")}
+    for r in rows.values():
+        assert r["step_ms"] > 0 and r["end_to_end_s"] > 0 and r["peak_rss_mib"] > 100 and r["steps"] == 3
+    assert "| tiny | eager | int8 |" in (tmp_path / "res" / "device.md").read_text()
+
+
+@pytest.mark.export
+@pytest.mark.slow  # ~90 s on 2 cores (ONNX exports and int8); the eager twin above runs in CI
 def test_bench_device_rows(elastic_folder, tmp_path, capsys):
     assert main(["bench", "device", "--model", str(elastic_folder), "--variants", "tiny", "--backends", "eager",
                  "onnx", "--repeats", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res"),

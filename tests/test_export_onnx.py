@@ -189,6 +189,28 @@ def test_device_rewrite_is_numerically_equal_and_exports_to_onnx(elastic_folder,
 EXECUTORCH_ATOL = 1e-2
 
 
+def test_executorch_lowers_a_graph_that_its_runtime_runs_like_pytorch(elastic_folder, tmp_path):
+    """Fast twin of the end-to-end test below (one graph of the three, no sampling loop): the XNNPACK lowering
+    and ExecuTorch's runtime give the PyTorch decoder's output."""
+    pytest.importorskip("executorch")
+    from executorch.runtime import Runtime
+
+    from snapgen.export.common import pipeline_graphs
+    from snapgen.export.mobile import _write_pte
+
+    pipe = TextToImagePipeline.from_pretrained(elastic_folder, variant="tiny")
+    module, args, ins, outs = pipeline_graphs(pipe, rewrite=True)["graphs"]["decoder"]
+    _write_pte(module, args, tmp_path / "decoder.pte", ins, outs)
+    method = Runtime.get().load_program(str(tmp_path / "decoder.pte")).load_method("forward")
+    x = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3))
+    (got,) = method.execute([x])
+    with torch.no_grad():
+        want = module(x)
+    assert got.shape == want.shape and want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=EXECUTORCH_ATOL, rtol=0)
+
+
+@pytest.mark.slow  # ~90 s on 2 cores: three graphs lowered; the fast twin above lowers and runs one
 def test_executorch_pipeline_matches_pytorch(elastic_folder, tmp_path, capsys):
     pytest.importorskip("executorch")
     from snapgen.export.mobile import ExecuTorchPipeline, export_executorch
@@ -217,6 +239,36 @@ def test_coreml_conversion_writes_packages(elastic_folder, tmp_path):
         assert meta["files"][f"{name}.mlpackage"] > 0
 
 
+def test_coreml_palettizes_clustered_weights_losslessly_into_their_own_luts(tmp_path):
+    """Fast twin of the quantized-DiT test below: a small MLP whose weights hold 16 / 256 / many distinct values;
+    the two clustered ones become look-up tables of exactly their values, the dense one stays dense."""
+    pytest.importorskip("coremltools")
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as load_mil
+
+    from snapgen.export.mobile import _write_mlpackage
+
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 96), torch.nn.GELU(),
+                              torch.nn.Linear(96, 32)).eval()
+    values = {}
+    with torch.no_grad():
+        for layer, k in ((net[0], 16), (net[2], 256)):
+            lut = torch.linspace(-2.0, 2.0, k)[torch.randperm(k, generator=g)].half().float()  # k distinct, no 0
+            layer.weight.copy_(lut[torch.randint(k, layer.weight.shape, generator=g)])
+            values[k] = {float(v) for v in lut.half()}
+    extra = _write_mlpackage(net, (torch.randn(2, 64),), tmp_path / "mlp.mlpackage", ["x"], ["y"], palettize=True)
+    assert extra["palettized_weights"] == 2
+    model = ct.models.MLModel(str(tmp_path / "mlp.mlpackage"), skip_model_load=True)
+    spec = model.get_spec()
+    program = load_mil(spec, spec.specificationVersion, model.weights_dir)
+    luts = sorted((np.asarray(op.lut.val).ravel() for f in program.functions.values() for op in f.operations
+                   if "lut_to_dense" in op.op_type), key=len)
+    assert [len(v) for v in luts] == [16, 256]
+    assert {float(v) for v in luts[0]} == values[16] and {float(v) for v in luts[1]} == values[256]
+
+
+@pytest.mark.slow  # ~50 s on 2 cores (quantize + two exports); the fast twin above checks the palettization
 def test_coreml_palettizes_a_quantized_dit_with_its_own_clusters(elastic_folder, tmp_path):
     pytest.importorskip("coremltools")
     import numpy as np
