@@ -95,6 +95,8 @@ def write_layout(generate: Callable[[str, int], Image.Image], metadata: list[dic
     for i, meta in enumerate(metadata):
         folder = outdir / folder_name(i)
         (folder / "samples").mkdir(parents=True, exist_ok=True)
+        for stale in (*folder.glob(".*.tmp"), *(folder / "samples").glob(".*.tmp")):  # left by a killed run
+            stale.unlink()
         if not (folder / "metadata.jsonl").exists():
             _atomic_write(folder / "metadata.jsonl",
                           lambda p, m=meta: p.write_text(json.dumps(m, ensure_ascii=False) + "\n", encoding="utf-8"))
