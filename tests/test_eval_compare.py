@@ -76,3 +76,21 @@ def test_compare_refuses_runs_on_other_prompts_or_seeds(tmp_path, capsys):
 def test_compare_without_alignment_has_no_alignment_row():
     rows = _rows(0.5, alignment=False)
     assert "alignment" not in compare_rows(rows, rows, n_boot=50)
+
+
+def test_compare_two_model_folders_evaluates_both_on_the_same_prompts_and_seeds(tmp_path, monkeypatch, capsys):
+    from helpers.builders import ENC_DIM, build_pipeline, save_tiny_bert
+
+    from snapgen.eval.sceneeval import load_prompts, prompt_path, save_prompts
+
+    monkeypatch.setenv("SNAPGEN_IMAGE_ENCODER", str(tmp_path / "no-encoder"))  # the tiny BERT is not MiniLM
+    model = tmp_path / "model"
+    build_pipeline(text_encoder_spec=str(save_tiny_bert(tmp_path / "bert", ENC_DIM))).save_pretrained(model)
+    prompts = tmp_path / "p.jsonl"
+    save_prompts(load_prompts(prompt_path("sceneeval"))[10:14], prompts)
+    assert main(["eval", "--compare", str(model), str(model), "--prompts", str(prompts), "--seeds", "2",
+                 "--steps", "1", "--json", "--no-progress", "--out", str(tmp_path / "c")]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert c["images"] == 8 and c["prompts"] == 4 and c["seeds"] == 2  # the same generator twice: no difference
+    assert all(r["diff"] == 0 and r["wins"] == r["losses"] == 0 for r in c["scores"].values())
+    assert (tmp_path / "c" / "a" / "summary.json").exists() and (tmp_path / "c" / "b" / "results.jsonl").exists()

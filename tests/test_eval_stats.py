@@ -86,9 +86,9 @@ def test_intervals_shrink_with_more_prompts():
     rng = np.random.default_rng(6)
     widths = []
     for prompts in (12, 48, 192):
-        ci = bootstrap_scores(_iid_table(rng, 0.5, prompts=prompts), n_boot=400)["overall"]
-        widths.append(ci["hi"] - ci["lo"])
-    assert widths[0] > 1.6 * widths[1] > 1.6 * 1.6 * widths[2]  # 1 / sqrt(prompts): 2x per 4x prompts
+        cis = [bootstrap_scores(_iid_table(rng, 0.5, prompts=prompts), n_boot=300, seed=k)["overall"] for k in range(4)]
+        widths.append(np.mean([ci["hi"] - ci["lo"] for ci in cis]))
+    assert widths[0] > 1.5 * widths[1] and widths[1] > 1.5 * widths[2], widths  # ~1/sqrt(prompts): 2x per 4x
 
 
 def test_alignment_table_is_one_float_cluster_per_prompt_over_all_tags():
