@@ -64,7 +64,8 @@ def test_an_interrupted_run_resumes_without_regenerating(tmp_path, tiny):
         write_layout(dies_after_four, metas, tmp_path / "g", n_samples=3, progress=False)
     written = sorted((tmp_path / "g").glob("*/samples/*.png"))
     assert len(written) == 4 and not list((tmp_path / "g").rglob("*.tmp"))  # nothing half-written
-    (tmp_path / "g" / "00002" / "samples" / ".0000.png.tmp").write_bytes(b"partial")  # as a kill mid-save leaves
+    # a kill mid-save leaves a temporary file (here of a sample a run with a larger --n-samples was writing)
+    (tmp_path / "g" / "00002" / "samples" / ".0007.png.tmp").write_bytes(b"partial")
     mtimes = {p: p.stat().st_mtime_ns for p in written}
     calls.clear()
     done = write_layout(lambda p, s: (calls.append((p, s)), tiny(p, s))[1], metas, tmp_path / "g", 3, progress=False)
