@@ -78,8 +78,8 @@ def format_comparison(comparison: dict) -> str:
         if "wins" in r:
             lines.append(f"| {name} | {r['a']:.3f} | {r['b']:.3f} | {r['diff']:+.3f} [{r['lo']:+.2f}, {r['hi']:+.2f}] "
                          f"| {r['wins']} | {r['losses']} | {r['ties']} | {r['p']:.3g} |")
-        else:
-            lines.append(f"| {name} | {r['a']:.3f} | {r['b']:.3f} | {r['diff']:+.3f} [{r['lo']:+.2f}, {r['hi']:+.2f}] "
+        else:  # alignment: differences of a few thousandths, so three decimals
+            lines.append(f"| {name} | {r['a']:.3f} | {r['b']:.3f} | {r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}] "
                          f"| - | - | - | - |")
     lines += ["", f"Intervals: paired {comparison['interval_method']} (the same resample for A and B). "
                   f"{MCNEMAR_NOTE}. Wins: images B got right and A wrong.", ""]
