@@ -48,7 +48,7 @@ def test_compare_a_run_with_itself_and_with_a_better_one(tmp_path, capsys):
     assert "compare.md" in capsys.readouterr().out
     c = json.loads((tmp_path / "ab" / "compare.json").read_text())
     o = c["scores"]["overall"]
-    assert o["losses"] == 0 and o["wins"] > 30 and o["p"] < 1e-6 and o["lo"] > 0
+    assert o["losses"] == 0 and o["wins"] > 30 and 0 < o["p"] < 1e-6 and o["lo"] > 0
     assert o["diff"] == pytest.approx(o["b"] - o["a"], abs=1e-4) and c["fd"] == {"a": 1.0, "b": 2.0}
     assert c["images"] == len(rows) and c["prompts"] == 48 and c["seeds"] == 3
     md = (tmp_path / "ab" / "compare.md").read_text()

@@ -260,9 +260,10 @@ def compare_runs(a, b, out_dir: str | Path = "eval_compare", progress: bool = Tr
             runs.append((str(path.resolve()), *load_run(path)))
     (pa, sa, ra), (pb, sb, rb) = runs
     scores = compare_rows(ra, rb, n_boot=N_BOOT, level=LEVEL)
-    scores = {k: {m: (round(v, 4) if isinstance(v, float) else v) for m, v in r.items()} for k, r in scores.items()}
-    comparison = {"a": pa, "b": pb, "scores": scores, "images": len(ra), "prompts": len({r["prompt_index"] for r in ra}),
-                  "seeds": len({r["seed"] for r in ra}),
+    scores = {k: {m: (round(v, 5) if m in ("a", "b", "diff", "lo", "hi") else v) for m, v in r.items()}
+              for k, r in scores.items()}  # p unrounded: it can be tiny
+    comparison = {"a": pa, "b": pb, "scores": scores, "images": len(ra),
+                  "prompts": len({r["prompt_index"] for r in ra}), "seeds": len({r["seed"] for r in ra}),
                   "interval_method": INTERVAL_METHOD.format(n_boot=N_BOOT, level=LEVEL),
                   "test": "McNemar exact (two-sided binomial test on the discordant images), pooled over prompts",
                   "fd": ({"a": sa.get("fd"), "b": sb.get("fd")} if sa and sb else None)}
