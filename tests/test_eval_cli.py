@@ -20,9 +20,18 @@ def test_eval_quick_json_and_report(tmp_path, capsys):
     assert {"alignment", "fd", "steps", "cfg", "images", "seconds"} <= set(summary)
     assert summary["steps"] == 4 and summary["images"] == 18
     assert summary["model"].endswith("snapgen-micro") and summary["image_encoder"].endswith("image-encoder")
-    assert (out / "report.md").read_text().startswith("# snapgen eval")
-    lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 18 and all("correct" in json.loads(ln) for ln in lines)
+    report = (out / "report.md").read_text()
+    assert report.startswith("# snapgen eval")
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 18 and all({"correct", "prompt_index", "seed", "alignment"} <= set(r) for r in rows)
+    assert {r["seed"] for r in rows} == {0} and rows[3]["prompt_index"] == 12  # --quick: 3 of each 12, file order
+    for c in CATEGORIES:  # every score has its interval, and the report prints it
+        ci = summary["intervals"][c]
+        assert ci["lo"] <= summary["sceneeval"][c] == ci["value"] <= ci["hi"]
+        assert f"{ci['value']:.3f} [{ci['lo']:.2f}, {ci['hi']:.2f}]" in report
+    a = summary["alignment_interval"]
+    assert a["lo"] <= summary["alignment"] <= a["hi"] and summary["fd_interval"] is None
+    assert "no per-image interval" in report and "detector_card" in summary
 
 
 def test_eval_bad_inputs(tmp_path, capsys):

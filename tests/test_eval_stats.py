@@ -80,3 +80,32 @@ def test_score_table_from_result_rows_and_a_missing_seed_is_an_error():
     assert seeds == [0, 1] and table["counting"].tolist() == [[1, 0], [0, 1], [1, 0]]
     with pytest.raises(ValueError, match="expected"):
         score_table(rows[:-1])
+
+
+def test_intervals_shrink_with_more_prompts():
+    rng = np.random.default_rng(6)
+    widths = []
+    for prompts in (12, 48, 192):
+        cis = [bootstrap_scores(_iid_table(rng, 0.5, prompts=prompts), n_boot=300, seed=k)["overall"] for k in range(4)]
+        widths.append(np.mean([ci["hi"] - ci["lo"] for ci in cis]))
+    assert widths[0] > 1.5 * widths[1] and widths[1] > 1.5 * widths[2], widths  # ~1/sqrt(prompts): 2x per 4x
+
+
+def test_alignment_table_is_one_float_cluster_per_prompt_over_all_tags():
+    rows = [{"tag": t, "prompt_index": i, "seed": s, "correct": True, "alignment": 0.1 * i + 0.01 * s}
+            for i, t in enumerate(["colors", "position", "colors"]) for s in range(2)]
+    table, seeds = score_table(rows, "alignment", by_tag=False)
+    assert list(table) == ["all"] and np.allclose(table["all"], [[0.0, 0.01], [0.1, 0.11], [0.2, 0.21]])
+    ci = bootstrap_scores(table, n_boot=200)["all"]
+    assert ci["value"] == pytest.approx(0.105) and 0.0 <= ci["lo"] < ci["value"] < ci["hi"] <= 0.21
+
+
+def test_first_mismatch_names_the_cell():
+    from snapgen.eval.stats import first_mismatch
+
+    rows = [{"tag": "colors", "prompt": f"p{i}", "prompt_index": i, "seed": s, "correct": True}
+            for i in range(3) for s in range(2)]
+    assert first_mismatch(rows, rows) is None
+    assert first_mismatch(rows, rows[1:]) == "prompt 0 seed 0 ('p0') is in A but not in B"
+    swapped = [{**r, "tag": "position"} if r["prompt_index"] == 2 else r for r in rows]
+    assert "prompt 2 seed 0 is 'p2' (colors) in A but 'p2' (position) in B" == first_mismatch(rows, swapped)

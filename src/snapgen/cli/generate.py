@@ -1,4 +1,6 @@
-"""``snapgen generate``: images from text prompts (PyTorch pipeline, or an ONNX / ExecuTorch export)."""
+"""``snapgen generate``: images from text prompts (PyTorch pipeline, or an ONNX / ExecuTorch export); with
+``--geneval-metadata FILE --outdir DIR --n-samples N``, GenEval's folder layout for any GenEval prompt file
+(issue 20 §4; :mod:`snapgen.eval.geneval_layout`: sample k has seed ``--seed`` + k, resumable)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,12 @@ def register(subparsers) -> None:
                    help="distilled models: use the base (teacher) model and its sampler instead of the few-step one")
     p.add_argument("--backend", choices=["torch", "onnx", "executorch"], default="torch",
                    help="onnx / executorch: run an export folder (snapgen export onnx|executorch)")
+    p.add_argument("--geneval-metadata", metavar="FILE",
+                   help="GenEval metadata JSONL (one prompt per line, any classes): write GenEval's layout "
+                        "(--outdir DIR: DIR/00000/metadata.jsonl, DIR/00000/samples/0000.png, ...) for its "
+                        "official evaluator or snapgen eval --images; sample k has seed --seed + k; resumable")
+    p.add_argument("--outdir", help="with --geneval-metadata: the layout's root folder")
+    p.add_argument("--n-samples", type=int, default=4, help="with --geneval-metadata: samples per prompt (default 4)")
     add_device_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -39,6 +47,8 @@ def cmd_generate(args) -> int:
 
     from ..pipelines import default_model_dir
 
+    if args.geneval_metadata or args.outdir:
+        return _cmd_geneval(args)
     prompts = read_prompts(args.prompt, args.prompts_file)
     for p in prompts:
         if not p.strip():
@@ -70,6 +80,48 @@ def cmd_generate(args) -> int:
           f"{'(' + _BACKEND_NAMES[args.backend] + ') ' if args.backend != 'torch' else ''}"
           f"in {t_gen:.2f} s "
           f"({t_gen / len(images):.2f} s per image; model load {t_load:.1f} s)")
+    return 0
+
+
+def _cmd_geneval(args) -> int:
+    """``--geneval-metadata FILE --outdir DIR --n-samples N``: GenEval's layout, one image per call (module
+    docstring of :mod:`snapgen.eval.geneval_layout`)."""
+    from pathlib import Path
+
+    from ..eval.geneval_layout import read_geneval_metadata, write_layout
+    from ..pipelines import default_model_dir
+
+    if not (args.geneval_metadata and args.outdir):
+        raise ValueError("--geneval-metadata FILE and --outdir DIR go together (GenEval's layout is written to DIR)")
+    others = [f for f, v in (("prompts", args.prompt), ("--prompts-file", args.prompts_file)) if v] \
+        + (["--grid"] if args.grid else []) + (["--out"] if args.out != "out.png" else [])
+    if others:
+        raise ValueError(f"{', '.join(others)} cannot go with --geneval-metadata (the prompts are the metadata "
+                         f"file's, the images go to --outdir)")
+    if args.variant is not None and (args.variant == "all" or "," in args.variant):
+        raise ValueError("--geneval-metadata generates with one variant: --variant tiny | small | full")
+    if args.size is not None and len(args.size) != 2:
+        raise ValueError("--size takes two numbers: HEIGHT WIDTH")
+    metadata = read_geneval_metadata(args.geneval_metadata)
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    if args.backend in ("onnx", "executorch"):
+        pipe = _load_exported(args, model_dir)
+
+        def one(prompt, seed):
+            return pipe([prompt], seed=seed)[0]
+    else:
+        pipe = _load_torch(args, model_dir)[0]
+        height, width = args.size if args.size else (None, None)
+
+        def one(prompt, seed):
+            return pipe([prompt], steps=args.steps, guidance=args.cfg, seed=seed, height=height, width=width)[0]
+    t0 = time.perf_counter()
+    done = write_layout(one, metadata, args.outdir, args.n_samples, base_seed=args.seed,
+                        progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    print(f"{args.outdir}: {done['folders']} prompt folders x {args.n_samples} samples (seeds {args.seed}.."
+          f"{args.seed + args.n_samples - 1}); generated {done['generated']}, kept {done['skipped']} existing, "
+          f"in {seconds:.1f} s")
     return 0
 
 

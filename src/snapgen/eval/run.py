@@ -10,6 +10,12 @@ the image encoder's weights are not present.
 The summary records what was actually loaded -- the model folder (absolute; ``--model``, else
 ``$SNAPGEN_MODEL``, else the shipped one), the detector, image encoder and text encoder folders -- and under
 ``environment`` :func:`snapgen.env.describe` (versions, threads, CPU, the BNA backend ``auto`` chose and why).
+
+Two halves (issue 20 §3-4): :func:`generate_images` (prompt set x seeds through a pipeline) and
+:func:`score_images` (SceneEval verdicts, alignment, FD, 95% intervals from :mod:`snapgen.eval.stats`, the report
+folder), so :func:`evaluate_folder` can score images of any model in GenEval's layout
+(:mod:`snapgen.eval.geneval_layout`). results.jsonl rows carry ``prompt_index`` (line of the prompt file),
+``seed``, the verdict and the image's ``alignment`` cosine; :func:`compare_runs` pairs two runs on those cells.
 """
 
 from __future__ import annotations
@@ -20,24 +26,76 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-__all__ = ["run_evaluation", "format_report"]
+from .report import format_comparison, format_report
+
+__all__ = ["run_evaluation", "generate_images", "score_images", "evaluate_folder", "compare_runs", "load_run",
+           "default_prompts_path", "format_report", "format_comparison"]
+
+N_BOOT = 2000
+LEVEL = 0.95
+
+
+def default_prompts_path() -> Path:
+    """The prompt file ``snapgen eval`` uses without ``--prompts`` (the one place that decides it)."""
+    from .sceneeval import prompt_path
+
+    return prompt_path("sceneeval")
+
+
+def detector_card() -> dict | None:
+    """``snapgen.eval.detector.load_detector_card()`` when the detector ships one (accuracy on renders, false
+    objects on negatives and noise), else ``None``."""
+    from . import detector
+
+    load = getattr(detector, "load_detector_card", None)
+    return None if load is None else load()
+
+
+def select_prompts(prompts: list[dict], quick: bool, seeds: int) -> tuple[list[tuple[int, dict]], int]:
+    """``([(prompt_index, metadata)], seeds)``: every prompt, or with ``quick`` the first 3 per category and one
+    seed. ``prompt_index`` is the prompt's position in the file, kept so results of --quick and full runs align."""
+    indexed = list(enumerate(prompts))
+    if quick:  # 3 prompts per category, one seed: a couple of minutes on 2 cores
+        kept: dict[str, list] = {}
+        for i, p in indexed:
+            if len(kept.setdefault(p["tag"], [])) < 3:
+                kept[p["tag"]].append((i, p))
+        indexed = [ip for group in kept.values() for ip in group]
+        seeds = 1
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    return indexed, seeds
+
+
+def generate_images(pipe, prompts: list[tuple[int, dict]], seeds: int, steps=None, guidance=None,
+                    external: bool = False, batch_size: int = 36, progress: bool = True):
+    """``(images, metadata, cells)`` for every prompt x seed 0..seeds-1, generated in batches of prompts sharing
+    a seed; ``cells[i] = (prompt_index, seed)`` of image ``i``."""
+    images, metadata, cells = [], [], []
+    jobs = [(seed, prompts[i:i + batch_size]) for seed in range(seeds) for i in range(0, len(prompts), batch_size)]
+    for seed, chunk in tqdm(jobs, desc="generating", disable=not progress):
+        texts = [p["prompt"] for _, p in chunk]
+        images += pipe(texts, seed=seed) if external else pipe(texts, steps=steps, guidance=guidance, seed=seed)
+        metadata += [p for _, p in chunk]
+        cells += [(i, seed) for i, _ in chunk]
+    return images, metadata, cells
+
 
 
 def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int | None = None,
                    guidance: float | None = None, quick: bool = False, out_dir: str | Path = "eval_report",
                    batch_size: int = 36, progress: bool = True, variant: str | None = None,
                    base: bool = False, pipe=None, device=None, dtype=None) -> dict:
-    """Generate the prompt set's images and score them. ``pipe``: any generator with
-    ``pipe(prompts, seed=...) -> images`` (e.g. an ONNX / ExecuTorch export, or a quantized pipeline)
-    instead of loading ``model_dir``; its sampler settings are its own. ``device`` / ``dtype``: where the loaded
-    pipeline runs (``None``: auto / fp32; :mod:`snapgen.utils.device`); scoring runs on the CPU."""
+    """Generate the prompt set's images and score them (:func:`generate_images`, :func:`score_images`).
+    ``pipe``: any generator with ``pipe(prompts, seed=...) -> images`` (e.g. an ONNX / ExecuTorch export, or a
+    quantized pipeline) instead of loading ``model_dir``; its sampler settings are its own. ``device`` /
+    ``dtype``: where the loaded pipeline runs (``None``: auto / fp32; :mod:`snapgen.utils.device`); scoring runs
+    on the CPU."""
     from ..utils.device import resolve_device, resolve_dtype
 
     from .. import env
-    from ..data.scenes import SceneDataset
     from ..pipelines import TextToImagePipeline
-    from .detector import default_detector_dir, load_detector
-    from .sceneeval import evaluate_images, load_prompts, prompt_path, summarize, write_failure_grids
+    from .sceneeval import load_prompts
 
     t0 = time.perf_counter()
     external = pipe is not None
@@ -50,18 +108,8 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
         pipe.to(device, resolve_dtype(dtype, device))
         if base:
             pipe.use_base()
-    loaded = {"model": _absolute(model_dir), "detector": _absolute(default_detector_dir())}
-    detector = load_detector(loaded["detector"])
-    prompts = load_prompts(prompts_path or prompt_path("sceneeval"))
-    if quick:  # 3 prompts per category, one seed: a couple of minutes on 2 cores
-        kept: dict[str, list] = {}
-        for p in prompts:
-            if len(kept.setdefault(p["tag"], [])) < 3:
-                kept[p["tag"]].append(p)
-        prompts = [p for group in kept.values() for p in group]
-        seeds = 1
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    prompts_path = Path(prompts_path) if prompts_path is not None else default_prompts_path()
+    indexed, seeds = select_prompts(load_prompts(prompts_path), quick, seeds)
     if external:
         meta = getattr(pipe, "meta", {})
         settings = {"steps": meta.get("steps"), "guidance": meta.get("guidance"), "sampler": meta.get("sampler")}
@@ -70,18 +118,67 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
         settings = pipe.sampling_settings()
         steps = settings["steps"] if steps is None else steps
         guidance = settings["guidance"] if guidance is None else guidance
-    images, metadata = [], []
-    jobs = [(seed, prompts[i:i + batch_size]) for seed in range(seeds) for i in range(0, len(prompts), batch_size)]
-    for seed, chunk in tqdm(jobs, desc="generating", disable=not progress):
-        texts = [p["prompt"] for p in chunk]
-        images += pipe(texts, seed=seed) if external else pipe(texts, steps=steps, guidance=guidance, seed=seed)
-        metadata += chunk
+    images, metadata, cells = generate_images(pipe, indexed, seeds, steps, guidance, external, batch_size, progress)
+    loaded = {"model": _absolute(model_dir)}
     if not external:  # the pipeline's own text encoder (loaded by the first generation)
         loaded["text_encoder"] = _absolute(getattr(pipe.text_encoder, "path", None))
-    results = evaluate_images(images, metadata, detector)
-    scene = {k: round(v, 4) for k, v in summarize(results).items()}
+    extra = {"steps": steps, "cfg": guidance, "prompt_set": _absolute(prompts_path),
+             "variant": getattr(pipe, "variant", None) or getattr(pipe, "meta", {}).get("variant"),
+             "sampler": settings["sampler"],
+             "device": None if external else str(pipe.device),
+             "dtype": None if external else str(pipe.dtype).removeprefix("torch."),
+             "bna": _bna_backends(pipe)}
+    return score_images(images, metadata, cells, out_dir, loaded=loaded,
+                        text_encoder=None if external else pipe.text_encoder, extra=extra, t0=t0)
 
-    alignment = fd = None
+
+def evaluate_folder(images_dir, out_dir: str | Path = "eval_report", progress: bool = True) -> dict:
+    """SceneEval (+ alignment, FD, intervals) of a folder in GenEval's layout, images from any model
+    (``snapgen eval --images``). Every folder's metadata must be scoreable by SceneEval (scene classes): the first
+    that is not raises ``ValueError`` naming its folder. Seeds are the sample indices."""
+    from PIL import Image
+
+    from .geneval_layout import read_layout
+
+    t0 = time.perf_counter()
+    entries = read_layout(images_dir)
+    images = []
+    for e in tqdm(entries, desc="reading", disable=not progress):
+        with Image.open(e["path"]) as im:
+            images.append(im.convert("RGB"))
+    root = Path(images_dir).resolve()
+    extra = {"images_dir": str(root), "steps": None, "cfg": None, "prompt_set": str(root), "variant": None,
+             "sampler": None, "device": None, "dtype": None, "bna": None}
+    return score_images(images, [e["metadata"] for e in entries], [(e["prompt_index"], e["seed"]) for e in entries],
+                        out_dir, loaded={"model": None}, extra=extra, t0=t0,
+                        paths=[str(e["path"].relative_to(root)) for e in entries])
+
+
+def score_images(images, metadata, cells, out_dir, loaded: dict, text_encoder=None, extra: dict | None = None,
+                 t0: float | None = None, paths: list[str] | None = None) -> dict:
+    """Score generated images (``cells[i] = (prompt_index, seed)`` of image ``i``), write the report folder
+    (report.md, summary.json, results.jsonl, failures/) and return the summary. ``text_encoder``: the MiniLM
+    encoder for alignment (``None``: load it)."""
+    from .. import env
+    from ..data.scenes import SceneDataset
+    from .detector import default_detector_dir, load_detector
+    from .sceneeval import evaluate_images, summarize, write_failure_grids
+    from .stats import INTERVAL_METHOD, bootstrap_scores, score_table
+
+    t0 = time.perf_counter() if t0 is None else t0
+    extra = dict(extra or {})
+    loaded = {**loaded, "detector": _absolute(default_detector_dir())}
+    detector = load_detector(loaded["detector"])
+    results = evaluate_images(images, metadata, detector)
+    for r, (prompt_index, seed) in zip(results, cells):
+        r["prompt_index"], r["seed"] = prompt_index, seed
+    if paths is not None:
+        for r, path in zip(results, paths):
+            r["image"] = path
+    scene = {k: round(v, 4) for k, v in summarize(results).items()}
+    intervals = _rounded(bootstrap_scores(score_table(results)[0], n_boot=N_BOOT, level=LEVEL))
+
+    alignment = fd = alignment_interval = None
     notes = []
     try:
         from .alignment import alignment_score, default_image_encoder_dir, load_image_encoder
@@ -90,15 +187,17 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
         encoder_dir = _absolute(default_image_encoder_dir())
         encoder = load_image_encoder(encoder_dir)
         loaded["image_encoder"] = encoder_dir
-        if external:
+        if text_encoder is None:
             from ..pipelines.text_to_image import load_text_encoder
 
             text_encoder = load_text_encoder("minilm", 32)
             loaded["alignment_text_encoder"] = _absolute(getattr(text_encoder, "path", None))
-        else:
-            text_encoder = pipe.text_encoder
-        alignment = round(float(alignment_score(encoder, images, [m["prompt"] for m in metadata],
-                                                text_encoder)["mean"]), 4)
+        per_image = alignment_score(encoder, images, [m["prompt"] for m in metadata], text_encoder)["per_image"]
+        for r, a in zip(results, per_image):
+            r["alignment"] = round(a, 5)
+        alignment = round(float(sum(per_image) / len(per_image)), 4)
+        alignment_interval = _rounded(bootstrap_scores(score_table(results, "alignment", by_tag=False)[0],
+                                                       n_boot=N_BOOT, level=LEVEL))["all"]
         H, W = images[0].size[1], images[0].size[0]
         real = [s.image for s in (SceneDataset(resolution=(H, W), length=len(images), split="val")[i]
                                   for i in range(len(images)))]
@@ -109,22 +208,74 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     grids = write_failure_grids(results, images, out_dir / "failures")
-    summary = {"sceneeval": scene, "alignment": alignment, "fd": fd, "steps": steps, "cfg": guidance,
-               "images": len(images), "prompts": len(prompts), "seeds": seeds,
+    bna = extra.pop("bna", None)
+    summary = {"sceneeval": scene, "intervals": intervals,
+               "interval_method": INTERVAL_METHOD.format(n_boot=N_BOOT, level=LEVEL),
+               "alignment": alignment, "alignment_interval": alignment_interval, "fd": fd,
+               "fd_interval": None, "steps": extra.pop("steps", None), "cfg": extra.pop("cfg", None),
+               "images": len(images), "prompts": len({c[0] for c in cells}), "seeds": len({c[1] for c in cells}),
                "seconds": round(time.perf_counter() - t0, 1),
-               **{"image_encoder": None, "text_encoder": None, **loaded},
-               "variant": getattr(pipe, "variant", None) or getattr(pipe, "meta", {}).get("variant"),
-               "sampler": settings["sampler"],
-               "device": None if external else str(pipe.device),
-               "dtype": None if external else str(pipe.dtype).removeprefix("torch."),
-               "notes": notes,
-               "environment": env.describe(_bna_backends(pipe))}
+               **{"image_encoder": None, "text_encoder": None, **loaded}, **extra,
+               "detector_card": detector_card(), "notes": notes,
+               "environment": env.describe(bna)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out_dir / "results.jsonl", "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
     (out_dir / "report.md").write_text(format_report(summary, grids))
     return summary
+
+
+def load_run(path) -> tuple[dict | None, list[dict]]:
+    """``(summary or None, result rows)`` of a report folder (summary.json + results.jsonl) or a results.jsonl."""
+    path = Path(path)
+    results = path / "results.jsonl" if path.is_dir() else path
+    if not results.is_file():
+        raise FileNotFoundError(f"{path}: not an eval report (no results.jsonl); pass a snapgen eval --out folder, "
+                                f"its results.jsonl, or a model folder")
+    summary_file = results.with_name("summary.json")
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    rows = [json.loads(ln) for ln in results.read_text().splitlines() if ln.strip()]
+    return summary, rows
+
+
+def _is_model_folder(path: Path) -> bool:
+    return path.is_dir() and not (path / "results.jsonl").exists() and (path / "pipeline.json").exists()
+
+
+def compare_runs(a, b, out_dir: str | Path = "eval_compare", progress: bool = True, **eval_kwargs) -> dict:
+    """``snapgen eval --compare A B``: each of A / B is a report folder (or its results.jsonl) or a model folder,
+    which is first evaluated (``eval_kwargs`` of :func:`run_evaluation`, the same for both: same prompts and
+    seeds) into ``out_dir/a`` / ``out_dir/b``. Writes compare.md and compare.json to ``out_dir``."""
+    from .stats import INTERVAL_METHOD, compare_rows
+
+    runs = []
+    for name, path in (("a", Path(a)), ("b", Path(b))):
+        if _is_model_folder(path):
+            run_evaluation(path, out_dir=Path(out_dir) / name, progress=progress, **eval_kwargs)
+            runs.append((str((Path(out_dir) / name).resolve()), *load_run(Path(out_dir) / name)))
+        elif not path.exists():
+            raise FileNotFoundError(f"--compare: {path} not found (a snapgen eval report folder or a model folder)")
+        else:
+            runs.append((str(path.resolve()), *load_run(path)))
+    (pa, sa, ra), (pb, sb, rb) = runs
+    scores = compare_rows(ra, rb, n_boot=N_BOOT, level=LEVEL)
+    scores = {k: {m: (round(v, 5) if m in ("a", "b", "diff", "lo", "hi") else v) for m, v in r.items()}
+              for k, r in scores.items()}  # p unrounded: it can be tiny
+    comparison = {"a": pa, "b": pb, "scores": scores, "images": len(ra),
+                  "prompts": len({r["prompt_index"] for r in ra}), "seeds": len({r["seed"] for r in ra}),
+                  "interval_method": INTERVAL_METHOD.format(n_boot=N_BOOT, level=LEVEL),
+                  "test": "McNemar exact (two-sided binomial test on the discordant images), pooled over prompts",
+                  "fd": ({"a": sa.get("fd"), "b": sb.get("fd")} if sa and sb else None)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    (out_dir / "compare.md").write_text(format_comparison(comparison))
+    return comparison
+
+
+def _rounded(intervals: dict) -> dict:
+    return {k: {m: round(v, 4) for m, v in d.items()} for k, d in intervals.items()}
 
 
 def _absolute(path) -> str | None:
@@ -136,32 +287,3 @@ def _bna_backends(pipe):
     from ..attention.backend import modules_backend
 
     return modules_backend(getattr(pipe, "transformer", None) or {})
-
-
-def format_report(summary: dict, grids: dict | None = None) -> str:
-    s = summary["sceneeval"]
-    cats = [k for k in s if k != "overall"]
-    lines = ["# snapgen eval", "",
-             f"{summary['images']} images ({summary['prompts']} prompts x {summary['seeds']} seeds), "
-             f"{summary['steps']} steps, CFG {summary['cfg']}, {summary['seconds']} s"
-             + (f", variant {summary['variant']}" if summary.get("variant", "full") != "full" else ""), "",
-             "| " + " | ".join(cats + ["overall", "alignment", "FD"]) + " |",
-             "|" + "---|" * (len(cats) + 3),
-             "| " + " | ".join(f"{s[c]:.3f}" for c in cats) + f" | **{s['overall']:.3f}** | "
-             + ("-" if summary["alignment"] is None else f"{summary['alignment']:.3f}") + " | "
-             + ("-" if summary["fd"] is None else f"{summary['fd']:.3f}") + " |", ""]
-    loaded = [(k, summary.get(k)) for k in ("model", "detector", "image_encoder", "text_encoder") if summary.get(k)]
-    lines += [f"- {k.replace('_', ' ')}: `{v}`" for k, v in loaded]
-    attention = summary.get("environment", {}).get("numerics", {}).get("attention")
-    if attention:
-        chosen = ", ".join(sorted(set(attention["auto_choices"].values()))) or "-"
-        lines.append(f"- BNA backend: requested {attention['requested']}, fused kernel {attention['kernel_status']}"
-                     f", auto ran {chosen}")
-    if loaded or attention:
-        lines.append("")
-    for n in summary.get("notes", []):
-        lines.append(f"Note: {n}")
-    if grids:
-        lines += ["", "## Failures", ""]
-        lines += [f"![{tag}](failures/{Path(p).name})" for tag, p in grids.items()]
-    return "\n".join(lines) + "\n"

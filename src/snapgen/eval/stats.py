@@ -12,7 +12,12 @@ Paired comparison of two runs on the same (prompt, seed) cells: the difference o
 bootstrap interval (the same resample indices applied to both runs), per-image wins / losses / ties, and McNemar's
 exact test (two-sided binomial test on the discordant pairs).
 
-Not yet wired into ``snapgen eval`` (the report and ``--compare`` are the next step of issue 20).
+The alignment score gets the same clustered bootstrap with the per-image cosine in place of the 0/1 verdict
+(:func:`score_table` with ``value="alignment", by_tag=False``: one cluster per prompt, all prompts pooled). The
+Fréchet distance is a statistic of the whole image set and gets no interval here. Used by ``snapgen eval``
+(:mod:`snapgen.eval.run`: ``intervals`` in summary.json) and ``snapgen eval --compare`` (:func:`compare_rows`).
+McNemar's test pools all cells and so ignores the clustering by prompt (the bootstrap interval does not): read
+its p-value as a per-image statement, the interval as the one about the prompt set.
 """
 
 from __future__ import annotations
@@ -21,21 +26,28 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_scores", "mcnemar_exact", "paired_comparison", "score_table"]
+__all__ = ["INTERVAL_METHOD", "bootstrap_scores", "compare_rows", "first_mismatch", "mcnemar_exact",
+           "paired_comparison", "score_table"]
+
+INTERVAL_METHOD = ("percentile bootstrap, prompts resampled with replacement within each category with all their "
+                   "seeds' images (prompt-clustered), {n_boot} resamples, {level:.0%}")
 
 
-def score_table(results: Sequence[Mapping]) -> tuple[dict[str, np.ndarray], list]:
-    """Per-category 0/1 arrays of shape (prompts, seeds) from result rows with ``tag``, ``prompt_index`` (or
-    ``prompt``), ``seed`` and ``correct``; also returns the sorted seed list. Every prompt must have every seed."""
+def score_table(results: Sequence[Mapping], value: str = "correct",
+                by_tag: bool = True) -> tuple[dict[str, np.ndarray], list]:
+    """Per-category arrays of shape (prompts, seeds) from result rows with ``tag``, ``prompt_index`` (or
+    ``prompt``), ``seed`` and ``value`` (``correct``: 0/1; another key, e.g. ``alignment``: its float); also
+    returns the sorted seed list. ``by_tag=False``: one table ``"all"`` over every prompt. Every prompt must have
+    every seed."""
     seeds = sorted({r["seed"] for r in results})
     cells: dict[str, dict] = {}
     for r in results:
         key = r.get("prompt_index", r.get("prompt"))
-        cells.setdefault(r["tag"], {}).setdefault(key, {})[r["seed"]] = bool(r["correct"])
+        cells.setdefault(r["tag"] if by_tag else "all", {}).setdefault(key, {})[r["seed"]] = float(r[value])
     table = {}
     for tag, prompts in cells.items():
         rows = []
-        for key in sorted(prompts, key=str):
+        for key in sorted(prompts, key=lambda k: (str(type(k)), k)):
             if set(prompts[key]) != set(seeds):
                 raise ValueError(f"prompt {key!r} ({tag}) has seeds {sorted(prompts[key])}, expected {seeds}")
             rows.append([prompts[key][s] for s in seeds])
@@ -113,4 +125,44 @@ def paired_comparison(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], 
         out[k] = {"a": pa[k], "b": pb[k], "diff": pb[k] - pa[k], "lo": float(np.quantile(draws[k], q)),
                   "hi": float(np.quantile(draws[k], 1 - q)), "wins": wins, "losses": losses, "ties": ties,
                   "p": mcnemar_exact(wins, losses)}
+    return out
+
+
+def first_mismatch(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping]) -> str | None:
+    """``None`` if the two runs score the same (prompt_index, seed) cells with the same prompt and tag, else a
+    sentence naming the first cell that differs."""
+    def cells(rows, name):
+        out = {}
+        for r in rows:
+            if "prompt_index" not in r or "seed" not in r:
+                raise ValueError(f"run {name}'s results have no prompt_index/seed (written before snapgen eval "
+                                 f"recorded them): evaluate it again")
+            out[(r["prompt_index"], r["seed"])] = (r["tag"], r["prompt"])
+        return out
+
+    a, b = cells(rows_a, "A"), cells(rows_b, "B")
+    for key in sorted(set(a) | set(b)):
+        if key not in b:
+            return f"prompt {key[0]} seed {key[1]} ({a[key][1]!r}) is in A but not in B"
+        if key not in a:
+            return f"prompt {key[0]} seed {key[1]} ({b[key][1]!r}) is in B but not in A"
+        if a[key] != b[key]:
+            return f"prompt {key[0]} seed {key[1]} is {a[key][1]!r} ({a[key][0]}) in A but {b[key][1]!r} " \
+                   f"({b[key][0]}) in B"
+    return None
+
+
+def compare_rows(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping], n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> dict[str, dict]:
+    """:func:`paired_comparison` of two runs' result rows (``snapgen eval --compare``), per category and overall,
+    plus ``alignment`` (diff and paired interval only) when both runs have per-image alignment. Raises
+    ``ValueError`` naming the first mismatching cell when they do not share prompts and seeds."""
+    problem = first_mismatch(rows_a, rows_b)
+    if problem:
+        raise ValueError(f"the two runs do not share their prompts and seeds: {problem}")
+    out = paired_comparison(score_table(rows_a)[0], score_table(rows_b)[0], n_boot, level, seed)
+    if all(r.get("alignment") is not None for r in (*rows_a, *rows_b)):
+        al = paired_comparison(score_table(rows_a, "alignment", False)[0], score_table(rows_b, "alignment", False)[0],
+                               n_boot, level, seed)["all"]
+        out["alignment"] = {k: al[k] for k in ("a", "b", "diff", "lo", "hi")}
     return out

@@ -1,0 +1,146 @@
+"""GenEval's image-folder layout, both ways (issue 20 §4): write a model's samples for any GenEval metadata file,
+and read any folder in that layout back for SceneEval.
+
+The layout (GenEval's ``generation/`` scripts write it and ``evaluation/evaluate_images.py`` reads it)::
+
+    DIR/00000/metadata.jsonl      the prompt's metadata line (one JSON object), as in the metadata file
+    DIR/00000/samples/0000.png    sample 0 of prompt 0
+    DIR/00000/samples/0001.png    ...
+    DIR/00001/...
+
+Folder ``i`` is line ``i`` of the metadata file (blank lines skipped). GenEval's optional ``grid.png`` is not
+written. Here the sample index is also the seed: sample ``k`` is generated with seed ``base_seed + k`` one image
+per call, so it is the image ``snapgen generate PROMPT --seed base_seed+k`` draws, whatever else is generated and
+in whichever order (a resumed run writes the same images as an uninterrupted one).
+
+Writing is resumable: existing samples are kept (not regenerated), and every file is written to a temporary name
+in the same folder and renamed into place, so an interrupted run leaves no half-written PNG or metadata file.
+Generation accepts any GenEval metadata (its classes need not be scene classes: only ``prompt`` is read);
+reading for SceneEval (:func:`read_layout`) validates every folder's metadata against the scene world with
+:func:`snapgen.eval.sceneeval.validate_metadata` and names the first folder and class it cannot score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+
+__all__ = ["read_geneval_metadata", "write_layout", "read_layout", "sample_name", "folder_name"]
+
+
+def folder_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+def sample_name(index: int) -> str:
+    return f"{index:04d}.png"
+
+
+def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
+    """Every non-blank line of a GenEval metadata JSONL file, as dicts; each must carry a non-empty ``prompt``
+    (nothing else is checked: any GenEval metadata file can be generated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GenEval metadata file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                meta = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str) or not meta["prompt"].strip():
+                raise ValueError(f"{path}:{lineno}: a GenEval metadata line is a JSON object with a non-empty "
+                                 f"'prompt'")
+            out.append(meta)
+    if not out:
+        raise ValueError(f"{path}: no prompts (the file is empty)")
+    return out
+
+
+def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(tmp)
+    os.replace(tmp, target)
+
+
+def write_layout(generate: Callable[[str, int], Image.Image], metadata: list[dict], outdir: str | os.PathLike,
+                 n_samples: int, base_seed: int = 0, progress: bool = True) -> dict:
+    """Write GenEval's layout for ``metadata`` under ``outdir``: ``generate(prompt, seed) -> PIL image`` is called
+    for every missing sample (sample ``k`` with seed ``base_seed + k``). Returns ``{"generated", "skipped",
+    "folders"}``. A folder whose metadata.jsonl holds another prompt's metadata is an error (a different
+    metadata file was generated into ``outdir`` before)."""
+    from tqdm.auto import tqdm
+
+    if n_samples < 1:
+        raise ValueError(f"--n-samples must be >= 1, got {n_samples}")
+    outdir = Path(outdir)
+    todo = []
+    for i, meta in enumerate(metadata):
+        folder = outdir / folder_name(i)
+        meta_file = folder / "metadata.jsonl"
+        if meta_file.exists():
+            old = json.loads(meta_file.read_text(encoding="utf-8"))
+            if old != meta:
+                raise ValueError(f"{meta_file} holds the metadata of another prompt ({old.get('prompt')!r}, not "
+                                 f"{meta['prompt']!r}): use an empty --outdir for another metadata file")
+        todo += [(i, k) for k in range(n_samples) if not (folder / "samples" / sample_name(k)).exists()]
+    skipped = len(metadata) * n_samples - len(todo)
+    for i, meta in enumerate(metadata):
+        folder = outdir / folder_name(i)
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        for stale in (*folder.glob(".*.tmp"), *(folder / "samples").glob(".*.tmp")):  # left by a killed run
+            stale.unlink()
+        if not (folder / "metadata.jsonl").exists():
+            _atomic_write(folder / "metadata.jsonl",
+                          lambda p, m=meta: p.write_text(json.dumps(m, ensure_ascii=False) + "\n", encoding="utf-8"))
+    for i, k in tqdm(todo, desc="generating", disable=not progress):
+        image = generate(metadata[i]["prompt"], base_seed + k)
+        _atomic_write(outdir / folder_name(i) / "samples" / sample_name(k), lambda p: image.save(p, format="PNG"))
+    return {"generated": len(todo), "skipped": skipped, "folders": len(metadata)}
+
+
+def read_layout(directory: str | os.PathLike, validate: bool = True) -> list[dict]:
+    """Every sample of a GenEval-layout folder: ``[{"prompt_index", "seed", "path", "metadata"}]`` in folder then
+    sample order; ``seed`` is the sample index (the PNG's number), ``prompt_index`` the folder's. With
+    ``validate`` every folder's metadata is checked for SceneEval (scene classes, colours, tags), and the first
+    one it cannot score raises ``ValueError`` naming the folder."""
+    from .sceneeval import validate_metadata
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image folder not found: {directory}")
+    folders = sorted((p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    if not folders:
+        raise ValueError(f"{directory} is not in GenEval's layout: no numbered prompt folders (00000/metadata.jsonl, "
+                         f"00000/samples/0000.png, ...); write one with snapgen generate --geneval-metadata")
+    out = []
+    for folder in folders:
+        meta_file = folder / "metadata.jsonl"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} is missing (GenEval's layout has one per prompt folder)")
+        lines = [ln for ln in meta_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        where = f"{meta_file} (prompt folder {folder.name})"
+        try:
+            meta = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+        if meta is None:
+            raise ValueError(f"{where}: empty metadata file")
+        if validate:
+            try:
+                meta = validate_metadata(meta, where)
+            except ValueError as e:
+                raise ValueError(f"{e} (SceneEval scores only the scene world's classes, colours and GenEval's six "
+                                 f"tags; score other classes with the official GenEval evaluator)") from None
+        samples = sorted((p for p in (folder / "samples").glob("*.png") if p.stem.isdigit()), key=lambda p: int(p.stem))
+        if not samples:
+            raise ValueError(f"{folder / 'samples'}: no samples (0000.png, 0001.png, ...)")
+        out += [{"prompt_index": int(folder.name), "seed": int(p.stem), "path": p, "metadata": meta} for p in samples]
+    return out

@@ -1,0 +1,149 @@
+"""GenEval's folder layout both ways (issue 20 §4): snapgen generate --geneval-metadata writes it (resumable,
+atomic, seed of sample k = --seed + k), snapgen eval --images scores any folder in it with SceneEval."""
+
+import json
+
+import pytest
+from helpers.builders import ENC_DIM, build_pipeline, save_tiny_bert
+from helpers.fakes import FakeEncoder
+from PIL import Image
+
+from snapgen.cli import main
+from snapgen.data.scenes import CATEGORIES, SceneDataset
+from snapgen.eval.detector import load_detector
+from snapgen.eval.geneval_layout import read_layout, write_layout
+from snapgen.eval.run import evaluate_folder
+from snapgen.eval.sceneeval import evaluate_images, load_prompts, metadata_from_scene, prompt_path
+
+
+@pytest.fixture
+def no_encoder(tmp_path, monkeypatch):
+    """Alignment and FD off (they load MiniLM and real renders): the tests here are about the verdicts."""
+    monkeypatch.setenv("SNAPGEN_IMAGE_ENCODER", str(tmp_path / "no-encoder"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    pipe = build_pipeline(text_encoder=FakeEncoder())
+    return lambda prompt, seed: pipe([prompt], seed=seed)[0]
+
+
+def _metas(n_per_tag=1):
+    prompts = load_prompts(prompt_path("sceneeval"))
+    return [next(p for p in prompts[k:] if p["tag"] == t) for t in CATEGORIES for k in range(n_per_tag)]
+
+
+def test_round_trip_gives_the_verdicts_of_scoring_the_images_directly(tmp_path, tiny, no_encoder):
+    metas = _metas()
+    done = write_layout(tiny, metas, tmp_path / "g", n_samples=2, base_seed=3, progress=False)
+    assert done == {"generated": 12, "skipped": 0, "folders": 6}
+    assert json.loads((tmp_path / "g" / "00002" / "metadata.jsonl").read_text()) == metas[2]
+    assert sorted(p.name for p in (tmp_path / "g" / "00002" / "samples").iterdir()) == ["0000.png", "0001.png"]
+    summary = evaluate_folder(tmp_path / "g", out_dir=tmp_path / "r", progress=False)
+    rows = [json.loads(ln) for ln in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
+    images = [tiny(m["prompt"], 3 + k) for m in metas for k in range(2)]  # sample k = seed base + k
+    direct = evaluate_images(images, [m for m in metas for _ in range(2)], load_detector())
+    assert [(r["prompt_index"], r["seed"]) for r in rows] == [(i, k) for i in range(6) for k in range(2)]
+    assert [(r["correct"], r["reason"], r["detections"]) for r in rows] == \
+           [(d["correct"], d["reason"], json.loads(json.dumps(d["detections"]))) for d in direct]
+    assert summary["images"] == 12 and summary["prompts"] == 6 and summary["seeds"] == 2
+    assert set(summary["intervals"]) == set(CATEGORIES) | {"overall"}
+
+
+def test_an_interrupted_run_resumes_without_regenerating(tmp_path, tiny):
+    metas = _metas()[:3]
+    calls = []
+
+    def dies_after_four(prompt, seed):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append((prompt, seed))
+        return tiny(prompt, seed)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_layout(dies_after_four, metas, tmp_path / "g", n_samples=3, progress=False)
+    written = sorted((tmp_path / "g").glob("*/samples/*.png"))
+    assert len(written) == 4 and not list((tmp_path / "g").rglob("*.tmp"))  # nothing half-written
+    # a kill mid-save leaves a temporary file (here of a sample a run with a larger --n-samples was writing)
+    (tmp_path / "g" / "00002" / "samples" / ".0007.png.tmp").write_bytes(b"partial")
+    mtimes = {p: p.stat().st_mtime_ns for p in written}
+    calls.clear()
+    done = write_layout(lambda p, s: (calls.append((p, s)), tiny(p, s))[1], metas, tmp_path / "g", 3, progress=False)
+    assert done == {"generated": 5, "skipped": 4, "folders": 3} and len(calls) == 5
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert not list((tmp_path / "g").rglob("*.tmp"))
+    write_layout(tiny, metas, tmp_path / "ref", 3, progress=False)  # uninterrupted: the same images
+    for p in sorted((tmp_path / "ref").glob("*/samples/*.png")):
+        q = tmp_path / "g" / p.relative_to(tmp_path / "ref")
+        assert Image.open(p).tobytes() == Image.open(q).tobytes(), q
+    with pytest.raises(ValueError, match="another prompt"):
+        write_layout(tiny, metas[1:], tmp_path / "g", 1, progress=False)
+
+
+def _render_layout(root, per_tag=8):
+    for cat in CATEGORIES:
+        ds = SceneDataset(64, split="val", categories=[cat], seed=1)
+        for i in range(per_tag):
+            folder = root / f"{CATEGORIES.index(cat) * per_tag + i:05d}"
+            (folder / "samples").mkdir(parents=True)
+            s = ds[i]
+            (folder / "metadata.jsonl").write_text(json.dumps(metadata_from_scene(s)) + "\n")
+            s.image.save(folder / "samples" / "0000.png")
+
+
+def test_eval_images_scores_renders_at_the_ceiling_with_intervals(tmp_path, capsys):
+    _render_layout(tmp_path / "renders")
+    assert main(["eval", "--images", str(tmp_path / "renders"), "--json", "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sceneeval"]["overall"] >= 0.98 and summary["images"] == 48
+    assert summary["images_dir"] == str((tmp_path / "renders").resolve()) and summary["model"] is None
+    ci = summary["intervals"]["overall"]
+    assert ci["lo"] <= summary["sceneeval"]["overall"] <= ci["hi"] and "bootstrap" in summary["interval_method"]
+    a = summary["alignment_interval"]
+    assert summary["alignment"] is not None and a["lo"] <= summary["alignment"] <= a["hi"]
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert f"{summary['sceneeval']['overall']:.3f} [{ci['lo']:.2f}, {ci['hi']:.2f}]" in report
+    rows = [json.loads(ln) for ln in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
+    assert rows[5]["image"] == "00005/samples/0000.png" and isinstance(rows[5]["alignment"], float)
+
+
+def test_eval_images_names_the_first_unsupported_class_and_its_folder(tmp_path, capsys):
+    _render_layout(tmp_path / "g", per_tag=1)
+    (tmp_path / "g" / "00003" / "metadata.jsonl").write_text(json.dumps(
+        {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"}) + "\n")
+    (tmp_path / "g" / "00004" / "metadata.jsonl").write_text(json.dumps(
+        {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"}) + "\n")
+    assert main(["eval", "--images", str(tmp_path / "g"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "prompt folder 00003" in err and "'dog'" in err and "cat" not in err and len(err.splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no numbered prompt folders"):
+        read_layout(tmp_path / "empty")
+    assert main(["eval", "--images", str(tmp_path / "g"), "--steps", "3"]) == 2
+
+
+def test_generate_cli_writes_the_layout_for_any_classes_with_seed_base_plus_k(tmp_path, capsys):
+    bert = save_tiny_bert(tmp_path / "bert", ENC_DIM)
+    model = tmp_path / "model"
+    build_pipeline(text_encoder_spec=str(bert)).save_pretrained(model)
+    meta = tmp_path / "geneval.jsonl"
+    meta.write_text("\n".join(json.dumps(m) for m in [
+        {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+        {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}],
+         "prompt": "a photo of two dogs"}]) + "\n\n")
+    args = ["generate", "--geneval-metadata", str(meta), "--outdir", str(tmp_path / "g"), "--n-samples", "2",
+            "--seed", "5", "--model", str(model), "--no-progress"]
+    assert main(args) == 0
+    assert "generated 4, kept 0" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "generated 0, kept 4" in capsys.readouterr().out
+    assert main(["generate", "a photo of two dogs", "--seed", "6", "--model", str(model), "--no-progress",
+                 "--out", str(tmp_path / "one.png")]) == 0
+    assert Image.open(tmp_path / "one.png").tobytes() == \
+           Image.open(tmp_path / "g" / "00001" / "samples" / "0001.png").tobytes()
+    assert json.loads((tmp_path / "g" / "00001" / "metadata.jsonl").read_text())["include"][0]["class"] == "dog"
+    capsys.readouterr()
+    assert main(["generate", "a prompt", "--geneval-metadata", str(meta), "--outdir", str(tmp_path / "x")]) == 2
+    assert "cannot go with --geneval-metadata" in capsys.readouterr().err
+    assert main(["generate", "--geneval-metadata", str(meta)]) == 2
