@@ -64,22 +64,29 @@ def _bgs() -> list[str]:
     return [f"on a {w} background" for w in _PATTERN_WORDS.values()]
 
 
-def _iter_scene_captions() -> Iterator[str]:
-    """Every caption ``_caption`` can return for a training-split scene (mirrors its templates)."""
-    pairs, bgs, sizes = _train_pairs(), _bgs(), (None, *SIZES)
+def _iter_scene_captions(singles=None, pairs0=None, pairs1=None, sizes=(None, *SIZES)) -> Iterator[str]:
+    """Every caption ``_caption`` can return for a training-split scene (mirrors its templates). ``singles``
+    (one-object categories) and ``pairs0`` / ``pairs1`` (first / second object of two-object categories)
+    default to every training (colour, shape) pair; restricting them gives the template captions about
+    given objects (the nearest-neighbour candidates of :mod:`snapgen.eval.headline`)."""
+    pairs = _train_pairs()
+    singles = pairs if singles is None else singles
+    pairs0 = pairs if pairs0 is None else pairs0
+    pairs1 = pairs if pairs1 is None else pairs1
+    bgs = _bgs()
 
     def noun(c, s, z):
         return " ".join(([z] if z else []) + [c, s])
 
     # counting (never sized)
-    for c, s in pairs:
+    for c, s in singles:
         for n, num in NUMBER_WORDS.items():
             what = f"{num} {c} {PLURALS[s] if n > 1 else s}"
             be = "are" if n > 1 else "is"
             yield from (what, f"a photo of {what}", f"exactly {what}", f"there {be} {what}", f"an image of {what}")
             yield from (f"{what} {bg}" for bg in bgs)
     # single_object and colors
-    for c, s in pairs:
+    for c, s in singles:
         for z in sizes:
             a = _article(noun(c, s, z))
             yield from (a, f"a photo of {a}", f"an image of {a}", f"a picture of {a}")
@@ -89,8 +96,8 @@ def _iter_scene_captions() -> Iterator[str]:
             yield from (f"{sz} that is {c}", f"{sz} colored {c}", f"{sz} in {c}")
     # two-object categories: distinct shapes; one `sized` flag for both objects, sizes independent
     rel_phrases = [p for ps in _REL_PHRASES.values() for p in ps]
-    for c0, s0 in pairs:
-        for c1, s1 in pairs:
+    for c0, s0 in pairs0:
+        for c1, s1 in pairs1:
             if s0 == s1:
                 continue
             for z0 in sizes:
