@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from ..data.scenes import (HELDOUT_PAIRS, NUMBER_WORDS, PLURALS, SHAPES, SIZES, _PATTERN_WORDS, _REL_PHRASES,
                            COLORS, _article)
 
-__all__ = ["SHIPPED_CONFIGS", "emoji_training_captions", "normalise_caption", "scene_template_captions",
+__all__ = ["SHIPPED_CONFIGS", "emoji_training_captions", "normalise_caption", "overlap", "scene_template_captions",
            "shipped_training_captions"]
 
 # The configs of `make train-shipped` + `make distill` whose data carries captions.
