@@ -120,3 +120,22 @@ def test_alignment_encoder_never_trains_on_eval_prompts():
 def test_sizing_simulation():
     assert simulate_halfwidth(PER_CATEGORY, 4, icc=0.3, n_sim=4, n_boot=200) <= 0.03
     assert simulate_halfwidth(12, 4, icc=0.3, n_sim=4, n_boot=200) > 0.03   # the old 72-prompt set does not
+
+
+def test_stored_nearest_caption_reproduces():
+    from snapgen.eval.alignment import SentenceEmbedder
+    from snapgen.eval.headline import nearest_training_caption
+
+    embedder = SentenceEmbedder()
+    prompts = load_prompts(prompt_path(HEADLINE_SET))
+    for p in (prompts[0], prompts[300], prompts[320]):   # held-out single object, colours, position
+        objs = [(r["color"] if "color" in r else None, r["class"]) for r in p["include"]]
+        if None in {c for c, _ in objs}:   # colours not in include: take them from the text (word before the shape)
+            words = p["prompt"].split()
+            objs = [(next(w for w, nxt in zip(words, words[1:]) if nxt.rstrip(",") in (s, PLURALS[s])), s)
+                    for _, s in objs]
+        if p["tag"] == "position":
+            objs = objs[::-1]   # include lists the relation's object first, the prompt its subject
+        caption, cos = nearest_training_caption(p["prompt"], objs, embedder)
+        assert cos == pytest.approx(p["nearest_cosine"], abs=2e-3), (p, caption, cos)
+        assert normalise_caption(caption) in shipped_training_captions()

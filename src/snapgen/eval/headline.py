@@ -132,21 +132,26 @@ def _candidates(pairs, n_objects: int) -> list[str]:
             + list(_iter_scene_captions(singles=[], pairs0=b, pairs1=a, sizes=(None,))))
 
 
-def nearest_training_caption(prompt: str, pairs, embedder, _emoji: dict = {}) -> tuple[str, float]:  # noqa: B006
-    """The nearest training caption of a prompt by MiniLM sentence cosine, and the cosine (module docstring)."""
-    if "caps" not in _emoji:
-        _emoji["caps"] = sorted(emoji_training_captions())
-        _emoji["emb"] = embedder(_emoji["caps"]) if _emoji["caps"] else None
+_EMOJI_EMBEDDED: dict[int, tuple[list[str], object]] = {}   # id(embedder) -> (captions, embeddings)
+
+
+def nearest_training_caption(prompt: str, pairs, embedder) -> tuple[str, float]:
+    """The nearest training caption of a prompt by MiniLM sentence cosine, and the cosine (module docstring).
+    ``embedder`` maps captions to unit sentence embeddings (:class:`~snapgen.eval.alignment.SentenceEmbedder`)."""
+    if id(embedder) not in _EMOJI_EMBEDDED:
+        caps = sorted(emoji_training_captions())
+        _EMOJI_EMBEDDED[id(embedder)] = (caps, embedder(caps) if caps else None)
+    emoji_caps, emoji_emb = _EMOJI_EMBEDDED[id(embedder)]
     cands = _candidates(pairs, len(pairs))
     q = embedder([prompt])[0]
     sims = embedder(cands) @ q
     k = int(sims.argmax())
     best, cos = cands[k], float(sims[k])
-    if _emoji["emb"] is not None:
-        es = _emoji["emb"] @ q
+    if emoji_emb is not None:
+        es = emoji_emb @ q
         j = int(es.argmax())
         if float(es[j]) > cos:
-            best, cos = _emoji["caps"][j], float(es[j])
+            best, cos = emoji_caps[j], float(es[j])
     return best, cos
 
 
