@@ -340,7 +340,7 @@ REL_WORDS = {"left of": ("left", "right"), "right of": ("left", "right"),
 NUMBERS = {2: ("two", "pair"), 3: ("three",), 4: ("four",)}
 
 
-@pytest.mark.parametrize("name", PROMPT_SETS)
+@pytest.mark.parametrize("name", [n for n in PROMPT_SETS if n != "headline"])  # headline: test_headline_prompts
 def test_shipped_prompt_files(name):
     prompts = load_prompts(prompt_path(name))   # validates every line, tag consistency included
     tags = [p["tag"] for p in prompts]

@@ -3,7 +3,8 @@
 A CLIP-score stand-in that works offline. The text side is the frozen all-MiniLM-L6-v2 sentence
 embedding (masked mean of token features, L2-normalised: the standard sentence-transformers pooling);
 only the image tower (and a learned temperature) is trained, with CLIP's symmetric InfoNCE loss on
-scenes + emoji. Captions that occur twice in a batch count as positives for each other.
+scenes + emoji, never on a caption that is a SceneEval prompt (issue 20 §2: pairs whose normalised caption is
+in any ``prompts/*.jsonl`` set are dropped from the training pool). Captions that occur twice in a batch count as positives for each other.
 
 * :class:`ImageEncoder` -- ``embed(images) -> [N, 384]`` (unit norm, comparable with sentence
   embeddings) and ``features(images) -> [N, F]`` (pooled penultimate features, for Frechet distance).
@@ -38,7 +39,7 @@ from .. import env
 
 __all__ = ["ImageEncoderConfig", "ImageEncoder", "default_image_encoder_dir", "load_image_encoder",
            "train_image_encoder", "alignment_score", "evaluate_encoder", "heldout_samples",
-           "sentence_embeddings", "SentenceEmbedder"]
+           "sentence_embeddings", "SentenceEmbedder", "eval_prompt_captions"]
 
 DEFAULT_TRAIN_SOURCES = (
     {"type": "scenes", "weight": 0.6, "length": 1_000_000, "split": "train"},
@@ -217,12 +218,30 @@ def alignment_score(encoder: ImageEncoder, images: Sequence[Image.Image], prompt
 
 
 # -- data -----------------------------------------------------------------------------------------------
-def _load_pool(spec: dict) -> tuple[torch.Tensor, list[str]]:
+def eval_prompt_captions() -> frozenset[str]:
+    """Normalised prompts of every shipped SceneEval set (``src/snapgen/eval/prompts/*.jsonl``): the captions
+    the encoder must never train on (issue 20 §2), so its scores on eval prompts are not memorised."""
+    import json
+
+    from .training_captions import normalise_caption
+    out = set()
+    for f in sorted((Path(__file__).resolve().parent / "prompts").glob("*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                out.add(normalise_caption(json.loads(line)["prompt"]))
+    return frozenset(out)
+
+
+def _load_pool(spec: dict, exclude: frozenset[str] = frozenset()) -> tuple[torch.Tensor, list[str]]:
+    """The dataset's (image, caption) pairs, minus those whose normalised caption is in ``exclude``."""
     from ..data import build_dataset
+    from .training_captions import normalise_caption
     ds = build_dataset(spec)
     imgs, caps = [], []
     for i in range(len(ds)):
         s = ds[i]
+        if exclude and normalise_caption(s.caption) in exclude:
+            continue
         imgs.append(np.asarray(s.image.convert("RGB"), dtype=np.uint8))
         caps.append(s.caption)
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), caps
@@ -250,23 +269,27 @@ def _augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 3) -> torch
 def train_image_encoder(out_dir: str | os.PathLike | None = None, steps: int = 2500, batch_size: int = 128,
                         seed: int = 0, pool_size: int = 20000, lr: float = 2e-3,
                         config: ImageEncoderConfig | None = None, text_encoder=None,
-                        log_every: int = 100) -> ImageEncoder:
+                        log_every: int = 100, exclude_eval_prompts: bool = True) -> ImageEncoder:
     """Train the image tower against frozen MiniLM sentence embeddings; deterministic given ``seed``.
 
     A pool of ``pool_size`` (image, caption) pairs is drawn from scenes + emoji (train splits); each
-    distinct caption is embedded once. Saves to ``out_dir`` when given.
+    distinct caption is embedded once. With ``exclude_eval_prompts`` (default) pairs whose caption is an eval
+    prompt (:func:`eval_prompt_captions`, compared after :func:`~snapgen.eval.training_captions.normalise_caption`)
+    are dropped from the pool. Saves to ``out_dir`` when given.
     """
     torch.manual_seed(seed)
     config = config or ImageEncoderConfig()
     t0 = time.time()
     pool_x, pool_caps = _load_pool({"type": "mixed", "length": pool_size, "resolution": config.resolution,
-                                    "seed": seed, "sources": [dict(s) for s in DEFAULT_TRAIN_SOURCES]})
+                                    "seed": seed, "sources": [dict(s) for s in DEFAULT_TRAIN_SOURCES]},
+                                   eval_prompt_captions() if exclude_eval_prompts else frozenset())
     distinct = list(dict.fromkeys(pool_caps))
     index = {c: i for i, c in enumerate(distinct)}
     cap_id = torch.tensor([index[c] for c in pool_caps], dtype=torch.long)
     embedder = text_encoder if isinstance(text_encoder, SentenceEmbedder) else SentenceEmbedder(text_encoder)
     text_table = embedder(distinct).float()
-    print(f"pool: {len(pool_caps)} pairs, {len(distinct)} distinct captions, "
+    print(f"pool: {len(pool_caps)} pairs (of {pool_size}; eval prompts excluded: {exclude_eval_prompts}), "
+          f"{len(distinct)} distinct captions, "
           f"prepared in {time.time() - t0:.1f}s", flush=True)
 
     model = ImageEncoder(config)

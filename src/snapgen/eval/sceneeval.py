@@ -50,7 +50,8 @@ Prompt sets (``src/snapgen/eval/prompts/``, see :func:`prompt_path`): ``sceneeva
 12 per tag, in the training captions' style, with no held-out colour-shape pair),
 ``sceneeval_heldout.jsonl`` (36 prompts, 6 per tag, each naming a held-out pair of
 :data:`~snapgen.data.scenes.HELDOUT_PAIRS`) and ``sceneeval_paraphrase.jsonl`` (the same 72 metadata as
-``sceneeval.jsonl``, line for line, phrased in ways the training captions never are).
+``sceneeval.jsonl``, line for line, phrased in ways the training captions never are); ``headline.jsonl``
+(480 prompts never seen in training, :mod:`snapgen.eval.headline`; ``sceneeval.jsonl`` is in-distribution).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ __all__ = [
 
 MIN_CONFIDENCE = 0.3       # GenEval's detection threshold
 POSITION_THRESHOLD = 0.1   # GenEval's POSITION_THRESHOLD
-PROMPT_SETS = ("sceneeval", "sceneeval_heldout", "sceneeval_paraphrase")
+PROMPT_SETS = ("sceneeval", "sceneeval_heldout", "sceneeval_paraphrase", "headline")  # headline: eval/headline.py
 _PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 _INCLUDE_KEYS = {"class", "count", "color", "position"}
 _EXCLUDE_KEYS = {"class", "count"}
