@@ -24,7 +24,13 @@ def test_eval_quick_json_and_report(tmp_path, capsys):
     assert report.startswith("# snapgen eval")
     rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 18 and all({"correct", "prompt_index", "seed", "alignment"} <= set(r) for r in rows)
-    assert {r["seed"] for r in rows} == {0} and rows[3]["prompt_index"] == 12  # --quick: 3 of each 12, file order
+    # the default set is the headline set; --quick keeps the first 3 prompts of each category, in file order
+    assert summary["prompt_set"].endswith("headline.jsonl")
+    from snapgen.eval.sceneeval import load_prompts, prompt_path
+
+    tags = [p["tag"] for p in load_prompts(prompt_path("headline"))]
+    first = [i for i, t in enumerate(tags) if tags.index(t) <= i < tags.index(t) + 3]
+    assert {r["seed"] for r in rows} == {0} and sorted(r["prompt_index"] for r in rows) == sorted(first)
     for c in CATEGORIES:  # every score has its interval, and the report prints it
         ci = summary["intervals"][c]
         assert ci["lo"] <= summary["sceneeval"][c] == ci["value"] <= ci["hi"]

@@ -12,7 +12,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="SceneEval per category, alignment score and FD of a model, with a "
                                            "report (or of a GenEval image folder, or two runs compared)")
     p.add_argument("--model", help="pipeline folder (default: the shipped models/snapgen-micro)")
-    p.add_argument("--prompts", help="GenEval-format JSONL prompt file (default: the shipped sceneeval set)")
+    p.add_argument("--prompts", help="GenEval-format JSONL prompt file, or a shipped set: headline (default: 480 prompts "
+                                        "no training caption contains), sceneeval (in-distribution: training "
+                                        "captions), sceneeval_paraphrase, sceneeval_heldout")
     p.add_argument("--images", metavar="DIR",
                    help="score the images of a folder in GenEval's layout (DIR/00000/metadata.jsonl, "
                         "DIR/00000/samples/0000.png, ...; e.g. from snapgen generate --geneval-metadata) instead "

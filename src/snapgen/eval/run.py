@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .report import format_comparison, format_report
 
 __all__ = ["run_evaluation", "generate_images", "score_images", "evaluate_folder", "compare_runs", "load_run",
-           "default_prompts_path", "format_report", "format_comparison"]
+           "default_prompts_path", "resolve_prompts_path", "format_report", "format_comparison"]
 
 N_BOOT = 2000
 LEVEL = 0.95
@@ -37,9 +37,22 @@ LEVEL = 0.95
 
 def default_prompts_path() -> Path:
     """The prompt file ``snapgen eval`` uses without ``--prompts`` (the one place that decides it)."""
+    from .headline import HEADLINE_SET
     from .sceneeval import prompt_path
 
-    return prompt_path("sceneeval")
+    return prompt_path(HEADLINE_SET)
+
+
+def resolve_prompts_path(prompts) -> Path:
+    """``--prompts``: ``None`` = the headline set, a shipped set's name (``sceneeval``, ``headline``, ...), or a
+    GenEval-format JSONL file."""
+    from .sceneeval import PROMPT_SETS, prompt_path
+
+    if prompts is None:
+        return default_prompts_path()
+    if str(prompts) in PROMPT_SETS and not Path(prompts).exists():
+        return prompt_path(str(prompts))
+    return Path(prompts)
 
 
 def detector_card() -> dict | None:
@@ -108,7 +121,7 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
         pipe.to(device, resolve_dtype(dtype, device))
         if base:
             pipe.use_base()
-    prompts_path = Path(prompts_path) if prompts_path is not None else default_prompts_path()
+    prompts_path = resolve_prompts_path(prompts_path)
     indexed, seeds = select_prompts(load_prompts(prompts_path), quick, seeds)
     if external:
         meta = getattr(pipe, "meta", {})
