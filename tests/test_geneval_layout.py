@@ -147,3 +147,22 @@ def test_generate_cli_writes_the_layout_for_any_classes_with_seed_base_plus_k(tm
     assert main(["generate", "a prompt", "--geneval-metadata", str(meta), "--outdir", str(tmp_path / "x")]) == 2
     assert "cannot go with --geneval-metadata" in capsys.readouterr().err
     assert main(["generate", "--geneval-metadata", str(meta)]) == 2
+
+
+def test_eval_save_images_then_images_rescores_the_same_cells_and_verdicts(tmp_path, no_encoder):
+    """`snapgen eval --save-images D` keeps the run's own images (batched per seed) in the layout, so `--images D`
+    re-scores exactly them: same (prompt_index, seed) cells, same verdicts and detections."""
+    from snapgen.eval.run import run_evaluation
+
+    pipe = build_pipeline(text_encoder=FakeEncoder())
+    sets = tmp_path / "p.jsonl"
+    sets.write_text("".join(json.dumps(m) + "\n" for m in _metas()))
+    run_evaluation(prompts_path=sets, seeds=2, out_dir=tmp_path / "a", progress=False, pipe=pipe,
+                   save_images=tmp_path / "imgs")
+    evaluate_folder(tmp_path / "imgs", out_dir=tmp_path / "b", progress=False)
+    a, b = ([json.loads(ln) for ln in (tmp_path / r / "results.jsonl").read_text().splitlines()] for r in "ab")
+    key = lambda r: (r["prompt_index"], r["seed"])  # noqa: E731
+    a, b = sorted(a, key=key), sorted(b, key=key)
+    assert [key(r) for r in a] == [key(r) for r in b] == [(i, s) for i in range(6) for s in range(2)]
+    assert [(r["correct"], r["reason"], r["detections"]) for r in a] == \
+           [(r["correct"], r["reason"], r["detections"]) for r in b]

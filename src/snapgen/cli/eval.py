@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--cfg", type=float, help="guidance weight (default: the model's)")
     p.add_argument("--quick", action="store_true", help="3 prompts per category, 1 seed")
+    p.add_argument("--save-images", metavar="DIR",
+                   help="also keep the generated images in GenEval's layout (re-score them with --images DIR)")
     p.add_argument("--out", help="report folder (default eval_report/, with --compare eval_compare/)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--variant", help="elastic sub-network: tiny | small | full (default full)")
@@ -46,6 +48,8 @@ def cmd_eval(args) -> int:
                                  ("--cfg", args.cfg), ("--variant", args.variant), ("--device", args.device),
                                  ("--dtype", args.dtype)) if v is not None] + (["--base"] if args.base else []) \
         + (["--quick"] if args.quick else [])
+    if args.save_images and (args.images or args.compare):
+        raise ValueError("--save-images goes with a generating run (not --images or --compare)")
     if args.images:
         if generation:
             raise ValueError(f"{', '.join(generation)} cannot apply to --images: the images are already generated "
@@ -69,7 +73,8 @@ def cmd_eval(args) -> int:
         out = args.out or "eval_report"
         summary = run_evaluation(args.model, args.prompts, seeds=args.seeds, steps=args.steps, guidance=args.cfg,
                                  quick=args.quick, out_dir=out, progress=not args.no_progress,
-                                 variant=args.variant, base=args.base, device=device, dtype=dtype)
+                                 variant=args.variant, base=args.base, device=device, dtype=dtype,
+                                 save_images=args.save_images)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 
-__all__ = ["read_geneval_metadata", "write_layout", "read_layout", "sample_name", "folder_name"]
+__all__ = ["read_geneval_metadata", "write_layout", "write_images", "read_layout", "sample_name", "folder_name"]
 
 
 def folder_name(index: int) -> str:
@@ -104,6 +104,21 @@ def write_layout(generate: Callable[[str, int], Image.Image], metadata: list[dic
         image = generate(metadata[i]["prompt"], base_seed + k)
         _atomic_write(outdir / folder_name(i) / "samples" / sample_name(k), lambda p: image.save(p, format="PNG"))
     return {"generated": len(todo), "skipped": skipped, "folders": len(metadata)}
+
+
+def write_images(images, metadata: list[dict], cells: list[tuple[int, int]], outdir: str | os.PathLike) -> Path:
+    """Save images already generated (``snapgen eval --save-images``) in the layout: image ``i`` goes to
+    ``outdir/<prompt_index>/samples/<seed>.png`` for ``cells[i] = (prompt_index, seed)``, so ``snapgen eval
+    --images outdir`` re-scores exactly these images (PNG is lossless) on the same cells, for instance with another
+    detector. Atomic writes; existing files are replaced (the images are the run's own)."""
+    outdir = Path(outdir)
+    for image, meta, (i, seed) in zip(images, metadata, cells, strict=True):
+        folder = outdir / folder_name(i)
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / "metadata.jsonl",
+                      lambda p, m=meta: p.write_text(json.dumps(m, ensure_ascii=False) + "\n", encoding="utf-8"))
+        _atomic_write(folder / "samples" / sample_name(seed), lambda p, im=image: im.save(p, format="PNG"))
+    return outdir
 
 
 def read_layout(directory: str | os.PathLike, validate: bool = True) -> list[dict]:

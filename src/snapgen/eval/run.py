@@ -98,8 +98,9 @@ def generate_images(pipe, prompts: list[tuple[int, dict]], seeds: int, steps=Non
 def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int | None = None,
                    guidance: float | None = None, quick: bool = False, out_dir: str | Path = "eval_report",
                    batch_size: int = 36, progress: bool = True, variant: str | None = None,
-                   base: bool = False, pipe=None, device=None, dtype=None) -> dict:
+                   base: bool = False, pipe=None, device=None, dtype=None, save_images=None) -> dict:
     """Generate the prompt set's images and score them (:func:`generate_images`, :func:`score_images`).
+    ``save_images``: a folder to keep the images in GenEval's layout (re-scored by :func:`evaluate_folder`).
     ``pipe``: any generator with ``pipe(prompts, seed=...) -> images`` (e.g. an ONNX / ExecuTorch export, or a
     quantized pipeline) instead of loading ``model_dir``; its sampler settings are its own. ``device`` /
     ``dtype``: where the loaded pipeline runs (``None``: auto / fp32; :mod:`snapgen.utils.device`); scoring runs
@@ -132,6 +133,10 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
         steps = settings["steps"] if steps is None else steps
         guidance = settings["guidance"] if guidance is None else guidance
     images, metadata, cells = generate_images(pipe, indexed, seeds, steps, guidance, external, batch_size, progress)
+    if save_images is not None:
+        from .geneval_layout import write_images
+
+        write_images(images, metadata, cells, save_images)
     loaded = {"model": _absolute(model_dir)}
     if not external:  # the pipeline's own text encoder (loaded by the first generation)
         loaded["text_encoder"] = _absolute(getattr(pipe.text_encoder, "path", None))
