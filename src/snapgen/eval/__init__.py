@@ -4,6 +4,11 @@
   CNN), ``load_detector()`` for the shipped weights, ``train_detector()`` to reproduce them.
 * :mod:`snapgen.eval.sceneeval` -- GenEval's metadata format and scoring rules, the shipped prompt sets,
   ``evaluate_images``, ``summarize`` and failure grids.
+* :mod:`snapgen.eval.headline` / :mod:`snapgen.eval.training_captions` -- the headline prompt set (no training
+  caption of the shipped recipe in it) and the training captions it is checked against.
+* :mod:`snapgen.eval.stats` -- prompt-clustered bootstrap intervals and paired comparisons (McNemar).
+* :mod:`snapgen.eval.run` / :mod:`snapgen.eval.geneval_layout` -- ``snapgen eval`` (generate, score, compare)
+  and GenEval's image-folder layout both ways.
 
 Names are imported lazily (PEP 562), so ``import snapgen.eval`` stays cheap and
 ``python -m snapgen.eval.detector`` runs cleanly.
@@ -22,7 +27,10 @@ _EXPORTS = {
     "alignment": ("ImageEncoder", "ImageEncoderConfig", "alignment_score", "load_image_encoder",
                   "train_image_encoder", "default_image_encoder_dir"),
     "frechet": ("frechet_distance", "fd_images"),
-    "run": ("run_evaluation",),
+    "run": ("run_evaluation", "evaluate_folder", "compare_runs", "score_images"),
+    "stats": ("bootstrap_scores", "paired_comparison", "mcnemar_exact", "score_table"),
+    "geneval_layout": ("read_layout", "write_layout"),
+    "headline": ("HEADLINE_SET", "IN_DISTRIBUTION_SET"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
