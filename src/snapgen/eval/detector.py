@@ -151,8 +151,8 @@ class DetectorConfig(JSONConfigMixin):
     smooth_sigma: float = 0.5          # pre-smoothing of the distance map, px at 64 px (scales with size)
     t_low: float = 35.0                # RGB distance from the background: weak foreground
     t_high: float = 70.0               # strong foreground (a component must contain some)
-    noise_k_low: float = 2.0           # noisy backgrounds: t_low >= this x the smoothed noise's distance
-    noise_k_high: float = 3.0          # ... and t_high >= this x it (segmentation.Segmenter.thresholds)
+    noise_k_low: float = 3.0           # noisy backgrounds: t_low >= this x the smoothed noise's distance
+    noise_k_high: float = 4.5          # ... and t_high >= this x it (segmentation.Segmenter.thresholds)
     min_area_frac: float = 0.004       # smallest object, fraction of the image area (16 px at 64 x 64)
     # splitting merged objects (see snapgen.eval.segmentation)
     split_color_frac: float = 0.12     # a colour group must hold this share of a component's interior
