@@ -153,7 +153,10 @@ class DetectorConfig(JSONConfigMixin):
     t_high: float = 70.0               # strong foreground (a component must contain some)
     noise_k_low: float = 3.0           # noisy backgrounds: t_low >= this x the smoothed noise's distance
     noise_k_high: float = 4.5          # ... and t_high >= this x it (segmentation.Segmenter.thresholds)
-    min_area_frac: float = 0.004       # smallest object, fraction of the image area (16 px at 64 x 64)
+    min_area_frac: float = 0.004       # smallest component, fraction of the image area (16 px at 64 x 64)
+    min_object_frac: float = 0.008     # smallest object's half-max area (33 px at 64 x 64; segmentation.py)
+    max_texture: float = 45.0          # an object's colour deviation (RGB) at most this ...
+    texture_k: float = 2.5             # ... or this x the background noise's RGB distance, if larger
     # splitting merged objects (see snapgen.eval.segmentation)
     split_color_frac: float = 0.12     # a colour group must hold this share of a component's interior
     split_erode: float = 1.5 / 64      # the rim (this fraction of the shorter side) has no colour vote

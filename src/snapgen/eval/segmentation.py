@@ -16,6 +16,11 @@ Steps (the design is explained in :mod:`snapgen.eval.detector`; issue 20 §1 add
    their object count (48 of 50 with 3.5 / 5); 100 "heavy" ones too. ``tests/test_detector.py`` checks it.
 3. **Foreground** by hysteresis: connected components of ``d > t_low`` holding a pixel ``d > t_high``
    and at least ``min_area_frac`` of the image.
+6. **Flat objects only** (issue 20): scene objects are flat-coloured, so an object whose *texture* (the
+   median RGB deviation from its median colour, inside its half-maximum region less a 1-px rim) exceeds
+   ``max(max_texture, texture_k x the image's noise distance)`` is a noise or texture patch, not an
+   object; and an object whose half-maximum area is under ``min_object_frac`` of the image (a smallest
+   scene object, a small star at 40 px, covers ~0.012) is a speck (e.g. a cell of a checked patch).
 4. **Splitting merged objects** by colour, by intensity valleys and at necks.
 5. **Per object**: box and centre of the half-maximum region, area, named colour.
 """
@@ -69,6 +74,7 @@ class Region:
     box: tuple[float, float, float, float]
     area: float
     color: str
+    texture: float = 0.0      # median RGB deviation from the object's median colour
 
 
 
@@ -144,7 +150,10 @@ class Segmenter:
             for part in self._split_by_color(comp, smooth[sl], d[sl], bg, min_area, S):
                 for soft, half in self._split_by_shape(part, d[sl], min_area):
                     out.append(self._describe(soft, half, arr[sl], d[sl], sl, (H, W)))
-        return out
+        # flat-colour objects only: no patch of noise or texture, no speck smaller than an object
+        max_texture = max(c.max_texture, c.texture_k * self.noise_level(arr) * np.sqrt(3))
+        min_object = c.min_object_frac * H * W
+        return [r for r in out if r.texture <= max_texture and r.area >= min_object]
 
     def _split_by_color(self, comp, pix_img, d, bg, min_area, S) -> list[np.ndarray]:
         """Parts of one component, one per significant colour group (usually just the component)."""
@@ -301,8 +310,15 @@ class Segmenter:
         core = half & (d >= np.percentile(dv, 60))
         full = np.zeros(hw)
         full[sl] = soft
+        # texture: median RGB deviation from the median colour of the half-max region less its rim
+        # (the rim mixes with the background), or of the core for tiny objects
+        inner = ndimage.binary_erosion(half)
+        inner = inner if inner.sum() >= 8 else core
+        med = np.median(pix[inner], axis=0)
+        texture = float(np.median(np.linalg.norm(pix[inner] - med, axis=-1)))
+        med = np.median(pix[core], axis=0)
         return Region(soft=full, box=box, area=float(half.sum()),
-                       color=self._nearest_color(np.median(pix[core], axis=0)))
+                      color=self._nearest_color(med), texture=texture)
 
     def _nearest_color(self, rgb: np.ndarray) -> str:
         """The named colour nearest to ``rgb`` (3,) in CIELAB."""
