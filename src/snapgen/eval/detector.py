@@ -156,7 +156,7 @@ class DetectorConfig(JSONConfigMixin):
     min_area_frac: float = 0.004       # smallest component, fraction of the image area (16 px at 64 x 64)
     min_object_frac: float = 0.008     # smallest object's half-max area (33 px at 64 x 64; segmentation.py)
     max_texture: float = 45.0          # an object's colour deviation (RGB) at most this ...
-    texture_k: float = 2.5             # ... or this x the background noise's RGB distance, if larger
+    texture_k: float = 1.5             # ... or this x the background noise's RGB distance, if larger
     # splitting merged objects (see snapgen.eval.segmentation)
     split_color_frac: float = 0.12     # a colour group must hold this share of a component's interior
     split_erode: float = 1.5 / 64      # the rim (this fraction of the shorter side) has no colour vote
