@@ -41,8 +41,13 @@ Reproducing the shipped weights and card (``models/evaluators/scene-detector``):
     OMP_NUM_THREADS=1 python -m snapgen.eval.detector --out models/evaluators/scene-detector
 
 (deterministic from ``--seed`` on one thread; a few minutes of one core; ``--eval-only`` re-measures.)
-Known limit: two same-colour squares touching along a side make one rectangle, which is never split (it
-now reads as "not a shape" rather than one square).
+Measured (the card; ``docs/evaluation.md`` has the full table, old vs new): SceneEval on real renders
+1.000 (val and held-out); shape accuracy on renders 1.000 clean, >= 0.994 degraded, ~0.95 "heavy";
+false objects per image on held-out negatives 0.023 clean / 0.077 degraded (2.39 / 2.37 before the reject
+class); objects on pure noise (std 20 / 40 / 60) 0 (before: 0 / 14.7 / 26.6); top-label ECE on held-out
+crops 0.042 -> 0.005 with T = 0.653. Known limits: a disc or square of noisy colour reads as a circle or
+square once blurred (the classifier sees only the mask), and two same-colour squares touching along a
+side make one rectangle, which is never split (it now reads as "not a shape" rather than one square).
 """
 
 from __future__ import annotations
