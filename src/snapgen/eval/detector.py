@@ -13,7 +13,8 @@ blurred hexagon from a blurred circle -- or from an ellipse, a bar, a letter -- 
 1. **Segmentation** (:mod:`snapgen.eval.segmentation`): background from the border ring, a noise guard
    (foreground thresholds raised on noisy backgrounds, so pure noise yields no candidate), hysteresis
    foreground, connected components, splitting of merged objects by colour, intensity valleys and necks;
-   per object its box, centre, area and named colour (nearest in CIELAB).
+   per object its box, centre, area and named colour (nearest in CIELAB); a flat-colour guard drops
+   noise / texture patches and specks smaller than any scene object.
 2. **Shape CNN** (:class:`ShapeNet`, ~60k parameters): the object's soft mask (colour-free, so held-out
    colour-shape pairs cannot leak through it), cropped square around the object and resized to 24 x 24,
    -> the six shapes **plus a reject class "not a shape"** (``config.reject``). A candidate whose most
