@@ -26,7 +26,10 @@ Prompt metadata (GenEval's own JSONL format, one object per line)::
 
 Scoring rules (:func:`score_image`, GenEval's ``evaluate``):
 
-* Detections with ``confidence < min_confidence`` (default 0.3, GenEval's threshold) are ignored.
+* Detections with ``confidence < min_confidence`` (default 0.3, GenEval's threshold) are ignored; for
+  ``counting`` prompts the threshold is ``counting_confidence`` instead (default 0.9, GenEval's
+  ``counting_threshold``), as in GenEval. The detector's confidences are calibrated probabilities
+  (temperature scaling, :mod:`snapgen.eval.detector_train`), so both thresholds mean what GenEval's mean.
 * For each include group, the ``count`` most confident detections of its class are taken; fewer than
   ``count`` fails ("expected star>=1, found 0"). With a ``color``, all of those must have it.
 * ``position``: GenEval's :func:`relative_position` on the two objects' boxes: the centre offset, with
@@ -72,6 +75,7 @@ from ..data.scenes import CATEGORIES, COLORS, RELATIONS, SHAPES, describe
 from .detector import DetectedObject, SceneDetector
 
 __all__ = [
+    "COUNTING_CONFIDENCE",
     "MIN_CONFIDENCE",
     "POSITION_THRESHOLD",
     "PROMPT_SETS",
@@ -89,6 +93,7 @@ __all__ = [
 ]
 
 MIN_CONFIDENCE = 0.3       # GenEval's detection threshold
+COUNTING_CONFIDENCE = 0.9  # GenEval's threshold for counting prompts (its counting_threshold)
 POSITION_THRESHOLD = 0.1   # GenEval's POSITION_THRESHOLD
 PROMPT_SETS = ("sceneeval", "sceneeval_heldout", "sceneeval_paraphrase", "headline")  # headline: eval/headline.py
 _PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
@@ -303,13 +308,15 @@ def _as_detection(d) -> DetectedObject:
 
 def score_image(detections: Iterable[DetectedObject | Mapping], metadata: Mapping,
                 min_confidence: float = MIN_CONFIDENCE,
-                position_threshold: float = POSITION_THRESHOLD) -> Verdict:
+                position_threshold: float = POSITION_THRESHOLD,
+                counting_confidence: float = COUNTING_CONFIDENCE) -> Verdict:
     """GenEval's verdict for one image's detections against one prompt's metadata (module docstring).
 
     Returns a :class:`Verdict` (truthy iff correct; ``ok, reason = score_image(...)``); the reason lists
     every failed requirement, one per line."""
     dets = [_as_detection(d) for d in detections]
-    dets = sorted((d for d in dets if d.confidence >= min_confidence), key=lambda d: -d.confidence)
+    threshold = counting_confidence if metadata.get("tag") == "counting" else min_confidence
+    dets = sorted((d for d in dets if d.confidence >= threshold), key=lambda d: -d.confidence)
     by_class: dict[str, list[DetectedObject]] = {}
     for d in dets:
         by_class.setdefault(d.shape, []).append(d)
@@ -359,7 +366,8 @@ def score_image(detections: Iterable[DetectedObject | Mapping], metadata: Mappin
 
 
 def evaluate_images(images: Sequence[Image.Image], metadata: Sequence[Mapping], detector: SceneDetector,
-                    min_confidence: float = MIN_CONFIDENCE, batch_size: int = 32) -> list[dict]:
+                    min_confidence: float = MIN_CONFIDENCE, batch_size: int = 32,
+                    counting_confidence: float = COUNTING_CONFIDENCE) -> list[dict]:
     """Detect and score every image against its metadata (same order). Each result is a JSON-ready dict:
     ``index, tag, prompt, correct, reason, detections`` (a list of :class:`DetectedObject` dicts)."""
     if len(images) != len(metadata):
@@ -370,7 +378,7 @@ def evaluate_images(images: Sequence[Image.Image], metadata: Sequence[Mapping], 
         for k, dets in enumerate(batch):
             i = start + k
             meta = metadata[i]
-            correct, reason = score_image(dets, meta, min_confidence)
+            correct, reason = score_image(dets, meta, min_confidence, counting_confidence=counting_confidence)
             results.append({"index": i, "tag": meta["tag"], "prompt": meta["prompt"], "correct": correct,
                             "reason": reason, "detections": [d.to_dict() for d in dets]})
     return results
