@@ -37,7 +37,8 @@ def test_eval_quick_json_and_report(tmp_path, capsys):
         assert f"{ci['value']:.3f} [{ci['lo']:.2f}, {ci['hi']:.2f}]" in report
     a = summary["alignment_interval"]
     assert a["lo"] <= summary["alignment"] <= a["hi"] and summary["fd_interval"] is None
-    assert "no per-image interval" in report and "detector_card" in summary
+    assert "no per-image interval" in report and summary["detector_card"]["thresholds"]["counting"] == 0.9
+    assert "false objects per image, held-out negatives" in report and "objects per pure-noise image" in report
 
 
 def test_eval_bad_inputs(tmp_path, capsys):

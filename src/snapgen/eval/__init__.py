@@ -20,8 +20,8 @@ import importlib
 
 _EXPORTS = {
     "detector": ("DetectedObject", "DetectorConfig", "SceneDetector", "default_detector_dir", "degrade_image",
-                 "load_detector", "train_detector"),
-    "sceneeval": ("MIN_CONFIDENCE", "POSITION_THRESHOLD", "PROMPT_SETS", "Verdict", "evaluate_images",
+                 "load_detector", "load_detector_card", "train_detector"),
+    "sceneeval": ("COUNTING_CONFIDENCE", "MIN_CONFIDENCE", "POSITION_THRESHOLD", "PROMPT_SETS", "Verdict", "evaluate_images",
                   "load_prompts", "metadata_from_scene", "prompt_path", "relative_position", "save_prompts",
                   "score_image", "summarize", "validate_metadata", "write_failure_grids"),
     "alignment": ("ImageEncoder", "ImageEncoderConfig", "alignment_score", "load_image_encoder",

@@ -23,6 +23,41 @@ def with_interval(value, ci=None, digits: int = 3) -> str:
     return text
 
 
+def card_lines(card: dict) -> list[str]:
+    """The detector card's headline figures (issue 20 §1): what the thresholds are, how right it is on real renders,
+    how often it sees an object where there is none. Missing keys are skipped (older or custom cards)."""
+    def get(*keys):
+        d = card
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return None
+            d = d[k]
+        return d
+
+    out = []
+    th = card.get("thresholds") or {}
+    if th:
+        out.append(f"- thresholds: detection {th.get('detection')}, counting prompts {th.get('counting')} (GenEval's)")
+    ceil, acc = get("real_renders", "sceneeval_ceiling"), get("real_renders", "shape_accuracy_overall")
+    if ceil or acc is not None:
+        out.append("- real renders: " + ", ".join(
+            ([f"SceneEval {k} {v:.3f}" for k, v in ceil.items()] if ceil else [])
+            + ([f"shape accuracy {acc:.3f} (all degradations)"] if acc is not None else [])))
+    neg = card.get("negatives_heldout") or {}
+    if neg:
+        out.append("- false objects per image, held-out negatives: " + ", ".join(
+            f"{k} {v['false_per_image']:.3f}" for k, v in neg.items() if isinstance(v, dict) and "false_per_image" in v))
+    noise = card.get("pure_noise") or {}
+    objs = {k.split("/", 1)[1]: v for k, v in noise.items() if k.startswith("objects/")}
+    if objs:
+        out.append("- objects per pure-noise image: " + ", ".join(f"{k} {v:g}" for k, v in objs.items()))
+    cal = card.get("calibration") or {}
+    if "ece_after" in cal:
+        out.append(f"- calibration: temperature {cal.get('temperature', float('nan')):.3f}, ECE "
+                   f"{cal.get('ece_before', float('nan')):.3f} -> {cal['ece_after']:.3f}")
+    return out
+
+
 def format_report(summary: dict, grids: dict | None = None) -> str:
     s = summary["sceneeval"]
     iv = summary.get("intervals") or {}
@@ -45,7 +80,7 @@ def format_report(summary: dict, grids: dict | None = None) -> str:
         lines += [f"Intervals: {summary['interval_method']}. {FD_NOTE}.", ""]
     card = summary.get("detector_card")
     if card:
-        lines += ["## Detector", ""] + [f"- {k.replace('_', ' ')}: {v}" for k, v in card.items()] + [""]
+        lines += ["## Detector (its card)", ""] + card_lines(card) + [""]
     loaded = [(k, summary.get(k)) for k in ("model", "images_dir", "detector", "image_encoder", "text_encoder")
               if summary.get(k)]
     lines += [f"- {k.replace('_', ' ')}: `{v}`" for k, v in loaded]
