@@ -8,6 +8,9 @@ claims README makes.
     python benchmarks/sceneeval_shipped.py --rescore      # re-score the kept images with the current detector
     python benchmarks/sceneeval_shipped.py --rows full4 small4 --work runs/eval20
 
+The quantized rows quantize the shipped model first (``snapgen quantize --variant V --out runs/eval20/q_V``, its
+default 16 calibration prompts from the in-distribution set, none from the headline set).
+
 Every row keeps its images in GenEval's layout (``--save-images``), so a new detector re-scores the same images
 (``--rescore``, about a minute per row) instead of regenerating them. Generation takes ~4 minutes per 4-step row
 and ~15 for a 28-step teacher row on 2 cores.
@@ -40,6 +43,8 @@ ROWS = {
                                                                    "sceneeval_paraphrase"]),
     "full4_heldout": ("full, 4 steps", "sceneeval_heldout (held-out pairs)", ["--variant", "full", "--prompts",
                                                                                "sceneeval_heldout"]),
+    **{f"quant_{v}": (f"{v}, 4 steps, k-means 4.3 bit (`snapgen quantize --variant {v}`)", "headline",
+                      ["--model", f"runs/eval20/q_{v}"]) for v in ("full", "small", "tiny")},
 }
 # (a, b, what the comparison decides): b - a
 COMPARISONS = [
@@ -48,6 +53,9 @@ COMPARISONS = [
     ("tiny4", "teacher_tiny28", "... the tiny width?"),
     ("small4", "full4", "is full better than small at 4 steps?"),
     ("tiny4", "small4", "is small better than tiny at 4 steps?"),
+    ("full4", "quant_full", "does k-means quantization cost full quality?"),
+    ("small4", "quant_small", "... small?"),
+    ("tiny4", "quant_tiny", "... tiny?"),
 ]
 CATS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 
@@ -69,6 +77,9 @@ def run_rows(work: Path, rows: list[str], rescore: bool) -> None:
             continue
         if (report / "summary.json").is_file():
             continue
+        model = ROWS[name][2][1] if ROWS[name][2][:1] == ["--model"] else None
+        if model and not Path(model, "pipeline.json").is_file():  # a quantized row: make its model first
+            _cli(["quantize", "--variant", name.removeprefix("quant_"), "--out", model])
         print(f"generating + scoring {name}", flush=True)
         _cli(["eval", "--out", str(report), "--save-images", str(images), "--no-progress", "--json",
               *ROWS[name][2]])
