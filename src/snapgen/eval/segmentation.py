@@ -37,6 +37,8 @@ __all__ = ["TEXMAP_SCALE", "Region", "Segmenter", "srgb_to_lab"]
 
 TEXMAP_SCALE = 40.0
 """RGB levels of off-line colour deviation that saturate a region's ``texmap`` (:meth:`Segmenter._texmap`)."""
+TEXMAP_FLOOR = 15.0
+"""RGB levels of off-line deviation a flat object may show (JPEG chroma, colour jitter) that read 0."""
 TEXMAP_SIGMA = 1.0
 """Gaussian smoothing (px at 64 px) of the image the texture map is measured on: it cuts white pixel
 noise (a degraded flat object) to ~0.3x but keeps most of a blurred noise patch's blotches."""
@@ -336,14 +338,14 @@ class Segmenter:
         """Per-pixel colour non-uniformity of one object, on the image smoothed by :data:`TEXMAP_SIGMA` (the classifier's second input, detector
         issue 20 follow-up): the RGB distance of each pixel from the segment background -> object colour
         (so a flat object's blurred rim, a mix of the two, reads 0), over :data:`TEXMAP_SCALE` levels,
-        clipped to 1, inside the object's soft mask only. A noise or texture patch is bright in it; a
+        less :data:`TEXMAP_FLOOR`, clipped to 0..1, inside the object's soft mask only. A noise or texture patch is bright in it; a
         flat shape is dark but for the image's own noise."""
         v = med - bg
         rel = pix - bg
         a = np.clip((rel @ v) / max(float(v @ v), 1e-6), 0.0, 1.0)
         resid = np.linalg.norm(rel - a[..., None] * v, axis=-1)
         full = np.zeros(hw)
-        full[sl] = np.where(soft > 0, np.clip(resid / TEXMAP_SCALE, 0, 1), 0.0)
+        full[sl] = np.where(soft > 0, np.clip((resid - TEXMAP_FLOOR) / TEXMAP_SCALE, 0, 1), 0.0)
         return full
 
     def _nearest_color(self, rgb: np.ndarray) -> str:
