@@ -335,10 +335,11 @@ class Segmenter:
 
     @staticmethod
     def _texmap(pix, med, bg, soft, sl, hw) -> np.ndarray:
-        """Per-pixel colour non-uniformity of one object, on the image smoothed by :data:`TEXMAP_SIGMA` (the classifier's second input, detector
-        issue 20 follow-up): the RGB distance of each pixel from the segment background -> object colour
-        (so a flat object's blurred rim, a mix of the two, reads 0), over :data:`TEXMAP_SCALE` levels,
-        less :data:`TEXMAP_FLOOR`, clipped to 0..1, inside the object's soft mask only. A noise or texture patch is bright in it; a
+        """Per-pixel colour non-uniformity of one object (the ``texture`` input of the classifier,
+        :data:`~snapgen.eval.detector.INPUTS`), on the image smoothed by :data:`TEXMAP_SIGMA`: the RGB
+        distance of each pixel from the segment background -> object colour (so a flat object's blurred
+        rim, a mix of the two, reads 0), less :data:`TEXMAP_FLOOR`, over :data:`TEXMAP_SCALE` levels,
+        clipped to 0..1, inside the object's soft mask only. A noise or texture patch is bright in it; a
         flat shape is dark but for the image's own noise."""
         v = med - bg
         rel = pix - bg
