@@ -158,7 +158,7 @@ class DetectorConfig(JSONConfigMixin):
     channels: tuple[int, ...] = (16, 32, 64)
     hidden: int = 64
     reject: bool = True                # a "not a shape" class after the shapes (issue 20)
-    inputs: tuple[str, ...] = ("mask", "outside")  # classifier input channels (INPUTS, in that order)
+    inputs: tuple[str, ...] = INPUTS   # classifier input channels, a subset of INPUTS in that order
     temperature: float = 1.0           # calibration: softmax(logits / temperature)
     border_frac: float = 0.03          # width of the border ring that gives the background colour
     smooth_sigma: float = 0.5          # pre-smoothing of the distance map, px at 64 px (scales with size)
