@@ -67,7 +67,7 @@ def test_heldout_negatives_false_objects(detector):
     """Negatives of the held-out stream (own seeds, plus types never trained on): <= 0.02 false objects
     per image at the detection threshold, and the real shapes among them are still found."""
     r = evaluate_negatives(detector, n=100, stream="heldout")
-    assert r["false_per_image"] <= 0.03, r   # goal 0.02; shipped: 0.023 on 300 (card)
+    assert r["false_per_image"] <= 0.02, r   # goal 0.02; shipped: 0.007 on 300 (card)
     assert r["shape_recall"] >= 0.95, r
     only_new = evaluate_negatives(detector, n=50, stream="heldout", types=HELDOUT_TYPES)
     assert only_new["false_per_image"] <= 0.04, only_new
@@ -146,7 +146,8 @@ def test_detector_card():
     assert card == load_detector_card(detmod.default_detector_dir() / "card.json")
     assert card["thresholds"] == {"detection": 0.3, "counting": 0.9}
     assert card["real_renders"]["shape_accuracy_overall"] >= 0.98
-    assert card["negatives_heldout"]["clean"]["false_per_image"] <= 0.03   # goal 0.02, see docs
+    assert card["negatives_heldout"]["clean"]["false_per_image"] <= 0.02   # goal 0.02 (shipped 0.007)
+    assert card["negatives_heldout"]["random"]["false_per_image"] <= 0.06   # goal 0.02 (shipped 0.050)
     assert all(v == 0 for v in card["pure_noise"].values())
     assert card["calibration"]["ece_after"] < card["calibration"]["ece_before"]
     assert "python -m snapgen.eval.detector" in card["command"]
