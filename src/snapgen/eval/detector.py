@@ -15,8 +15,10 @@ blurred hexagon from a blurred circle -- or from an ellipse, a bar, a letter -- 
    foreground, connected components, splitting of merged objects by colour, intensity valleys and necks;
    per object its box, centre, area and named colour (nearest in CIELAB); a flat-colour guard drops
    noise / texture patches and specks smaller than any scene object.
-2. **Shape CNN** (:class:`ShapeNet`, ~60k parameters): the object's soft mask (colour-free, so held-out
-   colour-shape pairs cannot leak through it), cropped square around the object and resized to 24 x 24,
+2. **Shape CNN** (:class:`ShapeNet`, ~61k parameters): the object's soft mask (colour-free, so held-out
+   colour-shape pairs cannot leak through it) plus, as further channels (:data:`INPUTS`), its texture map
+   (colour non-uniformity: noise patches are bright) and where the crop lies outside the image (a shape
+   cut off by the border shows its cut), cropped square around the object and resized to 24 x 24,
    -> the six shapes **plus a reject class "not a shape"** (``config.reject``). A candidate whose most
    probable class is the reject class is not an object and is dropped. The ``confidence`` of a detection
    is the *calibrated* probability of its shape: softmax of the logits divided by ``config.temperature``
@@ -44,10 +46,11 @@ Reproducing the shipped weights and card (``models/evaluators/scene-detector``):
 (deterministic from ``--seed`` on one thread; a few minutes of one core; ``--eval-only`` re-measures.)
 Measured (the card; ``docs/evaluation.md`` has the full table, old vs new): SceneEval on real renders
 1.000 (val and held-out); shape accuracy on renders 1.000 clean, >= 0.994 degraded, ~0.95 "heavy";
-false objects per image on held-out negatives 0.023 clean / 0.077 degraded (2.39 / 2.37 before the reject
-class); objects on pure noise (std 20 / 40 / 60) 0 (before: 0 / 14.7 / 26.6); top-label ECE on held-out
-crops 0.042 -> 0.005 with T = 0.653. Known limits: a disc or square of noisy colour reads as a circle or
-square once blurred (the classifier sees only the mask), and two same-colour squares touching along a
+false objects per image on held-out negatives 0.007 clean / 0.050 degraded (0.023 / 0.077 with the
+mask-only classifier, 2.39 / 2.37 before the reject class); objects on pure noise (std 20 / 40 / 60) 0
+(before: 0 / 14.7 / 26.6); top-label ECE on held-out crops 0.066 -> 0.003 with T = 0.613. Known limits: a
+disc or square of noisy colour can still read as a circle or square once heavily blurred (0.27 false
+objects per such patch, randomly degraded), and two same-colour squares touching along a
 side make one rectangle, which is never split (it now reads as "not a shape" rather than one square).
 """
 

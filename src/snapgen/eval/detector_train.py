@@ -6,7 +6,8 @@
   ``stream="train"``, :data:`~snapgen.eval.negatives.TRAIN_TYPES` only) are labelled "not a shape"
   (a ``merged`` pair only when the segmenter leaves it in one piece), their real shape with its shape.
 * **Training** (:func:`train_detector`): AdamW + one-cycle on those crops, cross-entropy with label
-  smoothing, cheap on-the-fly mask-gain and pixel-noise augmentation; one thread, seeded: deterministic.
+  smoothing and the reject class weighted ``reject_weight`` (0.4: fewer real objects rejected), cheap
+  on-the-fly mask-gain and pixel-noise augmentation; one thread, seeded: deterministic.
 * **Calibration** (:func:`fit_temperature`): temperature scaling (Guo et al., 2017), the one scalar ``T``
   minimising the NLL of ``softmax(logits / T)`` on a calibration split never trained on (``split="val"``
   renders + ``stream="calib"`` negatives, randomly degraded); stored as ``config.temperature``. The ECE
