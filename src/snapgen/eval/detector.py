@@ -15,8 +15,10 @@ blurred hexagon from a blurred circle -- or from an ellipse, a bar, a letter -- 
    foreground, connected components, splitting of merged objects by colour, intensity valleys and necks;
    per object its box, centre, area and named colour (nearest in CIELAB); a flat-colour guard drops
    noise / texture patches and specks smaller than any scene object.
-2. **Shape CNN** (:class:`ShapeNet`, ~60k parameters): the object's soft mask (colour-free, so held-out
-   colour-shape pairs cannot leak through it), cropped square around the object and resized to 24 x 24,
+2. **Shape CNN** (:class:`ShapeNet`, ~61k parameters): the object's soft mask (colour-free, so held-out
+   colour-shape pairs cannot leak through it) plus, as further channels (:data:`INPUTS`), its texture map
+   (colour non-uniformity: noise patches are bright) and where the crop lies outside the image (a shape
+   cut off by the border shows its cut), cropped square around the object and resized to 24 x 24,
    -> the six shapes **plus a reject class "not a shape"** (``config.reject``). A candidate whose most
    probable class is the reject class is not an object and is dropped. The ``confidence`` of a detection
    is the *calibrated* probability of its shape: softmax of the logits divided by ``config.temperature``
@@ -44,10 +46,11 @@ Reproducing the shipped weights and card (``models/evaluators/scene-detector``):
 (deterministic from ``--seed`` on one thread; a few minutes of one core; ``--eval-only`` re-measures.)
 Measured (the card; ``docs/evaluation.md`` has the full table, old vs new): SceneEval on real renders
 1.000 (val and held-out); shape accuracy on renders 1.000 clean, >= 0.994 degraded, ~0.95 "heavy";
-false objects per image on held-out negatives 0.023 clean / 0.077 degraded (2.39 / 2.37 before the reject
-class); objects on pure noise (std 20 / 40 / 60) 0 (before: 0 / 14.7 / 26.6); top-label ECE on held-out
-crops 0.042 -> 0.005 with T = 0.653. Known limits: a disc or square of noisy colour reads as a circle or
-square once blurred (the classifier sees only the mask), and two same-colour squares touching along a
+false objects per image on held-out negatives 0.007 clean / 0.050 degraded (0.023 / 0.077 with the
+mask-only classifier, 2.39 / 2.37 before the reject class); objects on pure noise (std 20 / 40 / 60) 0
+(before: 0 / 14.7 / 26.6); top-label ECE on held-out crops 0.066 -> 0.003 with T = 0.613. Known limits: a
+disc or square of noisy colour can still read as a circle or square once heavily blurred (0.27 false
+objects per such patch, randomly degraded), and two same-colour squares touching along a
 side make one rectangle, which is never split (it now reads as "not a shape" rather than one square).
 """
 
@@ -96,6 +99,12 @@ __all__ = [
 REJECT = "not a shape"
 """The name of the reject class (the last output of :class:`ShapeNet` when ``config.reject``)."""
 CARD_NAME = "card.json"
+INPUTS = ("mask", "texture", "outside")
+"""The classifier's possible input channels: ``mask`` = the object's soft mask; ``texture`` = its
+per-pixel colour non-uniformity (:meth:`~snapgen.eval.segmentation.Segmenter._texmap`: a noise patch is
+bright, a flat shape dark), so a blurred disc of noisy colour is no circle; ``outside`` = 1 where the
+crop lies outside the image, so a shape cut off by the image border shows its straight cut against it
+(both added after the first reject detector, whose remaining false objects were exactly these two)."""
 
 # Training and evaluation live in their own modules (each under ~400 lines); their public names stay
 # importable from here, lazily (they import this module).
@@ -152,6 +161,7 @@ class DetectorConfig(JSONConfigMixin):
     channels: tuple[int, ...] = (16, 32, 64)
     hidden: int = 64
     reject: bool = True                # a "not a shape" class after the shapes (issue 20)
+    inputs: tuple[str, ...] = INPUTS   # classifier input channels, a subset of INPUTS in that order
     temperature: float = 1.0           # calibration: softmax(logits / temperature)
     border_frac: float = 0.03          # width of the border ring that gives the background colour
     smooth_sigma: float = 0.5          # pre-smoothing of the distance map, px at 64 px (scales with size)
@@ -177,6 +187,8 @@ class DetectorConfig(JSONConfigMixin):
                              f"{len(self.palette)} values")
         if not 0 < self.t_low <= self.t_high:
             raise ValueError(f"need 0 < t_low <= t_high, got {self.t_low}, {self.t_high}")
+        if not self.inputs or self.inputs[0] != "mask" or any(k not in INPUTS for k in self.inputs):
+            raise ValueError(f"inputs must start with 'mask' and name only {INPUTS}, got {self.inputs}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -187,12 +199,12 @@ class DetectorConfig(JSONConfigMixin):
 
 
 class ShapeNet(torch.nn.Module):
-    """Soft object mask (B, 1, S, S) -> class logits (B, num_classes)."""
+    """Crops (B, in_channels, S, S) in 0..1 (soft mask first) -> class logits (B, num_classes)."""
 
     def __init__(self, num_classes: int, channels: Sequence[int] = (16, 32, 64), hidden: int = 64,
-                 crop_size: int = 24):
+                 crop_size: int = 24, in_channels: int = 1):
         super().__init__()
-        layers, c_in = [], 1
+        layers, c_in = [], in_channels
         for c in channels:
             layers += [torch.nn.Conv2d(c_in, c, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
             c_in = c
@@ -214,7 +226,7 @@ class SceneDetector(Segmenter, ModelIOMixin, torch.nn.Module):
         super().__init__()
         self.config = config or DetectorConfig()
         c = self.config
-        self.net = ShapeNet(len(c.classes), c.channels, c.hidden, c.crop_size)
+        self.net = ShapeNet(len(c.classes), c.channels, c.hidden, c.crop_size, len(c.inputs))
         if c.reject:  # an untrained detector never rejects: "not a shape" must be learned
             with torch.no_grad():
                 self.net.head[-1].bias[-1] = -4.0
@@ -224,8 +236,10 @@ class SceneDetector(Segmenter, ModelIOMixin, torch.nn.Module):
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         return self.net(crops)
 
-    def crop(self, soft: np.ndarray, box: Sequence[float], jitter: np.ndarray | None = None) -> torch.Tensor:
-        """The classifier input (1, S, S) for one object: a square around ``box`` with a margin.
+    def crop(self, soft: np.ndarray, box: Sequence[float], jitter: np.ndarray | None = None,
+             texmap: np.ndarray | None = None) -> torch.Tensor:
+        """The classifier input (len(config.inputs), S, S) for one object: a square around ``box`` with a
+        margin, of each of ``config.inputs`` (``texmap``: the region's, zeros if None).
 
         ``jitter`` = (scale, dx, dy) perturbs the square (training augmentation)."""
         c = self.config
@@ -241,8 +255,17 @@ class SceneDetector(Segmenter, ModelIOMixin, torch.nn.Module):
         # sample an n x n grid of pixel centres (bilinear), then area-downsample to crop_size
         t = (np.arange(n) + 0.5) / n * side - side / 2
         gy, gx = np.meshgrid(cy + t - 0.5, cx + t - 0.5, indexing="ij")
-        patch = ndimage.map_coordinates(soft, [gy, gx], order=1, mode="constant", cval=0.0)
-        x = torch.from_numpy(patch.astype(np.float32))[None, None]
+        H, W = soft.shape
+        planes = []
+        for name in c.inputs:
+            if name == "mask":
+                planes.append(ndimage.map_coordinates(soft, [gy, gx], order=1, mode="constant", cval=0.0))
+            elif name == "texture":
+                planes.append(np.zeros_like(gy) if texmap is None else
+                              ndimage.map_coordinates(texmap, [gy, gx], order=1, mode="constant", cval=0.0))
+            else:  # outside: pixel centres beyond the image
+                planes.append(((gy < -0.5) | (gy > H - 0.5) | (gx < -0.5) | (gx > W - 0.5)).astype(np.float64))
+        x = torch.from_numpy(np.stack(planes).astype(np.float32))[None]
         x = F.interpolate(x, size=(c.crop_size, c.crop_size), mode="area") if n != c.crop_size else x
         return x[0]
 
@@ -267,7 +290,7 @@ class SceneDetector(Segmenter, ModelIOMixin, torch.nn.Module):
         flat = [r for rs in regions for r in rs]
         if not flat:
             return [[] for _ in images]
-        probs = self.probabilities(torch.stack([self.crop(r.soft, r.box) for r in flat]))
+        probs = self.probabilities(torch.stack([self.crop(r.soft, r.box, texmap=r.texmap) for r in flat]))
         conf, idx = probs.max(-1)
         out, i = [], 0
         for rs in regions:

@@ -6,7 +6,8 @@
   ``stream="train"``, :data:`~snapgen.eval.negatives.TRAIN_TYPES` only) are labelled "not a shape"
   (a ``merged`` pair only when the segmenter leaves it in one piece), their real shape with its shape.
 * **Training** (:func:`train_detector`): AdamW + one-cycle on those crops, cross-entropy with label
-  smoothing, cheap on-the-fly mask-gain and pixel-noise augmentation; one thread, seeded: deterministic.
+  smoothing and the reject class weighted ``reject_weight`` (0.4: fewer real objects rejected), cheap
+  on-the-fly mask-gain and pixel-noise augmentation; one thread, seeded: deterministic.
 * **Calibration** (:func:`fit_temperature`): temperature scaling (Guo et al., 2017), the one scalar ``T``
   minimising the NLL of ``softmax(logits / T)`` on a calibration split never trained on (``split="val"``
   renders + ``stream="calib"`` negatives, randomly degraded); stored as ``config.temperature``. The ECE
@@ -56,7 +57,7 @@ def _crops_of(det, image, rng, augment: bool):
     for r in regions:
         jit = (np.array([rng.uniform(0.9, 1.12), rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05)])
                if augment else None)
-        x = det.crop(r.soft, r.box, jitter=jit)
+        x = det.crop(r.soft, r.box, jitter=jit, texmap=r.texmap)
         if augment and rng.random() < 0.5:
             x = x.flip(-1)
         out.append(x)
@@ -122,7 +123,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def train_detector(out_dir: str | os.PathLike | None = None, steps: int = 2000, seed: int = 0,
                    n_scenes: int = 3000, n_negatives: int = 2500, batch_size: int = 128, lr: float = 3e-3,
                    config: DetectorConfig | None = None, log_every: int = 250, calibrate: int = 600,
-                   ) -> SceneDetector:
+                   reject_weight: float = 0.4) -> SceneDetector:
     """Train the shape classifier (module docstring), then fit its temperature on ``calibrate`` val
     renders + as many calibration negatives (0 = keep T = 1). Deterministic from ``seed``: runs on one
     thread (restored afterwards) with seeded generators. Saves to ``out_dir`` when given."""
@@ -135,14 +136,22 @@ def train_detector(out_dir: str | os.PathLike | None = None, steps: int = 2000, 
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(det.net.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+        weight = torch.ones(len(det.config.classes))
+        if det.config.reject:
+            weight[-1] = reject_weight
         det.train()
         for step in range(steps):
             idx = torch.randint(len(x), (batch_size,), generator=g)
             xb = x[idx]
             # cheap on-the-fly augmentation: mask gain (faint or saturated objects) and pixel noise
+            # (mask channel only; the outside channel stays exact)
             gain = 0.75 + 0.5 * torch.rand(batch_size, 1, 1, 1, generator=g)
-            xb = (xb * gain + 0.05 * torch.randn(xb.shape, generator=g)).clamp(0, 1)
-            loss = F.cross_entropy(det.net(xb), y[idx], label_smoothing=0.05)
+            noise = 0.05 * torch.randn(xb.shape, generator=g)
+            if xb.shape[1] > 1:
+                noise[:, 1:] = 0
+            xb = xb.clone()
+            xb[:, :1] = (xb[:, :1] * gain + noise[:, :1]).clamp(0, 1)
+            loss = F.cross_entropy(det.net(xb), y[idx], weight=weight, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -33,7 +33,15 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["Region", "Segmenter", "srgb_to_lab"]
+__all__ = ["TEXMAP_SCALE", "Region", "Segmenter", "srgb_to_lab"]
+
+TEXMAP_SCALE = 40.0
+"""RGB levels of off-line colour deviation that saturate a region's ``texmap`` (:meth:`Segmenter._texmap`)."""
+TEXMAP_FLOOR = 15.0
+"""RGB levels of off-line deviation a flat object may show (JPEG chroma, colour jitter) that read 0."""
+TEXMAP_SIGMA = 1.0
+"""Gaussian smoothing (px at 64 px) of the image the texture map is measured on: it cuts white pixel
+noise (a degraded flat object) to ~0.3x but keeps most of a blurred noise patch's blotches."""
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) sRGB in 0-255 -> CIELAB (D65)."""
@@ -75,6 +83,7 @@ class Region:
     area: float
     color: str
     texture: float = 0.0      # median RGB deviation from the object's median colour
+    texmap: np.ndarray | None = None  # (H, W) per-pixel colour non-uniformity, 0..1 (classifier input)
 
 
 
@@ -134,6 +143,8 @@ class Segmenter:
         d = np.linalg.norm(smooth - bg, axis=-1)
         min_area = max(4.0, c.min_area_frac * H * W)
         t_low, t_high = self.thresholds(arr, sigma)
+        ts = TEXMAP_SIGMA * S / 64   # the texture map's smoothing: white pixel noise fades, blotches stay
+        tsmooth = ndimage.gaussian_filter(arr, (ts, ts, 0))
         weak = d > t_low
         lab, n = ndimage.label(weak)
         if n == 0:
@@ -149,7 +160,7 @@ class Segmenter:
             comp = lab[sl] == k + 1
             for part in self._split_by_color(comp, smooth[sl], d[sl], bg, min_area, S):
                 for soft, half in self._split_by_shape(part, d[sl], min_area):
-                    out.append(self._describe(soft, half, arr[sl], d[sl], sl, (H, W)))
+                    out.append(self._describe(soft, half, arr[sl], d[sl], sl, (H, W), bg, tsmooth[sl]))
         # flat-colour objects only: no patch of noise or texture, no speck smaller than an object
         max_texture = max(c.max_texture, c.texture_k * self.noise_level(arr) * np.sqrt(3))
         min_object = c.min_object_frac * H * W
@@ -301,7 +312,7 @@ class Segmenter:
             return [h]
         return parts
 
-    def _describe(self, soft, half, pix, d, sl, hw) -> Region:
+    def _describe(self, soft, half, pix, d, sl, hw, bg=None, tpix=None) -> Region:
         ys, xs = np.nonzero(half)
         oy, ox = sl[0].start, sl[1].start
         box = (float(xs.min() + ox), float(ys.min() + oy), float(xs.max() + 1 + ox), float(ys.max() + 1 + oy))
@@ -318,7 +329,25 @@ class Segmenter:
         texture = float(np.median(np.linalg.norm(pix[inner] - med, axis=-1)))
         med = np.median(pix[core], axis=0)
         return Region(soft=full, box=box, area=float(half.sum()),
-                      color=self._nearest_color(med), texture=texture)
+                      color=self._nearest_color(med), texture=texture,
+                      texmap=None if bg is None else self._texmap(pix if tpix is None else tpix, med, bg,
+                                                                   soft, sl, hw))
+
+    @staticmethod
+    def _texmap(pix, med, bg, soft, sl, hw) -> np.ndarray:
+        """Per-pixel colour non-uniformity of one object (the ``texture`` input of the classifier,
+        :data:`~snapgen.eval.detector.INPUTS`), on the image smoothed by :data:`TEXMAP_SIGMA`: the RGB
+        distance of each pixel from the segment background -> object colour (so a flat object's blurred
+        rim, a mix of the two, reads 0), less :data:`TEXMAP_FLOOR`, over :data:`TEXMAP_SCALE` levels,
+        clipped to 0..1, inside the object's soft mask only. A noise or texture patch is bright in it; a
+        flat shape is dark but for the image's own noise."""
+        v = med - bg
+        rel = pix - bg
+        a = np.clip((rel @ v) / max(float(v @ v), 1e-6), 0.0, 1.0)
+        resid = np.linalg.norm(rel - a[..., None] * v, axis=-1)
+        full = np.zeros(hw)
+        full[sl] = np.where(soft > 0, np.clip((resid - TEXMAP_FLOOR) / TEXMAP_SCALE, 0, 1), 0.0)
+        return full
 
     def _nearest_color(self, rgb: np.ndarray) -> str:
         """The named colour nearest to ``rgb`` (3,) in CIELAB."""
