@@ -91,10 +91,10 @@ def _render_layout(root, per_tag=8):
             s.image.save(folder / "samples" / "0000.png")
 
 
-def test_eval_images_scores_renders_at_the_ceiling_with_intervals(tmp_path, capsys):
+def test_eval_images_scores_renders_at_the_ceiling_with_intervals(tmp_path, capsys, monkeypatch):
     _render_layout(tmp_path / "renders")
-    assert main(["eval", "--images", str(tmp_path / "renders"), "--json", "--out", str(tmp_path / "r"),
-                 "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)  # a relative --images folder, as people type it
+    assert main(["eval", "--images", "renders", "--json", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["sceneeval"]["overall"] >= 0.98 and summary["images"] == 48
     assert summary["images_dir"] == str((tmp_path / "renders").resolve()) and summary["model"] is None

@@ -169,7 +169,7 @@ def evaluate_folder(images_dir, out_dir: str | Path = "eval_report", progress: b
              "sampler": None, "device": None, "dtype": None, "bna": None}
     return score_images(images, [e["metadata"] for e in entries], [(e["prompt_index"], e["seed"]) for e in entries],
                         out_dir, loaded={"model": None}, extra=extra, t0=t0,
-                        paths=[str(e["path"].relative_to(root)) for e in entries])
+                        paths=[str(Path(e["path"]).resolve().relative_to(root)) for e in entries])
 
 
 def score_images(images, metadata, cells, out_dir, loaded: dict, text_encoder=None, extra: dict | None = None,
