@@ -212,8 +212,8 @@ def test_cut_off_shapes_are_not_objects(detector):
 
 def test_generator_texture_squares_are_kept(detector):
     """Real renders through the shipped VAE with latent noise 0.2 (the blotchy texture of the shipped
-    generator's objects, ``benchmarks/detector_latent_noise.py``) still score: the detector trained with
-    generator texture (``--vae-p``) reached 0.97 on these 48 (was 0.92 on 300 before it)."""
+    generator's objects, ``benchmarks/detector_latent_noise.py``) still score. Shipped detector: 0.959 on
+    these 48 (0.928 on 300); a detector trained with ``--vae-p 0.35`` gave the same 0.959 here (0.952 on 300)."""
     from snapgen.data.scenes import SceneDataset
     from snapgen.eval.sceneeval import evaluate_images, metadata_from_scene, summarize
     from snapgen.eval.vae_texture import latent_noise_images, shipped_autoencoder
@@ -222,4 +222,4 @@ def test_generator_texture_squares_are_kept(detector):
     images = latent_noise_images(shipped_autoencoder(), [s.image for s in samples], [0.2] * len(samples),
                                  torch.Generator().manual_seed(0))
     score = summarize(evaluate_images(images, [metadata_from_scene(s) for s in samples], detector))["overall"]
-    assert score >= 0.9, score  # floor set after the retrain
+    assert score >= 0.92, score  # shipped detector: 0.959 on these 48 (0.928 on 300)

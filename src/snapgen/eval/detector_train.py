@@ -159,7 +159,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def train_detector(out_dir: str | os.PathLike | None = None, steps: int = 2000, seed: int = 0,
                    n_scenes: int = 3000, n_negatives: int = 2500, batch_size: int = 128, lr: float = 3e-3,
                    config: DetectorConfig | None = None, log_every: int = 250, calibrate: int = 600,
-                   reject_weight: float = 0.4, vae_p: float = 0.0, vae_sigma: float = 0.3) -> SceneDetector:
+                   reject_weight: float = 0.4, vae_p: float = VAE_P, vae_sigma: float = 0.3) -> SceneDetector:
     """Train the shape classifier (module docstring), then fit its temperature on ``calibrate`` val
     renders + as many calibration negatives (0 = keep T = 1); ``vae_p`` > 0 adds that fraction of
     generator-texture renders (latent noise up to ``vae_sigma``) to both. Deterministic from ``seed``: runs on one
