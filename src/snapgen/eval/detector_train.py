@@ -5,6 +5,8 @@
   scene object it matches; candidates from negatives images (:mod:`snapgen.eval.negatives`,
   ``stream="train"``, :data:`~snapgen.eval.negatives.TRAIN_TYPES` only) are labelled "not a shape"
   (a ``merged`` pair only when the segmenter leaves it in one piece), their real shape with its shape.
+  Optional **generator texture** (``vae_p`` / ``--vae-p``, default 0 = off, docs/evaluation.md): further
+  64 px renders through the shipped VAE with latent noise (:mod:`snapgen.eval.vae_texture`), positives only.
 * **Training** (:func:`train_detector`): AdamW + one-cycle on those crops, cross-entropy with label
   smoothing and the reject class weighted ``reject_weight`` (0.4: fewer real objects rejected), cheap
   on-the-fly mask-gain and pixel-noise augmentation; one thread, seeded: deterministic.
