@@ -208,3 +208,18 @@ def test_cut_off_shapes_are_not_objects(detector):
         _draw_shape(d, shape, (x, 256 - 40 - i % 3 * 8, x + 96, 256 + 56 - i % 3 * 8), COLORS["blue"])
         found += sum(o.confidence >= MIN_CONFIDENCE for o in detector.detect(c.resize((64, 64), Image.Resampling.LANCZOS)))
     assert found <= 1, found
+
+
+def test_generator_texture_squares_are_kept(detector):
+    """Real renders through the shipped VAE with latent noise 0.2 (the blotchy texture of the shipped
+    generator's objects, ``benchmarks/detector_latent_noise.py``) still score. Shipped detector: 0.959 on
+    these 48 (0.928 on 300); a detector trained with ``--vae-p 0.35`` gave the same 0.959 here (0.952 on 300)."""
+    from snapgen.data.scenes import SceneDataset
+    from snapgen.eval.sceneeval import evaluate_images, metadata_from_scene, summarize
+    from snapgen.eval.vae_texture import latent_noise_images, shipped_autoencoder
+
+    samples = [SceneDataset(64, seed=0, split="val").generate(i) for i in range(48)]
+    images = latent_noise_images(shipped_autoencoder(), [s.image for s in samples], [0.2] * len(samples),
+                                 torch.Generator().manual_seed(0))
+    score = summarize(evaluate_images(images, [metadata_from_scene(s) for s in samples], detector))["overall"]
+    assert score >= 0.92, score  # shipped detector: 0.959 on these 48 (0.928 on 300)

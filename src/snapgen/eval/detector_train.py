@@ -5,6 +5,8 @@
   scene object it matches; candidates from negatives images (:mod:`snapgen.eval.negatives`,
   ``stream="train"``, :data:`~snapgen.eval.negatives.TRAIN_TYPES` only) are labelled "not a shape"
   (a ``merged`` pair only when the segmenter leaves it in one piece), their real shape with its shape.
+  Optional **generator texture** (``vae_p`` / ``--vae-p``, default 0 = off, docs/evaluation.md): further
+  64 px renders through the shipped VAE with latent noise (:mod:`snapgen.eval.vae_texture`), positives only.
 * **Training** (:func:`train_detector`): AdamW + one-cycle on those crops, cross-entropy with label
   smoothing and the reject class weighted ``reject_weight`` (0.4: fewer real objects rejected), cheap
   on-the-fly mask-gain and pixel-noise augmentation; one thread, seeded: deterministic.
@@ -48,6 +50,7 @@ from .negatives import negative_image
 
 __all__ = ["fit_temperature", "labelled_crops", "main", "train_detector"]
 
+VAE_P = 0.0  # the shipped detector's generator-texture fraction (CLI default)
 _RESOLUTIONS = (40, 48, 64, 64, 64, 80, 96, 128)
 
 
@@ -65,9 +68,12 @@ def _crops_of(det, image, rng, augment: bool):
 
 
 def labelled_crops(det: SceneDetector, n_scenes: int, n_negatives: int, seed: int, split: str = "train",
-                   stream: str = "train", augment: bool = True, degrade_p: float = 0.8):
+                   stream: str = "train", augment: bool = True, degrade_p: float = 0.8, vae_p: float = 0.0,
+                   vae_sigma: float = 0.3, vae=None):
     """(crops (N, 1, S, S), labels (N,)) from ``n_scenes`` renders of ``split`` and ``n_negatives``
-    negatives images of ``stream`` (label ``len(shapes)`` = "not a shape"), through ``det``'s segmenter."""
+    negatives images of ``stream`` (label ``len(shapes)`` = "not a shape"), through ``det``'s segmenter;
+    plus ``round(vae_p * n_scenes)`` further 64 px renders of ``split`` with generator texture
+    (:func:`_vae_crops`; ``vae`` = the autoencoder, default the shipped one)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7, len(split), len(stream)]))
     shape_idx = {s: i for i, s in enumerate(det.config.shapes)}
     reject = len(det.config.shapes)
@@ -102,7 +108,39 @@ def labelled_crops(det: SceneDetector, n_scenes: int, n_negatives: int, seed: in
             elif ins and not any(s.negatives[k]["type"] == "merged" and n_in[k] > 1 for k in ins):
                 crops.append(x)
                 labels.append(reject)
+    if vae_p > 0:
+        xs, ys = _vae_crops(det, n_scenes, int(round(vae_p * n_scenes)), seed, split, augment, degrade_p,
+                            vae_sigma, vae)
+        crops += xs
+        labels += ys
     return torch.stack(crops), torch.tensor(labels)
+
+
+def _vae_crops(det, start: int, n: int, seed: int, split: str, augment: bool, degrade_p: float,
+               sigma_max: float, vae):
+    """Positive crops from renders ``start .. start + n - 1`` of ``split`` at 64 px (the shipped generator's
+    size), each through the shipped VAE with latent noise sigma ~ U(0, ``sigma_max``) in one batched pass
+    (:mod:`snapgen.eval.vae_texture`), then degraded with probability ``degrade_p / 2``. Own seeded streams,
+    so the other crops are the same with or without them. Negatives never get this texture."""
+    from .vae_texture import latent_noise_images, shipped_autoencoder
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 13, len(split)]))
+    shape_idx = {s: i for i, s in enumerate(det.config.shapes)}
+    ds = SceneDataset(64, seed=1000 + seed, split=split)
+    samples = [ds.generate(start + k) for k in range(n)]
+    sigmas = rng.uniform(0, sigma_max, n)
+    images = latent_noise_images(vae if vae is not None else shipped_autoencoder(), [s.image for s in samples],
+                                 sigmas, torch.Generator().manual_seed(int(rng.integers(2 ** 31))))
+    crops, labels = [], []
+    for sample, image in zip(samples, images):
+        if rng.random() < degrade_p / 2:
+            image = degrade_image(image, rng)
+        regions, xs = _crops_of(det, image, rng, augment)
+        for x, j in zip(xs, _match(sample.meta["objects"], [r.box for r in regions])):
+            if j >= 0:
+                crops.append(x)
+                labels.append(shape_idx[sample.meta["objects"][j]["shape"]])
+    return crops, labels
 
 
 @torch.no_grad()
@@ -123,16 +161,21 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def train_detector(out_dir: str | os.PathLike | None = None, steps: int = 2000, seed: int = 0,
                    n_scenes: int = 3000, n_negatives: int = 2500, batch_size: int = 128, lr: float = 3e-3,
                    config: DetectorConfig | None = None, log_every: int = 250, calibrate: int = 600,
-                   reject_weight: float = 0.4) -> SceneDetector:
+                   reject_weight: float = 0.4, vae_p: float = VAE_P, vae_sigma: float = 0.3) -> SceneDetector:
     """Train the shape classifier (module docstring), then fit its temperature on ``calibrate`` val
-    renders + as many calibration negatives (0 = keep T = 1). Deterministic from ``seed``: runs on one
+    renders + as many calibration negatives (0 = keep T = 1); ``vae_p`` > 0 adds that fraction of
+    generator-texture renders (latent noise up to ``vae_sigma``) to both. Deterministic from ``seed``: runs on one
     thread (restored afterwards) with seeded generators. Saves to ``out_dir`` when given."""
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
         det = SceneDetector(config)
-        x, y = labelled_crops(det, n_scenes, n_negatives, seed)
+        vae = None
+        if vae_p > 0:
+            from .vae_texture import shipped_autoencoder
+            vae = shipped_autoencoder()
+        x, y = labelled_crops(det, n_scenes, n_negatives, seed, vae_p=vae_p, vae_sigma=vae_sigma, vae=vae)
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(det.net.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -161,7 +204,8 @@ def train_detector(out_dir: str | os.PathLike | None = None, steps: int = 2000, 
                       f"{int((y == len(det.config.shapes)).sum())} not a shape)", flush=True)
         det.eval()
         if calibrate:
-            xc, yc = labelled_crops(det, calibrate, calibrate, seed, split="val", stream="calib", augment=False)
+            xc, yc = labelled_crops(det, calibrate, calibrate, seed, split="val", stream="calib", augment=False,
+                                    vae_p=vae_p, vae_sigma=vae_sigma, vae=vae)
             t = fit_temperature(_logits(det, xc), yc)
             det.config = dataclasses.replace(det.config, temperature=t)
         if out_dir is not None:
@@ -229,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--scenes", type=int, default=3000, help="training scenes (crops come from these)")
     p.add_argument("--negatives", type=int, default=2500, help="training negatives images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-p", type=float, default=VAE_P,
+                   help="extra generator-texture renders, as a fraction of --scenes (0 = none)")
+    p.add_argument("--vae-sigma", type=float, default=0.3, help="latent noise sigma ~ U(0, this)")
     p.add_argument("--eval-images", type=int, default=300, help="held-out renders per evaluation")
     p.add_argument("--eval-only", action="store_true", help="evaluate the detector in --out, no training")
     args = p.parse_args(argv)
@@ -238,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         det = load_detector(args.out)
     else:
         det = train_detector(args.out, steps=args.steps, seed=args.seed, n_scenes=args.scenes,
-                             n_negatives=args.negatives)
+                             n_negatives=args.negatives, vae_p=args.vae_p, vae_sigma=args.vae_sigma)
         seconds = round(time.perf_counter() - t0, 1)
     report = accuracy_report(det, args.eval_images)
     for k, v in report.items():
