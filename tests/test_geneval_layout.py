@@ -166,3 +166,12 @@ def test_eval_save_images_then_images_rescores_the_same_cells_and_verdicts(tmp_p
     assert [key(r) for r in a] == [key(r) for r in b] == [(i, s) for i in range(6) for s in range(2)]
     assert [(r["correct"], r["reason"], r["detections"]) for r in a] == \
            [(r["correct"], r["reason"], r["detections"]) for r in b]
+
+
+def test_eval_save_images_refuses_a_folder_that_holds_other_images(tmp_path, capsys):
+    """Old samples would be re-scored together with the new ones: a non-empty --save-images folder is an error
+    (one line, exit 2) before anything is generated."""
+    (tmp_path / "imgs" / "00000").mkdir(parents=True)
+    assert main(["eval", "--quick", "--save-images", str(tmp_path / "imgs"), "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 2
+    assert "is not empty" in capsys.readouterr().err and not (tmp_path / "r").exists()

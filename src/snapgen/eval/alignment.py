@@ -209,7 +209,7 @@ def alignment_score(encoder: ImageEncoder, images: Sequence[Image.Image], prompt
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; they must pair up")
     img = encoder.embed(images)
-    txt = _text_embed(text_encoder, prompts).to(img.dtype)
+    txt = _text_embed(text_encoder, prompts).to(img.device, img.dtype)  # the text encoder may sit on a GPU
     if txt.shape[1] != img.shape[1]:
         raise ValueError(f"text embeddings have dim {txt.shape[1]} but the image encoder gives "
                          f"{img.shape[1]}; use the MiniLM text encoder")

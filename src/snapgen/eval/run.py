@@ -122,6 +122,10 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
         pipe.to(device, resolve_dtype(dtype, device))
         if base:
             pipe.use_base()
+    if save_images is not None:
+        from .geneval_layout import require_empty
+
+        require_empty(save_images)  # before generating anything
     prompts_path = resolve_prompts_path(prompts_path)
     indexed, seeds = select_prompts(load_prompts(prompts_path), quick, seeds)
     if external:
