@@ -175,3 +175,10 @@ def test_eval_save_images_refuses_a_folder_that_holds_other_images(tmp_path, cap
     assert main(["eval", "--quick", "--save-images", str(tmp_path / "imgs"), "--out", str(tmp_path / "r"),
                  "--no-progress"]) == 2
     assert "is not empty" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_eval_images_refuses_generation_flags_by_name(tmp_path, capsys):
+    _render_layout(tmp_path / "renders")
+    assert main(["eval", "--images", str(tmp_path / "renders"), "--seeds", "2", "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds, --steps cannot apply to --images" in err and len(err.strip().splitlines()) == 1

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="paired comparison of two runs on the same prompts and seeds: report folders of snapgen "
                         "eval (or their results.jsonl) or model folders (evaluated first, with the other flags)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds 0..N-1, default 4)")
+    p.add_argument("--seeds", type=int, help="images per prompt (seeds 0..N-1, default 4)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--cfg", type=float, help="guidance weight (default: the model's)")
     p.add_argument("--quick", action="store_true", help="3 prompts per category, 1 seed")
@@ -44,7 +44,9 @@ def cmd_eval(args) -> int:
     if args.images and args.compare:
         raise ValueError("--images and --compare do not go together: score the folder first "
                          "(snapgen eval --images DIR --out R), then --compare R OTHER")
-    generation = [f for f, v in (("--model", args.model), ("--prompts", args.prompts), ("--steps", args.steps),
+    seeds = 4 if args.seeds is None else args.seeds
+    generation = [f for f, v in (("--model", args.model), ("--prompts", args.prompts), ("--seeds", args.seeds),
+                                 ("--steps", args.steps),
                                  ("--cfg", args.cfg), ("--variant", args.variant), ("--device", args.device),
                                  ("--dtype", args.dtype)) if v is not None] + (["--base"] if args.base else []) \
         + (["--quick"] if args.quick else [])
@@ -60,7 +62,7 @@ def cmd_eval(args) -> int:
         if args.model:
             raise ValueError("--model cannot go with --compare: give the two model or report folders as A B")
         out = args.out or "eval_compare"
-        kwargs = {"prompts_path": args.prompts, "seeds": args.seeds, "steps": args.steps, "guidance": args.cfg,
+        kwargs = {"prompts_path": args.prompts, "seeds": seeds, "steps": args.steps, "guidance": args.cfg,
                   "quick": args.quick, "variant": args.variant, "base": args.base}
         if args.device is not None or args.dtype is not None:
             kwargs["device"], kwargs["dtype"] = pipeline_placement(args)
@@ -71,7 +73,7 @@ def cmd_eval(args) -> int:
     else:
         device, dtype = pipeline_placement(args)
         out = args.out or "eval_report"
-        summary = run_evaluation(args.model, args.prompts, seeds=args.seeds, steps=args.steps, guidance=args.cfg,
+        summary = run_evaluation(args.model, args.prompts, seeds=seeds, steps=args.steps, guidance=args.cfg,
                                  quick=args.quick, out_dir=out, progress=not args.no_progress,
                                  variant=args.variant, base=args.base, device=device, dtype=dtype,
                                  save_images=args.save_images)
