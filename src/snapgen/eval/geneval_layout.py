@@ -46,21 +46,13 @@ def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GenEval metadata file not found: {path}")
+    from ..utils.jsonl import read_jsonl
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                meta = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str) or not meta["prompt"].strip():
-                raise ValueError(f"{path}:{lineno}: a GenEval metadata line is a JSON object with a non-empty "
-                                 f"'prompt'")
-            out.append(meta)
-    if not out:
-        raise ValueError(f"{path}: no prompts (the file is empty)")
+    for where, meta in read_jsonl(path):
+        if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str) or not meta["prompt"].strip():
+            raise ValueError(f"{where}: a GenEval metadata line is a JSON object with a non-empty 'prompt'")
+        out.append(meta)
     return out
 
 

@@ -211,21 +211,9 @@ def _check_tag(meta: Mapping, bad) -> None:
 def load_prompts(path: str | os.PathLike, check_tag: bool = True) -> list[dict]:
     """Read a GenEval-format JSONL prompt file (blank lines are skipped); every line is validated
     (:func:`validate_metadata`) and a malformed one raises ``ValueError`` naming ``path:line``."""
-    path = Path(path)
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                meta = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            out.append(validate_metadata(meta, where, check_tag))
-    if not out:
-        raise ValueError(f"{path}: no prompts (the file is empty)")
-    return out
+    from ..utils.jsonl import read_jsonl
+
+    return [validate_metadata(meta, where, check_tag) for where, meta in read_jsonl(path)]
 
 
 def save_prompts(prompts: Iterable[Mapping], path: str | os.PathLike) -> None:
