@@ -43,7 +43,9 @@ def test_round_trip_gives_the_verdicts_of_scoring_the_images_directly(tmp_path, 
     rows = [json.loads(ln) for ln in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
     images = [tiny(m["prompt"], 3 + k) for m in metas for k in range(2)]  # sample k = seed base + k
     direct = evaluate_images(images, [m for m in metas for _ in range(2)], load_detector())
-    assert [(r["prompt_index"], r["seed"]) for r in rows] == [(i, k) for i in range(6) for k in range(2)]
+    # GenEval's file numbering (0000.png = sample 0), the base seed recorded beside: seeds read back are 3 + k
+    assert json.loads((tmp_path / "g" / "snapgen_layout.json").read_text()) == {"base_seed": 3}
+    assert [(r["prompt_index"], r["seed"]) for r in rows] == [(i, 3 + k) for i in range(6) for k in range(2)]
     assert [(r["correct"], r["reason"], r["detections"]) for r in rows] == \
            [(d["correct"], d["reason"], json.loads(json.dumps(d["detections"]))) for d in direct]
     assert summary["images"] == 12 and summary["prompts"] == 6 and summary["seeds"] == 2
@@ -182,3 +184,22 @@ def test_eval_images_refuses_generation_flags_by_name(tmp_path, capsys):
     assert main(["eval", "--images", str(tmp_path / "renders"), "--seeds", "2", "--steps", "4"]) == 2
     err = capsys.readouterr().err
     assert "--seeds, --steps cannot apply to --images" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_layout_keeps_its_base_seed_a_foreign_one_reads_as_indices(tmp_path, tiny):
+    """Resuming with another --seed would mix two seed streams in one folder: refused, naming the recorded seed.
+    A folder written by another tool (no snapgen_layout.json) has seeds = sample indices; a damaged record is an
+    error, not a silent 0."""
+    metas = _metas()[:2]
+    write_layout(tiny, metas, tmp_path / "g", n_samples=1, base_seed=100, progress=False)
+    assert [r["seed"] for r in read_layout(tmp_path / "g")] == [100, 100]
+    with pytest.raises(ValueError, match="drawn with --seed 100, not 0"):
+        write_layout(tiny, metas, tmp_path / "g", n_samples=2, base_seed=0, progress=False)
+    assert sorted(p.name for p in (tmp_path / "g" / "00000" / "samples").iterdir()) == ["0000.png"]  # untouched
+    assert write_layout(tiny, metas, tmp_path / "g", n_samples=2, base_seed=100, progress=False)["generated"] == 2
+    assert [r["seed"] for r in read_layout(tmp_path / "g")] == [100, 101, 100, 101]
+    (tmp_path / "g" / "snapgen_layout.json").unlink()
+    assert [r["seed"] for r in read_layout(tmp_path / "g")] == [0, 1, 0, 1]
+    (tmp_path / "g" / "snapgen_layout.json").write_text('{"base_seed": "7"}')
+    with pytest.raises(ValueError, match="base_seed"):
+        read_layout(tmp_path / "g")

@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--images", metavar="DIR",
                    help="score the images of a folder in GenEval's layout (DIR/00000/metadata.jsonl, "
                         "DIR/00000/samples/0000.png, ...; e.g. from snapgen generate --geneval-metadata) instead "
-                        "of generating; seeds = sample indices")
+                        "of generating; seed of sample k = the base seed it was written with + k")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="paired comparison of two runs on the same prompts and seeds: report folders of snapgen "
                         "eval (or their results.jsonl) or model folders (evaluated first, with the other flags)")

@@ -9,9 +9,13 @@ The layout (GenEval's ``generation/`` scripts write it and ``evaluation/evaluate
     DIR/00001/...
 
 Folder ``i`` is line ``i`` of the metadata file (blank lines skipped). GenEval's optional ``grid.png`` is not
-written. Here the sample index is also the seed: sample ``k`` is generated with seed ``base_seed + k`` one image
-per call, so it is the image ``snapgen generate PROMPT --seed base_seed+k`` draws, whatever else is generated and
-in whichever order (a resumed run writes the same images as an uninterrupted one).
+written. Sample ``k`` is generated with seed ``base_seed + k`` one image per call, so it is the image ``snapgen
+generate PROMPT --seed base_seed+k`` draws, whatever else is generated and in whichever order (a resumed run writes
+the same images as an uninterrupted one). Sample files keep GenEval's numbering (``0000.png`` is sample 0 whatever
+the base seed); the base seed is recorded beside the folders in ``DIR/snapgen_layout.json`` (``{"base_seed": B}``,
+a file GenEval's evaluator does not read), and :func:`read_layout` reports sample ``k``'s seed as ``B + k`` -- so a
+layout written with ``--seed 100`` is paired by ``snapgen eval --compare`` with other runs on seeds 100, 101, ....
+A folder without that file (any other tool's) has seeds = sample indices.
 
 Writing is resumable: existing samples are kept (not regenerated), and every file is written to a temporary name
 in the same folder and renamed into place, so an interrupted run leaves no half-written PNG or metadata file.
@@ -29,7 +33,10 @@ from pathlib import Path
 
 from PIL import Image
 
-__all__ = ["read_geneval_metadata", "write_layout", "write_images", "read_layout", "sample_name", "folder_name"]
+__all__ = ["read_geneval_metadata", "write_layout", "write_images", "read_layout", "sample_name", "folder_name",
+           "LAYOUT_FILE"]
+
+LAYOUT_FILE = "snapgen_layout.json"  # {"base_seed": B}: sample k of every folder was drawn with seed B + k
 
 
 def folder_name(index: int) -> str:
@@ -62,6 +69,21 @@ def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, target)
 
 
+def _base_seed(directory: Path) -> int | None:
+    """The base seed recorded in ``directory/snapgen_layout.json``, or None when the file is absent."""
+    f = directory / LAYOUT_FILE
+    if not f.is_file():
+        return None
+    try:
+        seed = json.loads(f.read_text(encoding="utf-8")).get("base_seed")
+    except (json.JSONDecodeError, AttributeError):
+        seed = None
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"{f}: expected {{\"base_seed\": <integer>}} (delete it if the samples' seeds are their "
+                         f"indices)")
+    return seed
+
+
 def write_layout(generate: Callable[[str, int], Image.Image], metadata: list[dict], outdir: str | os.PathLike,
                  n_samples: int, base_seed: int = 0, progress: bool = True) -> dict:
     """Write GenEval's layout for ``metadata`` under ``outdir``: ``generate(prompt, seed) -> PIL image`` is called
@@ -73,6 +95,10 @@ def write_layout(generate: Callable[[str, int], Image.Image], metadata: list[dic
     if n_samples < 1:
         raise ValueError(f"--n-samples must be >= 1, got {n_samples}")
     outdir = Path(outdir)
+    old_base = _base_seed(outdir) if outdir.is_dir() else None
+    if old_base is not None and old_base != base_seed:
+        raise ValueError(f"{outdir} holds samples drawn with --seed {old_base}, not {base_seed}: resume with "
+                         f"--seed {old_base} or use an empty --outdir")
     todo = []
     for i, meta in enumerate(metadata):
         folder = outdir / folder_name(i)
@@ -84,6 +110,9 @@ def write_layout(generate: Callable[[str, int], Image.Image], metadata: list[dic
                                  f"{meta['prompt']!r}): use an empty --outdir for another metadata file")
         todo += [(i, k) for k in range(n_samples) if not (folder / "samples" / sample_name(k)).exists()]
     skipped = len(metadata) * n_samples - len(todo)
+    outdir.mkdir(parents=True, exist_ok=True)
+    if old_base is None:
+        _atomic_write(outdir / LAYOUT_FILE, lambda p: p.write_text(json.dumps({"base_seed": base_seed}) + "\n"))
     for i, meta in enumerate(metadata):
         folder = outdir / folder_name(i)
         (folder / "samples").mkdir(parents=True, exist_ok=True)
@@ -126,7 +155,8 @@ def write_images(images, metadata: list[dict], cells: list[tuple[int, int]], out
 
 def read_layout(directory: str | os.PathLike, validate: bool = True) -> list[dict]:
     """Every sample of a GenEval-layout folder: ``[{"prompt_index", "seed", "path", "metadata"}]`` in folder then
-    sample order; ``seed`` is the sample index (the PNG's number), ``prompt_index`` the folder's. With
+    sample order; ``seed`` is the sample index (the PNG's number) plus the base seed of ``snapgen_layout.json``
+    (0 without it), ``prompt_index`` the folder's. With
     ``validate`` every folder's metadata is checked for SceneEval (scene classes, colours, tags), and the first
     one it cannot score raises ``ValueError`` naming the folder."""
     from .sceneeval import validate_metadata
@@ -134,6 +164,7 @@ def read_layout(directory: str | os.PathLike, validate: bool = True) -> list[dic
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder not found: {directory}")
+    base = _base_seed(directory) or 0
     folders = sorted((p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     if not folders:
         raise ValueError(f"{directory} is not in GenEval's layout: no numbered prompt folders (00000/metadata.jsonl, "
@@ -160,5 +191,5 @@ def read_layout(directory: str | os.PathLike, validate: bool = True) -> list[dic
         samples = sorted((p for p in (folder / "samples").glob("*.png") if p.stem.isdigit()), key=lambda p: int(p.stem))
         if not samples:
             raise ValueError(f"{folder / 'samples'}: no samples (0000.png, 0001.png, ...)")
-        out += [{"prompt_index": int(folder.name), "seed": int(p.stem), "path": p, "metadata": meta} for p in samples]
+        out += [{"prompt_index": int(folder.name), "seed": base + int(p.stem), "path": p, "metadata": meta} for p in samples]
     return out
