@@ -59,7 +59,37 @@ def test_quantized_rows_are_compared_to_their_own_fp32_row():
     assert cmp[("small", "eager", "int8")]["smaller"] == 3.0
     assert "smaller" not in cmp[("tiny", "eager", "fp32")]
     table = format_report({"rows": rows})
-    assert "| tiny | eager | quant | 1 | 4 | 0.1 | 200 | 2.0 | 4.0x smaller | 3.0 | 0.39 | -2.5% |" in table
+    assert "| tiny | eager | quant | 1 | 4 | 0.1 | 200 | 2.0 | 4.0x smaller | 3.0 | 0.390 | -2.5% |" in table
+
+
+def test_evaluated_rows_get_a_paired_difference_with_its_interval(tmp_path):
+    """With both rows' result files on the same cells, "vs fp32" is the paired comparison (`snapgen eval --compare
+    fp32 quant`): the difference in correct images, its bootstrap interval, wins / losses and McNemar's p."""
+    from snapgen.eval.run import LEVEL, N_BOOT
+    from snapgen.eval.stats import compare_rows
+    from snapgen.export.device_report import compare_to_fp32, format_report
+
+    def results(name, flip):  # 30 prompts x 2 seeds; quant loses the images in ``flip``
+        rows = [{"tag": "single_object", "prompt": f"p{i}", "prompt_index": i, "seed": k, "correct": (i % 2 == 0) and (i, k) not in flip}
+                for i in range(30) for k in range(2)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        return rows
+
+    a, b = results("fp32", set()), results("quant", {(0, 0), (2, 1), (4, 0), (6, 0)})
+    base = {"variant": "tiny", "backend": "eager", "step_ms": 1, "steps": 4, "end_to_end_s": 0.1, "peak_rss_mib": 200,
+            "dit_mb": 4.0, "total_mb": 5, "alignment": 0.3, "fd": 1}
+    rows = [{**base, "precision": "fp32", "dit_mb": 8.0, "sceneeval": 0.5, "eval_dir": str(tmp_path / "fp32"),
+             "sceneeval_interval": {"value": 0.5, "lo": 0.41, "hi": 0.59}},
+            {**base, "precision": "quant", "sceneeval": 26 / 60, "eval_dir": str(tmp_path / "quant")}]
+    c = compare_to_fp32(rows)[1]["sceneeval_vs_fp32"]
+    ref = compare_rows(a, b, n_boot=N_BOOT, level=LEVEL)["overall"]
+    assert (c["wins"], c["losses"]) == (0, 4) and c["diff"] == pytest.approx(-4 / 60, abs=1e-4)
+    assert c["lo"] == pytest.approx(ref["lo"], abs=1e-4) and c["hi"] == pytest.approx(ref["hi"], abs=1e-4)
+    assert c["p"] == pytest.approx(0.125)  # exact McNemar: 4 discordant images, all one way: 2 * 0.5**4
+    table = format_report({"rows": rows})
+    assert "| 0.500 [0.41, 0.59] | - |" in table
+    assert f"| 0.433 | -0.067 [{c['lo']:+.3f}, {c['hi']:+.3f}] p 0.12 |" in table
 
 
 def test_cached_artifacts_are_reused_only_for_the_same_model_files(elastic_folder, tmp_path):

@@ -228,7 +228,9 @@ def device_report(model_dir=None, variants=None, backends=("eager", "onnx", "exe
                      **json.loads(proc.stdout.strip().splitlines()[-1])}
                 if evaluate != "none":
                     s = _evaluate(folder, b, evaluate, work / "eval" / folder.name, progress)
-                    r.update(sceneeval=s["sceneeval"]["overall"], alignment=s["alignment"], fd=s["fd"])
+                    r.update(sceneeval=s["sceneeval"]["overall"], alignment=s["alignment"], fd=s["fd"],
+                             sceneeval_interval=(s.get("intervals") or {}).get("overall"),
+                             eval_dir=str(work / "eval" / folder.name))
                 progress(json.dumps(r))
                 rows.append(r)
     return {"model": str(model_dir), "rows": rows, "paper_iphone_ms": PAPER_MS,
@@ -238,7 +240,9 @@ def device_report(model_dir=None, variants=None, backends=("eager", "onnx", "exe
 
 def compare_to_fp32(rows: list[dict]) -> list[dict]:
     """Each quantized row against the fp32 row of the same variant and backend (int8 eager: eager fp32):
-    ``smaller`` = fp32 DiT file / this DiT file, ``sceneeval_change`` = relative SceneEval change."""
+    ``smaller`` = fp32 DiT file / this DiT file, ``sceneeval_change`` = relative SceneEval change, and, when both
+    rows were evaluated (``eval_dir``: same prompts and seeds), ``sceneeval_vs_fp32`` = the paired comparison of
+    :func:`snapgen.eval.stats.compare_rows` (difference with its 95% interval, wins / losses, McNemar p)."""
     fp32 = {(r["variant"], r["backend"]): r for r in rows if r["precision"] == "fp32"}
     out = []
     for r in rows:
@@ -248,24 +252,45 @@ def compare_to_fp32(rows: list[dict]) -> list[dict]:
             r["smaller"] = round(ref["dit_mb"] / r["dit_mb"], 2)
             if ref.get("sceneeval") and "sceneeval" in r:
                 r["sceneeval_change"] = round((r["sceneeval"] - ref["sceneeval"]) / ref["sceneeval"], 4)
+            if ref.get("eval_dir") and r.get("eval_dir"):
+                r["sceneeval_vs_fp32"] = _paired(ref["eval_dir"], r["eval_dir"])
         out.append(r)
     return out
 
 
+def _paired(ref_dir: str, row_dir: str) -> dict:
+    """``row - ref`` overall SceneEval on the same cells (``snapgen eval --compare ref row``)."""
+    from ..eval.run import LEVEL, N_BOOT, load_run
+    from ..eval.stats import compare_rows
+
+    o = compare_rows(load_run(ref_dir)[1], load_run(row_dir)[1], n_boot=N_BOOT, level=LEVEL)["overall"]
+    return {k: (round(o[k], 4) if k in ("diff", "lo", "hi") else o[k]) for k in ("diff", "lo", "hi", "wins",
+                                                                                 "losses", "p")}
+
+
+def _vs_fp32_cell(r: dict) -> str:
+    c = r.get("sceneeval_vs_fp32")
+    if c:
+        return f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] p {c['p']:.2g}"
+    return f"{100 * r['sceneeval_change']:+.1f}%" if "sceneeval_change" in r else "-"
+
+
 def format_report(report: dict) -> str:
+    from ..eval.report import with_interval
+
     rows = compare_to_fp32(report["rows"])
     has_eval = any("sceneeval" in r for r in rows)
     head = ["variant", "backend", "precision", "step ms", "steps", "image s", "peak MiB", "DiT MB", "vs fp32",
             "total MB"]
     if has_eval:
-        head += ["SceneEval", "vs fp32", "alignment", "FD"]
+        head += ["SceneEval [95% CI]", "vs fp32 (paired)", "alignment", "FD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["variant"], r["backend"], r["precision"], r["step_ms"], r["steps"], r["end_to_end_s"],
                  r["peak_rss_mib"], r["dit_mb"], f"{r['smaller']}x smaller" if "smaller" in r else "-", r["total_mb"]]
         if has_eval:
-            change = f"{100 * r['sceneeval_change']:+.1f}%" if "sceneeval_change" in r else "-"
-            cells += [r.get("sceneeval", "-"), change, r.get("alignment", "-"), r.get("fd", "-")]
+            se = with_interval(r["sceneeval"], r.get("sceneeval_interval")) if "sceneeval" in r else "-"
+            cells += [se, _vs_fp32_cell(r), r.get("alignment", "-"), r.get("fd", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
