@@ -1,19 +1,24 @@
-"""The K-DMD table (issue 6 §4; SnapGen++ Table 4 on our data): for each elastic width, SceneEval per category,
-alignment, FD and wall time per image of
+"""The K-DMD table (SnapGen++ Table 4 on our data; issue 6 §4, re-measured with issue 20's SceneEval): for each
+elastic width, SceneEval with 95% intervals on the headline prompt set (480 unseen prompts x 4 seeds = 1,920
+images per row), alignment, FD and wall time per image of
 
-  (a) the teacher: the base model's full width, 28 Euler steps, CFG 4;
-  (b) the base student (that width, no adapter) at 28 steps with CFG 4, and at 4 steps with CFG 4;
-  (c) plain DMD at 4 steps, no CFG (``configs/distill/dmd_students.yaml``);
-  (d) K-DMD at 4 steps, no CFG (``configs/distill/kdmd.yaml``);
+  (b) the base model (that width, adapters off) at 28 Euler steps with CFG 4 (the teacher) and at 4 steps, CFG 4;
+  (c) plain DMD at 4 steps, no CFG (``configs/distill/dmd_students.yaml``; tiny and small);
+  (d) K-DMD at 4 steps, no CFG, as shipped in ``models/snapgen-micro`` (full: the paper's feature MSE,
+      ``configs/distill/kdmd.yaml``; tiny and small: the cosine feature term, ``configs/distill/kdmd_cosine.yaml``);
 
-plus the few-step teacher (full width + its 4-step LoRA, ``configs/distill/fewstep_teacher.yaml``) for reference.
-Every row is one ``run_evaluation`` (72 prompts x 4 seeds by default) whose report lands in
-``runs/distill/eval/ROW/``; wall time = median of repeated single-image generations (text encoding, sampling and
-decoding; 2 threads, fp32). Writes ``benchmarks/results/distill.{json,md}``.
+plus, when their run folders exist, K-DMD tiny/small with the paper's MSE (``runs/distill/kdmd/final``) and the
+few-step teacher (``runs/distill/fewstep_teacher/final``); and the paired comparisons (``snapgen eval --compare``)
+that decide the table's claims: K-DMD vs plain DMD, 4 steps vs the 28-step base.
 
-    python benchmarks/distill_table.py [--variants tiny small] [--quick] [--reuse-eval]
+Rows are ``snapgen eval`` runs in the same work folder as ``benchmarks/sceneeval_shipped.py`` (the teacher and
+shipped rows are the same reports: ``teacher_V28``, ``V4``), images kept in GenEval's layout for re-scoring:
 
-Rows whose run has not produced ``final/`` yet are listed as missing (with the command that makes them).
+    snapgen distill dmd --config configs/distill/dmd_students.yaml    # the plain-DMD students (~40 min)
+    python benchmarks/distill_table.py [--variants tiny small full] [--repeats 5] [--rescore] [--tables-only]
+
+Wall time = median of ``--repeats`` single-image generations (text encoding, sampling, decoding; 2 threads, fp32)
+after the evaluations, on a machine doing nothing else. Writes ``benchmarks/results/distill.{json,md}``.
 """
 
 from __future__ import annotations
@@ -25,153 +30,139 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, md_table, median_ms, setup_torch, write_results  # noqa: E402
+from sceneeval_shipped import CATS, cell, compare_row, run_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = {"base": (None, "the base model: model.init_from of configs/distill/kdmd.yaml"),
-        "kdmd": ("runs/distill/kdmd/final", "snapgen distill kdmd --config configs/distill/kdmd.yaml"),
-        "dmd": ("runs/distill/dmd_students/final", "snapgen distill dmd --config configs/distill/dmd_students.yaml"),
-        "fewstep": ("runs/distill/fewstep_teacher/final",
-                    "snapgen distill dmd --config configs/distill/fewstep_teacher.yaml")}
-CATEGORIES = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+DMD = "runs/distill/dmd_students/final"
+OPTIONAL = {DMD: "snapgen distill dmd --config configs/distill/dmd_students.yaml",
+            "runs/distill/kdmd/final": "snapgen distill dmd --config configs/distill/fewstep_teacher.yaml && "
+                                       "snapgen distill kdmd --config configs/distill/kdmd.yaml",
+            "runs/distill/fewstep_teacher/final": "snapgen distill dmd --config configs/distill/fewstep_teacher.yaml"}
 TIMING_PROMPT = "a red circle to the left of a blue square"
 
 
-def rows_for(variants: list[str], extra: dict[str, str] | None = None) -> list[dict]:
-    """Each row: which run's folder, which width, base (adapters off) or distilled, and the sampler settings
-    (None = the pipeline's own: 28-step Euler + CFG 4 for the base, 4-step few-step sampler, no CFG, distilled)."""
-    rows = [dict(key="teacher", label="(a) teacher (base full), 28 steps, CFG 4", run="base", variant="full",
-                 base=True, steps=28, cfg=None),
-            dict(key="fewstep_teacher", label="few-step teacher (full + LoRA), 4 steps", run="fewstep",
-                 variant="full", base=False, steps=None, cfg=None)]
+def rows_for(variants: list[str]) -> dict[str, dict]:
+    """name -> {label, model (None: the shipped folder), variant, base, steps, cfg}; the snapgen eval arguments
+    follow from these (:func:`eval_args`)."""
+    rows = {}
     for v in variants:
-        rows += [dict(key=f"base28_{v}", label=f"(b) base {v}, 28 steps, CFG 4", run="base", variant=v, base=True,
-                      steps=28, cfg=None),
-                 dict(key=f"base4_{v}", label=f"(b) base {v}, 4 steps, CFG 4", run="base", variant=v, base=True,
-                      steps=4, cfg=None),
-                 dict(key=f"dmd_{v}", label=f"(c) DMD {v}, 4 steps", run="dmd", variant=v, base=False, steps=None,
-                      cfg=None),
-                 dict(key=f"kdmd_{v}", label=f"(d) K-DMD {v}, 4 steps", run="kdmd", variant=v, base=False,
-                      steps=None, cfg=None)]
-        rows += [dict(key=f"{name}_{v}", label=f"{name} {v}, 4 steps", run=name, variant=v, base=False, steps=None,
-                      cfg=None) for name in (extra or {})]
+        rows[f"teacher_{v}28"] = dict(label=f"(b) base {v}, 28 steps, CFG 4 (teacher)", model=None, variant=v,
+                                      base=True, steps=28, cfg=4.0)
+        rows[f"base4_{v}"] = dict(label=f"(b) base {v}, 4 steps, CFG 4", model=None, variant=v, base=True, steps=4,
+                                  cfg=4.0)
+        if v != "full":  # configs/distill/dmd_students.yaml distils tiny and small
+            rows[f"dmd_{v}4"] = dict(label=f"(c) plain DMD {v}, 4 steps", model=DMD, variant=v, base=False,
+                                     steps=None, cfg=None)
+        feat = "feature MSE" if v == "full" else "cosine feature term"
+        rows[f"{v}4"] = dict(label=f"(d) K-DMD {v}, 4 steps (shipped; {feat})", model=None, variant=v, base=False,
+                             steps=None, cfg=None)
+        if v != "full":
+            rows[f"kdmd_mse_{v}4"] = dict(label=f"(d) K-DMD {v}, 4 steps, paper's feature MSE",
+                                          model="runs/distill/kdmd/final", variant=v, base=False, steps=None,
+                                          cfg=None)
+    if "full" in variants:
+        rows["fewstep4"] = dict(label="few-step teacher (full + its 4-step LoRA)",
+                                model="runs/distill/fewstep_teacher/final", variant="full", base=False, steps=None,
+                                cfg=None)
     return rows
 
 
-def same_base_eval(folder: Path, row: dict, steps: int, cfg: float, seeds: int) -> dict | None:
-    """A base row's evaluation made earlier by ``benchmarks/elastic_variants.py --eval full`` (``runs/eval_variants/
-    VARIANT``) on byte-identical base weights with the same settings, or None. Distilled pipelines keep the base
-    transformer file unchanged (adapters live beside it), so the 28-step base rows need not be generated again."""
-    import hashlib
+def comparisons_for(variants: list[str]) -> list[tuple[str, str, str]]:
+    """(a, b, question): b - a on the same cells."""
+    out = []
+    for v in variants:
+        if v != "full":
+            out += [(f"dmd_{v}4", f"{v}4", f"{v}: is K-DMD better than plain DMD?"),
+                    (f"teacher_{v}28", f"dmd_{v}4", f"{v}: plain DMD 4 steps vs its 28-step base")]
+        out += [(f"teacher_{v}28", f"{v}4", f"{v}: K-DMD 4 steps vs its 28-step base (goal: within 5%)"),
+                (f"base4_{v}", f"{v}4", f"{v}: K-DMD vs the base at the same 4 steps")]
+    return out
 
-    if not row["base"]:
+
+def eval_args(row: dict) -> list[str]:
+    args = (["--model", row["model"]] if row["model"] else []) + ["--variant", row["variant"]]
+    if row["base"]:
+        args += ["--base"]
+    if row["steps"]:
+        args += ["--steps", str(row["steps"])]
+    if row["cfg"] is not None:
+        args += ["--cfg", str(row["cfg"])]
+    return args
+
+
+def available(row: dict) -> str | None:
+    """None if the row can be generated, else why not (with the command that makes its model)."""
+    if row["model"] is None:
         return None
-    summary_file = REPO / "runs" / "eval_variants" / row["variant"] / "summary.json"
-    if not summary_file.is_file():
-        return None
-    s = json.loads(summary_file.read_text())
-    other = Path(s.get("model", "")) / "transformer" / "model.safetensors"
-    if not (s.get("steps") == steps and s.get("cfg") == cfg and s.get("seeds") == seeds and other.is_file()
-            and s.get("prompts") == 72):
-        return None
-    digest = [hashlib.sha256(f.read_bytes()).hexdigest() for f in (other, folder / "transformer" / "model.safetensors")]
-    return s if digest[0] == digest[1] else None
+    folder = REPO / row["model"]
+    if not (folder / "pipeline.json").is_file():
+        return f"{row['model']} not found: run `{OPTIONAL.get(row['model'], 'its training command')}`"
+    if row["variant"] not in (json.loads((folder / "pipeline.json").read_text()).get("adapters") or {}):
+        return f"{row['model']} has no {row['variant']} adapter"
+    return None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="+", default=["tiny", "small"])
-    ap.add_argument("--quick", action="store_true", help="3 prompts per category, 1 seed (a smoke run)")
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--reuse-eval", action="store_true",
-                    help="reuse runs/distill/eval/ROW/summary.json when it was made for the same row and settings")
-    ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=FOLDER",
-                    help="more distilled runs to compare (e.g. kdmd_cosine=runs/distill/kdmd_cosine/final)")
-    ap.add_argument("--repeats", type=int, default=5, help="single-image generations timed per row (0: skip timing, e.g. while other jobs run)")
-    args = ap.parse_args()
-    setup_torch()
-    from snapgen.eval.run import run_evaluation
-    from snapgen.pipelines import TextToImagePipeline
-    from snapgen.train import load_config
+def time_rows(rows: dict[str, dict], repeats: int) -> dict[str, float]:
+    from snapgen.pipelines import TextToImagePipeline, default_model_dir
 
-    payload = {"machine": machine(), "quick": args.quick, "seeds": 1 if args.quick else args.seeds, "rows": []}
-    table, missing = [], []
-    if any("=" not in e for e in args.extra):
-        ap.error(f"--extra takes NAME=FOLDER pairs, got {args.extra}")
-    extra = dict(e.split("=", 1) for e in args.extra)
-    runs = {**RUNS, **{name: (folder, "its training command") for name, folder in extra.items()}}
-    base_folder = load_config(REPO / "configs/distill/kdmd.yaml").model["init_from"]
-    for row in rows_for(args.variants, extra):
-        folder, command = runs[row["run"]]
-        folder = REPO / (folder or base_folder)
-        if not (folder / "pipeline.json").is_file():
-            missing.append(f"{row['label']}: {folder.relative_to(REPO)} not found; run `{command}`")
-            continue
-        adapters = json.loads((folder / "pipeline.json").read_text()).get("adapters") or {}
-        if not row["base"] and row["variant"] not in adapters:  # e.g. a run that distilled only tiny and small
-            missing.append(f"{row['label']}: {folder.relative_to(REPO)} has no {row['variant']} adapter")
-            continue
-        pipe = TextToImagePipeline.from_pretrained(folder, variant=row["variant"])
-        if row["base"] and pipe.distilled:
+    out = {}
+    for name, row in rows.items():
+        pipe = TextToImagePipeline.from_pretrained(REPO / row["model"] if row["model"] else default_model_dir(),
+                                                   variant=row["variant"])
+        if row["base"]:
             pipe.use_base()
-        settings = pipe.sampling_settings()
-        steps = row["steps"] or settings["steps"]
-        cfg = row["cfg"] if row["cfg"] is not None else settings["guidance"]
-        spec = {"folder": str(folder), "variant": row["variant"], "base": row["base"], "steps": steps, "cfg": cfg,
-                "quick": args.quick, "seeds": payload["seeds"],
-                "weights_mtime": max(p.stat().st_mtime for p in folder.rglob("*.safetensors"))}
-        report = REPO / "runs" / "distill" / "eval" / row["key"]
-        cached = report / "row.json"
-        shipped = None
-        if args.reuse_eval and cached.is_file() and json.loads(cached.read_text()) == spec:
-            summary = json.loads((report / "summary.json").read_text())
-            print(f"{row['key']}: reusing {report}", flush=True)
-        elif args.reuse_eval and (shipped := same_base_eval(folder, row, steps, cfg, payload["seeds"])) is not None:
-            summary, row = shipped, {**row, "reused_from": shipped["model"]}
-            print(f"{row['key']}: reusing the evaluation of the same base weights in {shipped['model']}", flush=True)
-        else:
-            summary = run_evaluation(pipe=None, model_dir=folder, variant=row["variant"], base=row["base"] and pipe.distilled,
-                                     steps=steps, guidance=cfg, quick=args.quick, seeds=args.seeds,
-                                     out_dir=report, progress=False)
-            cached.write_text(json.dumps(spec, indent=2) + "\n")
-        # time on a quiet machine: other processes on these 2 cores inflate this figure many times over
-        ms = (median_ms(lambda: pipe([TIMING_PROMPT], steps=steps, guidance=cfg, seed=0), repeats=args.repeats,
-                        warmup=1)[0] if args.repeats > 0 else float("nan"))
-        s = summary["sceneeval"]
-        r = {**row, "steps": steps, "cfg": cfg, "sampler": settings["sampler"], "sceneeval": s, "alignment": summary["alignment"], "fd": summary["fd"],
-             "images": summary["images"], "ms_per_image": None if ms != ms else round(ms, 1)}
-        payload["rows"].append(r)
-        print(row["key"], {k: r[k] for k in ("steps", "cfg", "alignment", "fd", "ms_per_image")}, s["overall"],
-              flush=True)
-        table.append([row["label"]] + [s[c] for c in CATEGORIES] + [f"**{s['overall']:.3f}**", summary["alignment"],
-                                                                    summary["fd"], "-" if ms != ms else round(ms)])
+        ms, _ = median_ms(lambda: pipe([TIMING_PROMPT], steps=row["steps"], guidance=row["cfg"], seed=0),
+                          repeats=repeats, warmup=1)
+        out[name] = round(ms, 1)
+        print(f"{name}: {ms:.0f} ms / image", flush=True)
+    return out
 
-    by_key = {r["key"]: r for r in payload["rows"]}
-    verdicts = []
-    for v in args.variants:
-        b, d = by_key.get(f"base28_{v}"), by_key.get(f"dmd_{v}")
-        for name in ["kdmd", *extra]:
-            k = by_key.get(f"{name}_{v}")
-            if not (k and b):
-                continue
-            gap = (k["sceneeval"]["overall"] - b["sceneeval"]["overall"]) / max(b["sceneeval"]["overall"], 1e-9)
-            verdicts.append(f"{v}: {'K-DMD' if name == 'kdmd' else name} 4-step {k['sceneeval']['overall']:.3f} vs "
-                            f"base 28-step {b['sceneeval']['overall']:.3f} ({100 * gap:+.1f}%; goal: within -5%)"
-                            + (f", vs plain DMD {d['sceneeval']['overall']:.3f}" if d else "")
-                            + (f"; {b['ms_per_image'] / k['ms_per_image']:.1f}x less time per image"
-                               if b["ms_per_image"] and k["ms_per_image"] else ""))
-    payload["verdicts"] = verdicts
-    payload["missing"] = missing
-    n = payload["rows"][0]["images"] if payload["rows"] else 0
-    headers = ["model", "single", "two", "counting", "colours", "position", "colour attr", "SceneEval",
-               "alignment", "FD", "ms / image"]
-    text = "\n".join(["# K-DMD vs DMD vs base (SnapGen++ Table 4 on our data)", "",
-                      f"{payload['machine']['cpu']}, {payload['machine']['threads']} threads, fp32. SceneEval on "
-                      f"{n} images per row ({'quick' if args.quick else 'full'} prompt set), alignment and FD on "
-                      "the same images; ms / image = one 64x64 image incl. text encoding and decoding, median.", "",
-                      md_table(headers, table), ""] + [f"- {v}" for v in verdicts]
-                     + ([""] + [f"- missing: {m}" for m in missing] if missing else []))
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", nargs="+", default=["tiny", "small", "full"], choices=["tiny", "small", "full"])
+    ap.add_argument("--work", default="runs/eval20", help="report + image folders (shared with sceneeval_shipped.py)")
+    ap.add_argument("--rescore", action="store_true", help="re-score kept images with the current detector")
+    ap.add_argument("--tables-only", action="store_true", help="no generation: tables from existing reports")
+    ap.add_argument("--repeats", type=int, default=5, help="timed single-image generations per row (0: no timing)")
+    args = ap.parse_args(argv)
+    setup_torch()
+    work = REPO / args.work
+    rows = rows_for(args.variants)
+    missing = {n: why for n, r in rows.items() if (why := available(r))}
+    present = {n: r for n, r in rows.items() if n not in missing}
+    if not args.tables_only:
+        run_rows(work, {n: (r["label"], "headline", eval_args(r)) for n, r in present.items()}, args.rescore)
+    ms = time_rows(present, args.repeats) if args.repeats > 0 else {}
+    summaries = {n: json.loads((work / n / "summary.json").read_text()) for n in present
+                 if (work / n / "summary.json").is_file()}
+    body = []
+    for n, s in summaries.items():
+        body.append([rows[n]["label"], *[cell(s, c) for c in CATS], f"**{cell(s, 'overall')}**",
+                     "-" if s.get("alignment") is None else f"{s['alignment']:.3f}",
+                     "-" if s.get("fd") is None else f"{s['fd']:.2f}", ms.get(n, "-")])
+    comps, crow = {}, []
+    for a, b, question in comparisons_for(args.variants):
+        if a in summaries and b in summaries:
+            c, line = compare_row(work, a, b, question, rows[a]["label"], rows[b]["label"])
+            comps[f"{b}-{a}"], _ = c, crow.append(line)
+    m = machine()
+    n_images = next(iter(summaries.values()))["images"] if summaries else 0
+    md = ["# K-DMD vs plain DMD vs base (SnapGen++ Table 4 on our data)", "",
+          f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date']}. `python benchmarks/distill_table.py`; "
+          f"SceneEval on the headline set ({n_images} images per row), 95% intervals: bootstrap over prompts within "
+          f"category; ms / image: one 64x64 image incl. text encoding and decoding, median of {args.repeats}.", "",
+          md_table(["model", *CATS, "**overall**", "alignment", "FD", "ms / image"], body), ""]
+    if crow:
+        md += ["Paired comparisons (B - A on the same prompts and seeds; interval: paired bootstrap over prompts; "
+               "wins / losses: images B got right and A wrong / the reverse; p: McNemar exact):", "",
+               md_table(["question", "A", "B", "B - A overall", "wins / losses", "p", "verdict"], crow), ""]
+    md += [f"- not measured: {rows[n]['label']}: {why}" for n, why in missing.items()]
+    text = "\n".join(md)
     print(text)
-    write_results("distill" + ("_quick" if args.quick else ""), payload, text)
+    write_results("distill", {"machine": m, "rows": {n: {**rows[n], "summary": s, "ms_per_image": ms.get(n)}
+                                                      for n, s in summaries.items()},
+                              "comparisons": comps, "missing": missing}, text)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,10 @@ def _cli(argv: list[str]) -> None:
         raise SystemExit(f"snapgen {' '.join(argv)} exited {rc}")
 
 
-def run_rows(work: Path, rows: list[str], rescore: bool) -> None:
-    for name in rows:
+def run_rows(work: Path, rows: dict[str, tuple], rescore: bool) -> None:
+    """Generate + score (or, with ``rescore``, re-score the kept images of) every row ``name -> (label, prompt
+    set, snapgen eval arguments)`` that has no report in ``work`` yet."""
+    for name, (_, _, argv) in rows.items():
         report, images = work / name, work / "img" / name
         if rescore and images.is_dir():
             print(f"re-scoring {name} ({images})", flush=True)
@@ -77,22 +79,30 @@ def run_rows(work: Path, rows: list[str], rescore: bool) -> None:
             continue
         if (report / "summary.json").is_file():
             continue
-        model = ROWS[name][2][1] if ROWS[name][2][:1] == ["--model"] else None
-        if model and not Path(model, "pipeline.json").is_file():  # a quantized row: make its model first
+        model = argv[1] if argv[:1] == ["--model"] else None
+        if model and not Path(model, "pipeline.json").is_file() and name.startswith("quant_"):  # quantize first
             _cli(["quantize", "--variant", name.removeprefix("quant_"), "--out", model])
         print(f"generating + scoring {name}", flush=True)
-        _cli(["eval", "--out", str(report), "--save-images", str(images), "--no-progress", "--json",
-              *ROWS[name][2]])
+        _cli(["eval", "--out", str(report), "--save-images", str(images), "--no-progress", "--json", *argv])
 
 
-def _cell(s: dict, key: str) -> str:
+def cell(s: dict, key: str) -> str:
     ci = s["intervals"][key]
     return f"{ci['value']:.3f} [{ci['lo']:.2f}, {ci['hi']:.2f}]"
 
 
-def tables(work: Path, rows: list[str]) -> tuple[str, dict]:
+def compare_row(work: Path, a: str, b: str, question: str, label_a: str, label_b: str) -> tuple[dict, list]:
+    """``snapgen eval --compare`` of reports ``a`` and ``b`` (b - a) and its table line."""
     from snapgen.eval.run import compare_runs
 
+    c = compare_runs(work / a, work / b, out_dir=work / f"compare_{a}_vs_{b}", progress=False)
+    o = c["scores"]["overall"]
+    verdict = "B better" if o["lo"] > 0 else "A better" if o["hi"] < 0 else "not resolved"
+    return c, [question, label_a, label_b, f"{o['diff']:+.3f} [{o['lo']:+.3f}, {o['hi']:+.3f}]",
+               f"{o['wins']} / {o['losses']}", f"{o['p']:.2g}", verdict]
+
+
+def tables(work: Path, rows: list[str]) -> tuple[str, dict]:
     summaries = {n: json.loads((work / n / "summary.json").read_text()) for n in rows
                  if (work / n / "summary.json").is_file()}
     body = []
@@ -101,19 +111,15 @@ def tables(work: Path, rows: list[str]) -> tuple[str, dict]:
         a = s.get("alignment_interval")
         align = "-" if s.get("alignment") is None else (
             f"{s['alignment']:.3f}" + (f" [{a['lo']:.3f}, {a['hi']:.3f}]" if a else ""))
-        body.append([label, pset, s["images"], *[_cell(s, c) for c in CATS], f"**{_cell(s, 'overall')}**", align,
+        body.append([label, pset, s["images"], *[cell(s, c) for c in CATS], f"**{cell(s, 'overall')}**", align,
                      "-" if s.get("fd") is None else f"{s['fd']:.2f}"])
     md = [md_table(["model", "prompts", "images", *CATS, "**overall**", "alignment", "FD"], body), ""]
     comps = {}
     crow = []
     for a, b, question in COMPARISONS:
         if a in summaries and b in summaries:
-            c = compare_runs(work / a, work / b, out_dir=work / f"compare_{a}_vs_{b}", progress=False)
-            comps[f"{b}-{a}"] = c
-            o = c["scores"]["overall"]
-            verdict = ("b better" if o["lo"] > 0 else "a better" if o["hi"] < 0 else "not resolved")
-            crow.append([question, ROWS[a][0], ROWS[b][0], f"{o['diff']:+.3f} [{o['lo']:+.3f}, {o['hi']:+.3f}]",
-                         f"{o['wins']} / {o['losses']}", f"{o['p']:.2g}", verdict])
+            comps[f"{b}-{a}"], line = compare_row(work, a, b, question, ROWS[a][0], ROWS[b][0])
+            crow.append(line)
     if crow:
         md += ["Paired comparisons (B - A on the same prompts and seeds; interval: paired bootstrap over prompts; "
                "wins / losses: images B got right and A wrong / the reverse; p: McNemar exact, pooled over prompts):",
@@ -130,7 +136,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     work = Path(args.work)
     if not args.tables_only:
-        run_rows(work, args.rows, args.rescore)
+        run_rows(work, {n: ROWS[n] for n in args.rows}, args.rescore)
     md, payload = tables(work, args.rows)
     m = machine()
     head = (f"# The shipped model on SceneEval (issue 20 §5)\n\n{m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
