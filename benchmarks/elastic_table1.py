@@ -5,8 +5,13 @@ Trains (with ``--train``, resuming) the three runs of ``configs/elastic_table1/`
 validation flow loss on one fixed validation cache (same times and noise for every model), and optionally
 SceneEval. Writes ``benchmarks/results/elastic_table1.{json,md}``.
 
-    python benchmarks/elastic_table1.py --train             # ~35 min on 2 cores (1,000 steps x 32 each), then the table
-    python benchmarks/elastic_table1.py --sceneeval full    # add SceneEval (28 steps, 4 seeds per prompt)
+    python benchmarks/elastic_table1.py --train             # ~40 min on 2 cores (1,000 steps x 32 each), then the table
+    python benchmarks/elastic_table1.py --sceneeval full    # add SceneEval (headline set, 28 steps, CFG 4)
+
+SceneEval (issue 20): the headline prompt set (480 prompts no training caption contains) x ``--seeds`` seeds, each
+score with its 95% interval, and the paired comparison (``snapgen eval --compare``) of each elastic width against
+the standalone model of the same width on the same cells. Evaluations are kept in ``runs/table1/eval_RUN_VARIANT``
+and reused while they are newer than the model's weights and made with the same settings.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="train (or resume) the three runs first")
     ap.add_argument("--sceneeval", choices=["none", "quick", "full"], default="none")
     ap.add_argument("--steps", type=int, default=28, help="sampling steps for SceneEval")
+    ap.add_argument("--seeds", type=int, default=4, help="SceneEval images per prompt")
     args = ap.parse_args()
     torch = setup_torch()
 
@@ -61,9 +67,12 @@ def main() -> None:
         loss = validation_loss(pipe.transformer, pipe.conditioning, val, variant=variant, objective=objective)
         rec = {"recipe": recipe, "model": label, "params": params, "val_loss": round(loss, 5)}
         if args.sceneeval != "none":
-            s = run_evaluation(folder, steps=args.steps, quick=args.sceneeval == "quick", variant=variant,
-                               out_dir=REPO / "runs" / "table1" / f"eval_{run}_{variant}", progress=False)
-            rec["sceneeval"] = s["sceneeval"]["overall"]
+            out = REPO / "runs" / "table1" / f"eval_{run}_{variant}"
+            s = _reusable(out, folder, args) or run_evaluation(
+                folder, steps=args.steps, guidance=4.0, seeds=args.seeds, quick=args.sceneeval == "quick",
+                variant=variant, out_dir=out, progress=False)
+            rec.update(sceneeval=s["sceneeval"]["overall"], sceneeval_ci=s["intervals"]["overall"],
+                       alignment=s["alignment"], fd=s["fd"], images=s["images"], eval_dir=str(out))
         payload["models"].append(rec)
         print(rec, flush=True)
     by = {(r["recipe"], r["model"]): r for r in payload["models"]}
@@ -71,16 +80,40 @@ def main() -> None:
         s, e = by[("Standalone", label)], by[("Elastic", label)]
         gap = (e["val_loss"] - s["val_loss"]) / s["val_loss"] * 100
         payload[f"gap_{label}_percent"] = round(gap, 2)
-    headers = ["recipe", "model", "params (M)", "val loss"] + (["SceneEval"] if args.sceneeval != "none" else [])
+    comparisons = []
+    if args.sceneeval != "none":
+        from snapgen.eval.run import LEVEL, N_BOOT, load_run
+        from snapgen.eval.stats import compare_rows
+
+        for label in ("small", "full"):
+            s, e = by[("Standalone", label)], by[("Elastic", label)]
+            o = compare_rows(load_run(s["eval_dir"])[1], load_run(e["eval_dir"])[1], n_boot=N_BOOT,
+                             level=LEVEL)["overall"]
+            payload[f"sceneeval_elastic_minus_standalone_{label}"] = o
+            verdict = "elastic better" if o["lo"] > 0 else "standalone better" if o["hi"] < 0 else "not resolved"
+            comparisons.append([label, f"{o['diff']:+.3f} [{o['lo']:+.3f}, {o['hi']:+.3f}]",
+                                f"{o['wins']} / {o['losses']}", f"{o['p']:.2g}", verdict])
+    headers = ["recipe", "model", "params (M)", "val loss"] + (
+        ["SceneEval [95% CI]", "alignment", "FD"] if args.sceneeval != "none" else [])
     for r in payload["models"]:
         row = [r["recipe"], r["model"], r["params"] / 1e6, r["val_loss"]]
-        rows.append(row + ([r["sceneeval"]] if "sceneeval" in r else []))
+        if "sceneeval" in r:
+            ci = r["sceneeval_ci"]
+            row += [f"{r['sceneeval']:.3f} [{ci['lo']:.2f}, {ci['hi']:.2f}]", r["alignment"], r["fd"]]
+        rows.append(row)
     md = ["# Standalone vs elastic (SnapGen++ Table 1 on our data)", "",
           f"{cfg0.steps} steps x batch {cfg0.batch_size} each, same data/optimiser/seed; validation loss on "
           f"{payload['val_samples']} held-out samples at fixed times and noise.", "",
           md_table(headers, rows), "",
           f"Elastic vs standalone validation loss: small {payload['gap_small_percent']:+.2f}%, "
           f"full {payload['gap_full_percent']:+.2f}% (goal: within 2%; paper: 0.5093 vs 0.5090 and 0.5071 vs 0.5073)."]
+    if comparisons:
+        n = payload["models"][0]["images"]
+        md += ["", f"SceneEval: headline prompt set, {args.steps} steps, CFG 4, {n} images per model; paired "
+                   f"comparison elastic - standalone on the same prompts and seeds (interval: paired bootstrap over "
+                   f"prompts; wins / losses: images the elastic model got right and the standalone wrong / the "
+                   f"reverse; p: McNemar exact):", "",
+               md_table(["width", "elastic - standalone", "wins / losses", "p", "verdict"], comparisons)]
     curves = training_curves({name: REPO / load_config(c).run_dir for name, c in configs.items()})
     payload["train_loss_windows"] = curves
     md += ["", "Training flow loss (mean over 100-step windows; elastic: each width's own flow-matching term):", "",
@@ -89,6 +122,20 @@ def main() -> None:
     text = "\n".join(md)
     print(text)
     write_results("elastic_table1", payload, text)
+
+
+def _reusable(out: Path, folder: Path, args) -> dict | None:
+    """The evaluation in ``out`` if it was made after the model's weights were written, with these settings."""
+    import json
+
+    f = out / "summary.json"
+    if not f.is_file():
+        return None
+    s = json.loads(f.read_text())
+    newest = max(p.stat().st_mtime for p in folder.rglob("*.safetensors"))
+    same = (s.get("steps") == args.steps and s.get("cfg") == 4.0 and s.get("seeds") == (1 if args.sceneeval == "quick"
+                                                                                       else args.seeds))
+    return s if same and f.stat().st_mtime > newest else None
 
 
 def training_curves(run_dirs: dict, window: int = 100) -> dict:
