@@ -240,6 +240,26 @@ def test_timestep_aware_scaling_weights():
     torch.testing.assert_close(kd.grad, torch.tensor([0.0, 4.0]))  # |task| / |kd|, not differentiated
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_kd_weight_is_the_density_of_the_times_actually_drawn(shift):
+    """alpha_t against a histogram of the sampler's own times (logit-normal, then shifted): the normalised density
+    agrees bin by bin, and the unshifted density does not (it peaks at 0.5, the shifted times near 0.75)."""
+    from snapgen.distill.kd import logit_normal_weight
+    from snapgen.flow.objective import logit_normal_times
+
+    g = torch.Generator().manual_seed(0)
+    t = logit_normal_times(400_000, 0.0, 1.0, shift, g)
+    hist = torch.histc(t, bins=50, min=0.0, max=1.0)
+    centers = (torch.arange(50) + 0.5) / 50
+    empirical = hist / hist.max()
+    torch.testing.assert_close(logit_normal_weight(centers, 0.0, 1.0, shift), empirical, atol=0.04, rtol=0)
+    if shift != 1.0:
+        assert (logit_normal_weight(centers) - empirical).abs().max() > 0.3  # the old, unshifted weight
+        assert float(centers[logit_normal_weight(centers, 0.0, 1.0, shift).argmax()]) > 0.65
+    with pytest.raises(ValueError, match="shift must be positive"):
+        logit_normal_weight(centers, shift=0.0)
+
+
 def test_flow_task_with_a_teacher_distils_every_width(tmp_path):
     from helpers.runs import flow_config
 

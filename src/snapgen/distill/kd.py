@@ -11,7 +11,9 @@ with SnapGen's timestep-aware scaling, per sample::
     S(L_task, L_kd) = alpha_t * L_task + (1 - alpha_t) * sg(|L_task| / |L_kd|) * L_kd,
     alpha_t = p_LN(t) / max p_LN
 
-``p_LN`` is the logit-normal density of the training times. The form of S comes from a secondary summary of
+``p_LN`` is the density of the training times as they are drawn: ``shift(sigmoid(N(mean, std)))`` with the
+run's time shift (``t = a s / (1 + (a - 1) s)``; stage 2 of the paper's recipe uses a = 3), so the weight peaks
+where training times are really dense, not at the unshifted mode (issue 21: it used the unshifted density). The form of S comes from a secondary summary of
 SnapGen (arXiv 2412.09619; ``../shared/research/papers.md`` §7d marks it unverified), and "alpha_t derived
 from the logit-normal density" is implemented as the density normalised to 1 at its mode: where training
 times are dense the task loss dominates; at the rarely-sampled ends (pure noise, nearly clean), the
@@ -28,16 +30,25 @@ from torch import nn
 __all__ = ["logit_normal_weight", "timestep_aware_scaling", "KnowledgeDistillationLoss"]
 
 
-def logit_normal_weight(t: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """``alpha_t``: the logit-normal density of ``t`` divided by its maximum (in (0, 1], 1 at the mode)."""
+def _log_density(t: torch.Tensor, mean: float, std: float, shift: float) -> torch.Tensor:
+    """log p(t) (up to a constant) of ``t = shift(s)``, ``logit(s) ~ N(mean, std)``: the inverse shift
+    ``s = t / (a - (a - 1) t)`` and its Jacobian ``ds/dt = a / (a - (a - 1) t)^2``."""
+    d = shift - (shift - 1) * t
+    s = t / d
+    logit = torch.log(s / (1 - s))
+    return -((logit - mean) ** 2) / (2 * std**2) - torch.log(s * (1 - s)) + torch.log(shift / d**2)
+
+
+def logit_normal_weight(t: torch.Tensor, mean: float = 0.0, std: float = 1.0, shift: float = 1.0) -> torch.Tensor:
+    """``alpha_t``: the density of the (shifted) logit-normal training times at ``t``, divided by its maximum (in
+    (0, 1], 1 at the mode)."""
+    if shift <= 0:
+        raise ValueError(f"time shift must be positive, got {shift}")
     t = t.double().clamp(1e-6, 1 - 1e-6)
-    logit = torch.log(t / (1 - t))
-    log_p = -((logit - mean) ** 2) / (2 * std**2) - torch.log(t * (1 - t))
-    # the mode of the logit-normal density, found numerically once on a fine grid
+    # the mode, found numerically once on a fine grid
     grid = torch.linspace(1e-4, 1 - 1e-4, 20001, dtype=torch.float64)
-    g = torch.log(grid / (1 - grid))
-    log_max = (-((g - mean) ** 2) / (2 * std**2) - torch.log(grid * (1 - grid))).max()
-    return torch.exp(log_p - log_max).float().clamp(0, 1)
+    log_max = _log_density(grid, mean, std, shift).max()
+    return torch.exp(_log_density(t, mean, std, shift) - log_max).float().clamp(0, 1)
 
 
 def timestep_aware_scaling(task: torch.Tensor, kd: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -69,8 +80,9 @@ class KnowledgeDistillationLoss(nn.Module):
         return v.float(), f[tap].float()
 
     def per_width(self, width: str, v: torch.Tensor, f: torch.Tensor, target: torch.Tensor, v_t: torch.Tensor,
-                  f_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The combined loss (scalar) of one width and its parts (floats)."""
+                  f_t: torch.Tensor, t: torch.Tensor, shift: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """The combined loss (scalar) of one width and its parts (floats); ``shift``: the time shift ``t`` was
+        drawn with (the weight is the density of the times actually drawn)."""
         task = F.mse_loss(v.float(), target, reduction="none").flatten(1).mean(1)
         out = F.mse_loss(v.float(), v_t, reduction="none").flatten(1).mean(1)
         if f.shape[:2] != f_t.shape[:2]:
@@ -79,7 +91,7 @@ class KnowledgeDistillationLoss(nn.Module):
         feat = F.mse_loss(self.projectors[width](f).float(), f_t, reduction="none").flatten(1).mean(1)
         kd = self.out_weight * out + self.feat_weight * feat
         if self.scaling == "snapgen":
-            total = timestep_aware_scaling(task, kd, logit_normal_weight(t, self.mean, self.std).to(task.device))
+            total = timestep_aware_scaling(task, kd, logit_normal_weight(t, self.mean, self.std, shift).to(task.device))
         else:
             total = task + kd
         return total.mean(), {"task": float(task.detach().mean()), "kd_out": float(out.detach().mean()),

@@ -58,12 +58,13 @@ class FlowKD:
 
             widths += sample_subnetworks(self.model.variants, step, self.cfg.seed, self.elastic_loss.num_random)
         total, logs, per_sample = 0.0, {}, None
+        shift = self.objective.shift_for(x0)  # the shift ``t`` was drawn with (FlowTask's batch sampler)
         try:
             for name in widths:
                 self.model.set_variant(name)
                 v, f = self.model(x_t, t, {"text": text, "text_mask": mask}, features=("last",))
                 f = f["last"]
-                loss, parts = self.kd.per_width(name, v, f, target, v_t, f_t, t)
+                loss, parts = self.kd.per_width(name, v, f, target, v_t, f_t, t, shift)
                 total = total + loss
                 logs.update({f"{k}_{name}": val for k, val in parts.items()})
                 if per_sample is None:
