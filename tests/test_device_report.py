@@ -90,6 +90,10 @@ def test_evaluated_rows_get_a_paired_difference_with_its_interval(tmp_path):
     table = format_report({"rows": rows})
     assert "| 0.500 [0.41, 0.59] | - |" in table
     assert f"| 0.433 | -0.067 [{c['lo']:+.3f}, {c['hi']:+.3f}] p 0.12 |" in table
+    (tmp_path / "quant" / "results.jsonl").unlink()  # a report gone: the relative change, and why, not a crash
+    r = compare_to_fp32(rows)[1]
+    assert r["sceneeval_vs_fp32"] is None and "results.jsonl" in r["sceneeval_vs_fp32_error"]
+    assert "| 0.433 | -13.3% |" in format_report({"rows": rows})
 
 
 def test_cached_artifacts_are_reused_only_for_the_same_model_files(elastic_folder, tmp_path):

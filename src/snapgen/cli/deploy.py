@@ -127,11 +127,12 @@ def cmd_bench(args) -> int:
     report = device_report(args.model, args.variants, args.backends, args.precisions, args.work,
                            parse_resolution(args.resolution) if args.resolution else None, args.eval, args.repeats,
                            progress=(lambda *_: None) if args.json else print)
-    table = format_report(report)
-    if args.out:
+    if args.out:  # the measurements first: nothing measured is lost if formatting fails
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "device.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = format_report(report)
+    if args.out:
         (out / "device.md").write_text("# Device report\n\n" + report["note"] + "\n\n" + table + "\n")
     print(json.dumps(report, indent=2) if args.json else table)
     return 0

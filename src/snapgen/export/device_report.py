@@ -193,7 +193,11 @@ def _evaluate(folder: Path, backend: str, evaluate: str, out_dir: Path, progress
     evaluation mode are the same, so re-measuring latency does not redo the evaluations."""
     from ..eval.run import run_evaluation
 
-    key = json.dumps({"artifact": (folder / ".done").read_text(), "eval": evaluate})
+    from ..eval.run import resolve_prompts_path
+
+    # the prompt set and the result format are part of the key: a report of another set is never reused
+    key = json.dumps({"artifact": (folder / ".done").read_text(), "eval": evaluate,
+                      "prompts": str(resolve_prompts_path(None)), "format": 2})
     if (out_dir / "artifact.json").is_file() and (out_dir / "artifact.json").read_text() == key \
             and (out_dir / "summary.json").is_file():
         progress(f"{folder.name}: reusing the evaluation in {out_dir}")
@@ -233,7 +237,7 @@ def device_report(model_dir=None, variants=None, backends=("eager", "onnx", "exe
                              eval_dir=str(work / "eval" / folder.name))
                 progress(json.dumps(r))
                 rows.append(r)
-    return {"model": str(model_dir), "rows": rows, "paper_iphone_ms": PAPER_MS,
+    return {"model": str(model_dir), "rows": compare_to_fp32(rows), "paper_iphone_ms": PAPER_MS,
             "note": "per-step = one DiT call (batch 2 with CFG, 1 without); end-to-end = one image incl. text "
                     "encoding and decoding; quant = k-means ~4.3 bits (eager) / onnxruntime dynamic int8 (onnx)"}
 
@@ -252,8 +256,12 @@ def compare_to_fp32(rows: list[dict]) -> list[dict]:
             r["smaller"] = round(ref["dit_mb"] / r["dit_mb"], 2)
             if ref.get("sceneeval") and "sceneeval" in r:
                 r["sceneeval_change"] = round((r["sceneeval"] - ref["sceneeval"]) / ref["sceneeval"], 4)
-            if ref.get("eval_dir") and r.get("eval_dir"):
-                r["sceneeval_vs_fp32"] = _paired(ref["eval_dir"], r["eval_dir"])
+            if ref.get("eval_dir") and r.get("eval_dir") and "sceneeval_vs_fp32" not in r:
+                try:
+                    r["sceneeval_vs_fp32"] = _paired(ref["eval_dir"], r["eval_dir"])
+                except (ValueError, FileNotFoundError) as e:  # a report gone or from before the paired format
+                    r["sceneeval_vs_fp32"] = None
+                    r["sceneeval_vs_fp32_error"] = str(e)
         out.append(r)
     return out
 
