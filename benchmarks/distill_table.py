@@ -80,7 +80,7 @@ def comparisons_for(variants: list[str]) -> list[tuple[str, str, str]]:
 
 
 def eval_args(row: dict) -> list[str]:
-    args = (["--model", row["model"]] if row["model"] else []) + ["--variant", row["variant"]]
+    args = (["--model", str(REPO / row["model"])] if row["model"] else []) + ["--variant", row["variant"]]
     if row["base"]:
         args += ["--base"]
     if row["steps"]:

@@ -131,10 +131,18 @@ def _reusable(out: Path, folder: Path, args) -> dict | None:
     f = out / "summary.json"
     if not f.is_file():
         return None
+    from snapgen.eval.detector import default_detector_dir
+    from snapgen.eval.run import resolve_prompts_path, select_prompts
+    from snapgen.eval.sceneeval import load_prompts
+
     s = json.loads(f.read_text())
     newest = max(p.stat().st_mtime for p in folder.rglob("*.safetensors"))
-    same = (s.get("steps") == args.steps and s.get("cfg") == 4.0 and s.get("seeds") == (1 if args.sceneeval == "quick"
-                                                                                       else args.seeds))
+    same = (s.get("steps") == args.steps and s.get("cfg") == 4.0 and "intervals" in s
+            and s.get("prompts") == len(select_prompts(load_prompts(resolve_prompts_path(None)),
+                                                       args.sceneeval == "quick", args.seeds)[0])
+            and s.get("seeds") == (1 if args.sceneeval == "quick" else args.seeds)
+            and s.get("prompt_set") == str(resolve_prompts_path(None).resolve())
+            and s.get("detector") == str(Path(default_detector_dir()).expanduser().resolve()))
     return s if same and f.stat().st_mtime > newest else None
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, md_table, write_results  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 # name: (label, prompt set, snapgen eval arguments)
 ROWS = {
     "full4": ("full, 4 steps (shipped)", "headline", ["--variant", "full"]),
@@ -44,7 +45,7 @@ ROWS = {
     "full4_heldout": ("full, 4 steps", "sceneeval_heldout (held-out pairs)", ["--variant", "full", "--prompts",
                                                                                "sceneeval_heldout"]),
     **{f"quant_{v}": (f"{v}, 4 steps, k-means 4.3 bit (`snapgen quantize --variant {v}`)", "headline",
-                      ["--model", f"runs/eval20/q_{v}"]) for v in ("full", "small", "tiny")},
+                      ["--model", str(REPO / "runs" / "eval20" / f"q_{v}")]) for v in ("full", "small", "tiny")},
 }
 # (a, b, what the comparison decides): b - a
 COMPARISONS = [
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rescore", action="store_true", help="re-score kept images with the current detector")
     ap.add_argument("--tables-only", action="store_true", help="no generation: tables from existing reports")
     args = ap.parse_args(argv)
-    work = Path(args.work)
+    work = REPO / args.work  # relative to the repository, wherever the script is run from
     if not args.tables_only:
         run_rows(work, {n: ROWS[n] for n in args.rows}, args.rescore)
     md, payload = tables(work, args.rows)

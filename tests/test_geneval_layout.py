@@ -200,6 +200,8 @@ def test_a_layout_keeps_its_base_seed_a_foreign_one_reads_as_indices(tmp_path, t
     assert [r["seed"] for r in read_layout(tmp_path / "g")] == [100, 101, 100, 101]
     (tmp_path / "g" / "snapgen_layout.json").unlink()
     assert [r["seed"] for r in read_layout(tmp_path / "g")] == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="drawn with --seed 0, not 100"):  # no record + samples = seeds 0..
+        write_layout(tiny, metas, tmp_path / "g", n_samples=2, base_seed=100, progress=False)
     (tmp_path / "g" / "snapgen_layout.json").write_text('{"base_seed": "7"}')
     with pytest.raises(ValueError, match="base_seed"):
         read_layout(tmp_path / "g")

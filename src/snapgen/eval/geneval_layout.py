@@ -96,6 +96,8 @@ def write_layout(generate: Callable[[str, int], Image.Image], metadata: list[dic
         raise ValueError(f"--n-samples must be >= 1, got {n_samples}")
     outdir = Path(outdir)
     old_base = _base_seed(outdir) if outdir.is_dir() else None
+    if old_base is None and outdir.is_dir() and any(outdir.glob("*/samples/*.png")):
+        old_base = 0  # samples without a record (snapgen eval --save-images, older layouts): seeds = indices
     if old_base is not None and old_base != base_seed:
         raise ValueError(f"{outdir} holds samples drawn with --seed {old_base}, not {base_seed}: resume with "
                          f"--seed {old_base} or use an empty --outdir")
@@ -111,7 +113,7 @@ def write_layout(generate: Callable[[str, int], Image.Image], metadata: list[dic
         todo += [(i, k) for k in range(n_samples) if not (folder / "samples" / sample_name(k)).exists()]
     skipped = len(metadata) * n_samples - len(todo)
     outdir.mkdir(parents=True, exist_ok=True)
-    if old_base is None:
+    if not (outdir / LAYOUT_FILE).exists():
         _atomic_write(outdir / LAYOUT_FILE, lambda p: p.write_text(json.dumps({"base_seed": base_seed}) + "\n"))
     for i, meta in enumerate(metadata):
         folder = outdir / folder_name(i)

@@ -157,7 +157,8 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
 def evaluate_folder(images_dir, out_dir: str | Path = "eval_report", progress: bool = True) -> dict:
     """SceneEval (+ alignment, FD, intervals) of a folder in GenEval's layout, images from any model
     (``snapgen eval --images``). Every folder's metadata must be scoreable by SceneEval (scene classes): the first
-    that is not raises ``ValueError`` naming its folder. Seeds are the sample indices."""
+    that is not raises ``ValueError`` naming its folder. Seeds: the base seed recorded in the folder's
+    ``snapgen_layout.json`` (0 without it) plus the sample index (:func:`~.geneval_layout.read_layout`)."""
     from PIL import Image
 
     from .geneval_layout import read_layout
