@@ -14,6 +14,7 @@ import torch
 
 from ..models import ThreeStageDiT  # type hints; every function builds type(model)
 from ..nn.elastic import ElasticModule, WidthSpec
+from .importance import sort_by_importance
 
 __all__ = ["DEFAULT_VARIANTS", "make_elastic", "repeat_kv_heads", "variant_parameters", "extract_variant", "using_variant"]
 
@@ -70,13 +71,19 @@ def extract_variant(model: ThreeStageDiT, name: str) -> ThreeStageDiT:
 
 
 @torch.no_grad()
-def make_elastic(model: ThreeStageDiT, variants=DEFAULT_VARIANTS) -> ThreeStageDiT:
+def make_elastic(model: ThreeStageDiT, variants=DEFAULT_VARIANTS, sort: bool = False) -> ThreeStageDiT:
     """An elastic supernetwork initialised from an ordinary (full-width) model: shared weights copied, each
     variant's own tables/norms initialised from the full model's (sliced) ones. Every variant of the result
     starts as the leading-channel slice of ``model``; elastic training then teaches the slices to work alone.
+
+    ``sort=True`` first re-orders ``model``'s channels and heads by weight importance
+    (:func:`snapgen.elastic.importance.sort_by_importance`, once-for-all style; the same full-width function),
+    so that the leading slices -- the sub-networks -- start from the most important channels.
     """
     if model.config.elastic_variants:
         raise ValueError("model is already elastic")
+    if sort:
+        model = sort_by_importance(model)
     cfg = model.config.replace(elastic_variants=tuple(variants))
     ref = next(model.parameters())
     sup = type(model)(cfg).to(device=ref.device, dtype=ref.dtype)

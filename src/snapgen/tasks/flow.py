@@ -44,6 +44,12 @@ class FlowTask(FlowKD, Task):
         model_kw = dict(cfg.model)
         # warm start from an exported pipeline folder (e.g. continue the shipped model on a new data mix)
         self.init_from = model_kw.pop("init_from", None)
+        # elastic warm start: sort the trained model's channels by importance before slicing (importance.py)
+        self.sort_by_importance = model_kw.pop("sort_by_importance", False)
+        if not isinstance(self.sort_by_importance, bool):
+            raise ValueError(f"model.sort_by_importance must be true or false, got {self.sort_by_importance!r}")
+        if self.sort_by_importance and not self.init_from:
+            raise ValueError("model.sort_by_importance applies to a warm start: set model.init_from too")
         self.model = build_model(model_kw, device=device)
         mcfg = self.model.config
         self.model.gradient_checkpointing = cfg.grad_checkpointing
@@ -102,7 +108,8 @@ class FlowTask(FlowKD, Task):
 
     def _warm_start(self, directory: Path) -> None:
         """Load transformer + text-conditioning weights of a pipeline folder; the architecture must match, or
-        the run's model must be the elastic version of it (then it is converted exactly: see make_elastic)."""
+        the run's model must be the elastic version of it (then it is converted exactly: see make_elastic;
+        ``model.sort_by_importance: true`` sorts its channels by importance first, the same full-width function)."""
         from ..pipelines.text_to_image import TextToImagePipeline
 
         if not (directory / "pipeline.json").is_file():
@@ -116,7 +123,10 @@ class FlowTask(FlowKD, Task):
 
             if source.config.kv_heads != target.kv_heads:
                 source = repeat_kv_heads(source, target.kv_heads)
-            source = make_elastic(source, target.elastic_variants)
+            source = make_elastic(source, target.elastic_variants, sort=self.sort_by_importance)
+        elif self.sort_by_importance:
+            raise ValueError("model.sort_by_importance: true needs an elastic run model (model.elastic_variants) "
+                             "warm-started from an ordinary (non-elastic) pipeline; it would change nothing here")
         if source.config != target:
             raise ValueError(f"model.init_from={directory} holds a transformer with a different config than "
                              f"this run's model; use the same preset/settings")

@@ -41,6 +41,8 @@ import torch
 from .plan import DTYPE_BYTES, Component, GiB, MemoryPlan, frozen, largest_block_params, student_component, trained
 from .plan_models import ModelSize, model_size
 
+WARM_START_KEYS = ("init_from", "sort_by_importance")  # model: keys of the flow task's warm start, not the config
+
 __all__ = ["plan_config", "widths_per_step"]
 
 _PLAN_KEYS = {"teacher", "few_step_teacher", "base", "text_encoder", "vae"}
@@ -156,7 +158,7 @@ def _plan_flow(cfg, plan, gpus, batch, strategy, res, text_len, gpu_memory) -> M
     act_bytes = 2 if bf16 else 4
     autocast = bf16 and not fsdp  # DDP / one process on CUDA: autocast; FSDP: MixedPrecisionPolicy
     with torch.device("meta"):
-        model = build_model({k: v for k, v in cfg.model.items() if k != "init_from"})
+        model = build_model({k: v for k, v in cfg.model.items() if k not in WARM_START_KEYS})
     mcfg = model.config
     widths = widths_per_step(mcfg, cfg.elastic)
     latent = (mcfg.in_channels, res[0] // mcfg.vae_factor, res[1] // mcfg.vae_factor)
@@ -167,7 +169,7 @@ def _plan_flow(cfg, plan, gpus, batch, strategy, res, text_len, gpu_memory) -> M
         enc, rows = _teacher_rows(teacher, batch, gpus, latent, text_len, autocast, 1,
                                   encoder_resident=bool(cfg.data.get("shards")))
         comps += enc + rows  # the teacher's forward runs first in the step (flow_kd.py)
-    key = json.dumps({k: v for k, v in cfg.model.items() if k != "init_from"}, sort_keys=True)
+    key = json.dumps({k: v for k, v in cfg.model.items() if k not in WARM_START_KEYS}, sort_keys=True)
     comps.append(student_component(model, res, text_len, batch, shard, cfg.grad_checkpointing, act_bytes, widths,
                                    cache=_SAVED, key=key, parameters=autocast))
     comps.append(_conditioning(cfg, mcfg, shard, notes))
