@@ -198,6 +198,13 @@ def test_flow_task_switch_reaches_make_elastic(tmp_path):
         for k, v in expected[s].items():
             assert torch.equal(models[run_name][k], v), (run_name, k)
     assert not torch.equal(models["on"]["t_block.1.weight"], models["off"]["t_block.1.weight"])
+    # `snapgen plan` reads the same model: section: the switch is a warm-start key, not a config field
+    from snapgen.train.plan_tasks import plan_config
+
+    plans = [plan_config(TrainConfig.from_dict(flow_config(tmp_path, "p", 2, model={
+        "preset": "nano-elastic", "init_from": src, **extra})), 1, resolution=64).resident
+             for extra in ({}, {"sort_by_importance": True})]
+    assert plans[0] == plans[1] > 0
     # misuse is an error: a non-boolean, no warm start, or a run model that is not elastic
     for run_name, model in (("bad1", {"preset": "nano-elastic", "init_from": src, "sort_by_importance": "yes"}),
                             ("bad2", {"preset": "nano-elastic", "sort_by_importance": True}),
