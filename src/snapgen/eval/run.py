@@ -1,7 +1,8 @@
 """``snapgen eval``: SceneEval per category, the alignment score and the Fréchet distance of a pipeline,
 with a report folder (markdown table, JSON, failure grids) that a person can look at.
 
-Images: every prompt of the prompt set x ``seeds`` seeds (seed = 0..seeds-1). The Fréchet distance
+Images: every prompt of the prompt set x ``seeds`` seeds (seed = 0..seeds-1), each from its own generator (the
+image of cell (prompt, seed) is ``pipe([prompt], seed=seed)``'s, whatever it was batched with). The Fréchet distance
 compares the generated images with as many real scene renders (``SceneDataset(split="val")``) on the
 features of the project's own image encoder; alignment is the cosine similarity of each generated image
 with its prompt in that encoder's joint space with MiniLM. Both are skipped (reported as ``null``) when
@@ -83,12 +84,18 @@ def select_prompts(prompts: list[dict], quick: bool, seeds: int) -> tuple[list[t
 def generate_images(pipe, prompts: list[tuple[int, dict]], seeds: int, steps=None, guidance=None,
                     external: bool = False, batch_size: int = 36, progress: bool = True):
     """``(images, metadata, cells)`` for every prompt x seed 0..seeds-1, generated in batches of prompts sharing
-    a seed; ``cells[i] = (prompt_index, seed)`` of image ``i``."""
+    a seed; ``cells[i] = (prompt_index, seed)`` of image ``i``. Every image has its own generator
+    (``seed=[s] * len(batch)``), so cell ``(p, s)`` is the image ``pipe([p], seed=s)`` gives -- ``snapgen generate p
+    --seed s``, sample ``s`` of ``generate --geneval-metadata`` -- whatever else is in its batch (up to the rounding
+    of batched matmuls). ``pipe`` must accept a list of seeds (``TextToImagePipeline`` and the exported runtimes
+    do)."""
     images, metadata, cells = [], [], []
     jobs = [(seed, prompts[i:i + batch_size]) for seed in range(seeds) for i in range(0, len(prompts), batch_size)]
     for seed, chunk in tqdm(jobs, desc="generating", disable=not progress):
         texts = [p["prompt"] for _, p in chunk]
-        images += pipe(texts, seed=seed) if external else pipe(texts, steps=steps, guidance=guidance, seed=seed)
+        per_image = [seed] * len(texts)  # one generator per image, all seeded `seed`: batch-independent noise
+        images += pipe(texts, seed=per_image) if external else \
+            pipe(texts, steps=steps, guidance=guidance, seed=per_image)
         metadata += [p for _, p in chunk]
         cells += [(i, seed) for i, _ in chunk]
     return images, metadata, cells
@@ -101,8 +108,8 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
                    base: bool = False, pipe=None, device=None, dtype=None, save_images=None) -> dict:
     """Generate the prompt set's images and score them (:func:`generate_images`, :func:`score_images`).
     ``save_images``: a folder to keep the images in GenEval's layout (re-scored by :func:`evaluate_folder`).
-    ``pipe``: any generator with ``pipe(prompts, seed=...) -> images`` (e.g. an ONNX / ExecuTorch export, or a
-    quantized pipeline) instead of loading ``model_dir``; its sampler settings are its own. ``device`` /
+    ``pipe``: any generator with ``pipe(prompts, seed=[one int per prompt]) -> images`` (e.g. an ONNX /
+    ExecuTorch export, or a quantized pipeline) instead of loading ``model_dir``; its sampler settings are its own. ``device`` /
     ``dtype``: where the loaded pipeline runs (``None``: auto / fp32; :mod:`snapgen.utils.device`); scoring runs
     on the CPU."""
     from ..utils.device import resolve_device, resolve_dtype

@@ -254,20 +254,23 @@ class ExportedPipeline:
         (1, or 2 with CFG: ``cfg_velocity`` stacks the conditional and unconditional sample)."""
         return self._run("dit", {"x": x, "t": t, "text": cond["text"].float(), "text_mask": cond["text_mask"]})[0]
 
-    def __call__(self, prompts, seed: int | None = 0, return_latents: bool = False):
+    def __call__(self, prompts, seed: int | list[int] | None = 0, return_latents: bool = False):
         """Same sampler, same CFG, same seeded noise draws as ``TextToImagePipeline`` (the DiT graph has a static
-        batch, so the batch is run one sample at a time inside each step)."""
+        batch, so the batch is run one sample at a time inside each step). ``seed``: an int (one generator for
+        the batch) or a list of one int per prompt (one generator per image: image ``i`` is the image of a
+        one-prompt call with ``seed[i]``), as ``TextToImagePipeline.__call__``."""
         from ..data.base import tensor_to_image
+        from ..utils.random import randn, seed_generators
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("prompts must be non-empty strings")
+        gen = seed_generators(seed, len(prompts))  # a list of seeds of the wrong length: ValueError
         sampler = make_sampler(self.sampler_config())
         uncond = {"text": self.null_text, "text_mask": self.null_mask}
         per_sample = [guided(self._dit, {"text": tokens, "text_mask": mask}, uncond, sampler.config.guidance)
                       for tokens, mask in (self.encode(p) for p in prompts)]
-        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        noise = torch.randn((len(prompts), *self.meta["latent"]), generator=gen)
+        noise = randn((len(prompts), *self.meta["latent"]), gen)  # a seed list: row i from gen[i]
 
         def velocity(x, t):
             return torch.cat([v(x[i:i + 1], t[i:i + 1]) for i, v in enumerate(per_sample)])

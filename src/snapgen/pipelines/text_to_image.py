@@ -30,7 +30,7 @@ from ..data.base import tensor_to_image
 from ..sampling import SamplerConfig, guided, make_sampler
 from .. import compress  # noqa: F401  (registers the quantized-folder loader with load_model)
 from ..models import ThreeStageDiT, load_model
-from ..utils.random import randn
+from ..utils.random import randn, seed_generators
 from ..nn.hub import resolve_pretrained
 from ..nn.io import atomic_save_safetensors
 from ..utils.config import JSONConfigMixin
@@ -351,8 +351,13 @@ class TextToImagePipeline:
 
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], steps: int | None = None, guidance: float | None = None,
-                 seed: int | None = 0, height: int | None = None, width: int | None = None,
+                 seed: int | list[int] | None = 0, height: int | None = None, width: int | None = None,
                  shift: float | None = None, progress: bool = False, return_latents: bool = False):
+        """Images (or latents) for ``prompts``. ``seed``: an int seeds one generator for the whole batch (its
+        noise drawn together, as every release has); a list of ints, one per prompt, seeds one generator per
+        image, so image ``i``'s initial noise and every noise the sampler draws for it come from ``seed[i]``
+        alone: it is the image of ``pipe([prompts[i]], seed=seed[i])`` whatever else is in the batch (up to the
+        rounding of batched matmuls). ``None``: unseeded."""
         cfg = self.config
         sampler_config = self.sampler_config()
         steps = sampler_config.steps if steps is None else steps
@@ -360,6 +365,7 @@ class TextToImagePipeline:
         height = cfg.resolution[0] if height is None else height
         width = cfg.resolution[1] if width is None else width
         prompts = self.check_inputs(prompts, height, width, steps, guidance)
+        gen = seed_generators(seed, len(prompts))  # a list of seeds of the wrong length: ValueError
         sampler = make_sampler(sampler_config.override(steps=steps, shift=shift, guidance=guidance))
         t0 = time.perf_counter()
         B = len(prompts)
@@ -370,8 +376,7 @@ class TextToImagePipeline:
         null_text, null_mask = _pad_tokens(null_text, null_mask, L)
         f = self.vae_factor
         C = self.transformer.config.in_channels
-        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        # first draw (on the generator's device, then moved); the sampler's follow
+        # first draw (on the generator's device, then moved; a seed list: row i from gen[i]); the sampler's follow
         noise = randn((B, C, height // f, width // f), gen, device=self.device, dtype=self.dtype)
         velocity = guided(self.transformer, {"text": text, "text_mask": mask},
                           {"text": null_text, "text_mask": null_mask}, sampler.config.guidance)

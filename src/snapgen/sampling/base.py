@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..registry import Registry
+from ..utils.random import Generators
 
 __all__ = ["SAMPLERS", "Sampler", "SamplerConfig", "VelocityFn", "make_sampler"]
 
@@ -158,9 +159,11 @@ class Sampler(Protocol):
         """The time grid, ``steps + 1`` float32 times from 1 to exactly 0."""
         ...
 
-    def sample(self, velocity_fn: VelocityFn, noise: torch.Tensor, generator: torch.Generator | None = None,
+    def sample(self, velocity_fn: VelocityFn, noise: torch.Tensor, generator: Generators = None,
                progress: bool = False) -> torch.Tensor:
-        """Latents from ``noise`` (at ``t = 1``); ``generator`` feeds any noise the sampler draws."""
+        """Latents from ``noise`` (at ``t = 1``); ``generator`` feeds any noise the sampler draws: one generator
+        for the batch, or a list of one generator per row of ``noise`` (row ``i``'s noise from ``generator[i]``
+        only, drawn with :func:`snapgen.utils.random.randn`), or ``None``."""
         ...
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..utils.random import Generators
 from .base import SAMPLERS, SamplerConfig, VelocityFn
 
 __all__ = ["EulerSampler", "euler_sample", "sampling_times", "shift_time", "time_grid"]
@@ -64,8 +65,8 @@ class GridSampler:
 
 @SAMPLERS.register("euler")
 class EulerSampler(GridSampler):
-    """:func:`euler_sample` on the config's grid; deterministic (``generator`` is unused)."""
+    """:func:`euler_sample` on the config's grid; deterministic (``generator``, one or a list, is unused)."""
 
-    def sample(self, velocity_fn: VelocityFn, noise: torch.Tensor, generator: torch.Generator | None = None,
+    def sample(self, velocity_fn: VelocityFn, noise: torch.Tensor, generator: Generators = None,
                progress: bool = False) -> torch.Tensor:
         return euler_sample(velocity_fn, noise, self.times(), progress=progress)
