@@ -98,7 +98,9 @@ def test_output_images_sizes_and_determinism(pipe):
     assert np.array_equal(a, pixels(pipe(["a red circle", "a blue square"], seed=0, height=16, width=32)))
     other = pixels(pipe(["a red circle", "a blue square"], seed=1, height=16, width=32))
     assert np.abs(a - other).mean() > 1
-    # a prompt's image does not depend on what else is in the batch (nor on the padding it adds)
+    # the first prompt of an int-seeded batch gets the first rows of the batch's draw, i.e. its one-prompt noise
+    # (the padding the others add does not change it); the others' noise depends on the batch -- a seed list
+    # gives every image its own (test_a_seed_list_gives_every_image_its_own_noise_whatever_the_batch)
     alone = pixels(pipe(["a red circle"], seed=0, height=16, width=32))
     assert np.abs(alone[0] - a[0]).max() <= 1
     assert hasattr(pipe, "last_seconds")
@@ -110,6 +112,80 @@ def test_different_prompts_give_different_images(pipe):
     assert np.abs(a - b).mean() > 2
     # seed=None still works (fresh noise)
     assert pipe("a red circle", seed=None)[0].size == (16, 16)
+
+
+# ------------------------------------------------------------------------------------------ per-image seeds
+A, B, C = "a red circle", "two blue squares on the left of a big green triangle", "a cat"
+FEW_STEP_TIMES = (1.0, 0.75, 0.4, 0.0)
+
+
+@pytest.fixture(scope="module")
+def few_step_pipe():
+    """The tiny pipeline with a distilled generator's sampler: few-step (predict x0, re-noise with fresh noise
+    from the generator), no CFG."""
+    p = build_pipeline(text_encoder=FakeEncoder())
+    p.config = p.config.replace(sampler="few_step", few_step_times=FEW_STEP_TIMES, steps=3, guidance=1.0)
+    return p
+
+
+@pytest.mark.parametrize("kind", ["euler", "few_step"])
+def test_a_seed_list_gives_every_image_its_own_noise_whatever_the_batch(kind, pipe, few_step_pipe):
+    """seed=[5, 6, 7]: image i's initial noise and the few-step sampler's re-noising noise come from its own
+    generator, so A's image is the same alone, first of [A, B, C] or second of [C, A] (up to the rounding of
+    batched matmuls; the pixels are equal here), and it is the int-seeded one-prompt image."""
+    p = pipe if kind == "euler" else few_step_pipe
+    assert p.sampling_settings()["sampler"] == kind
+    abc = p([A, B, C], seed=[5, 6, 7], return_latents=True)
+    alone = p([A], seed=[5], return_latents=True)
+    ca = p([C, A], seed=[7, 5], return_latents=True)
+    close = dict(atol=1e-5, rtol=0)
+    torch.testing.assert_close(abc[0], alone[0], **close)
+    torch.testing.assert_close(ca[1], alone[0], **close)
+    torch.testing.assert_close(ca[0], abc[2], **close)
+    assert torch.equal(alone, p([A], seed=5, return_latents=True))  # one prompt: [s] is the int seed s
+    assert (abc[1] - p([B], seed=5, return_latents=True)[0]).abs().max() > 0.1  # B has its own seed, 6
+    ims = pixels(p([A, B, C], seed=[5, 6, 7]))
+    one = pixels(p([A], seed=5))[0]
+    assert np.abs(ims[0] - one).max() == 0 and np.abs(pixels(p([C, A], seed=[7, 5]))[1] - one).max() == 0
+    assert np.abs(ims[1] - pixels(p([B], seed=6))[0]).max() == 0
+    # an int seed draws the batch together: A second in [C, A] is not its one-prompt image
+    assert (p([C, A], seed=5, return_latents=True)[1] - alone[0]).abs().max() > 0.1
+
+
+def manual_few_step_latents(pipe, prompts, times, seed, H, W):
+    """The few-step loop by hand with the int seed's one generator: the batch's initial noise, then each step's
+    re-noising noise for the whole batch, in that order (what every release has drawn)."""
+    B = len(prompts)
+    cond, dit = pipe.conditioning, pipe.transformer
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        tokens, mask = FakeEncoder().encode(prompts)
+        text = cond.proj[0](tokens).masked_fill(~mask[..., None], 0.0)
+        x = torch.randn((B, 4, H // 2, W // 2), generator=g)
+        for t, t_next in itertools.pairwise(times):
+            x0 = x - t * dit(x, torch.full((B,), t), {"text": text, "text_mask": mask})
+            x = (1 - t_next) * x0 + t_next * torch.randn(x.shape, generator=g) if t_next > 0 else x0
+    return x
+
+
+def test_an_int_seed_still_draws_the_batch_from_one_generator(few_step_pipe):
+    """The int path is unchanged (existing results stay reproducible): one generator, the batch's noise drawn
+    together -- initial noise then each re-noising draw for the whole batch (the Euler case is
+    test_guidance_one_is_the_conditional_euler_loop / test_cfg_is_v_u_plus_w_times_difference)."""
+    prompts = [A, B]
+    lat = few_step_pipe(prompts, seed=3, height=16, width=24, return_latents=True)
+    ref = manual_few_step_latents(few_step_pipe, prompts, FEW_STEP_TIMES, 3, 16, 24)
+    torch.testing.assert_close(lat, ref, atol=1e-5, rtol=0)
+    assert (lat[1] - few_step_pipe([B], seed=3, height=16, width=24, return_latents=True)[0]).abs().max() > 0.1
+
+
+def test_a_seed_list_of_the_wrong_length_or_type_is_refused(pipe):
+    with pytest.raises(ValueError, match=r"list of 1 seed\(s\) but 2 prompt\(s\) were given"):
+        pipe([A, B], seed=[1])
+    with pytest.raises(ValueError, match=r"list of 3 seed\(s\) but 1 prompt\(s\)"):
+        pipe(A, seed=[1, 2, 3])
+    with pytest.raises(TypeError, match="a seed list holds integers"):
+        pipe([A, B], seed=[1, "2"])
 
 
 # ------------------------------------------------------------------------------------------- save/load

@@ -58,6 +58,44 @@ def test_draws_equal_the_plain_cpu_call_and_happen_on_the_generators_device():
     assert randn(2, None, device="meta").is_meta  # no generator: the target device's own RNG
 
 
+def test_a_list_of_generators_draws_row_i_from_generator_i_alone():
+    """Per-image noise: row i is the one-row draw of generator i (its state advances exactly as for that draw),
+    whatever the other rows' generators; on another device the rows are drawn on the CPU and moved."""
+    from snapgen.utils.random import seed_generators
+
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    out = randn((3, 4, 5), gens)
+    refs = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    for i, g in enumerate(refs):
+        torch.testing.assert_close(out[i:i + 1], torch.randn(1, 4, 5, generator=g), rtol=0, atol=0)
+        assert torch.equal(gens[i].get_state(), g.get_state())
+    # the same seed in another batch, at another row: the same row
+    torch.testing.assert_close(randn((2, 4, 5), [torch.Generator().manual_seed(s) for s in (7, 5)])[1], out[0],
+                               rtol=0, atol=0)
+    uniform = rand((2, 3), [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    torch.testing.assert_close(uniform[1], torch.rand(3, generator=torch.Generator().manual_seed(2)),
+                               rtol=0, atol=0)
+    assert randn((3, 4), seed_generators([1, 2, 3], 3), device="meta", dtype=torch.float16).is_meta
+    with pytest.raises(ValueError, match=r"2 generator\(s\) for a draw of shape \(3, 4\)"):
+        randn((3, 4), gens[:2])
+
+
+def test_seed_generators_reads_an_int_a_list_or_none():
+    from snapgen.utils.random import seed_generators
+
+    g = seed_generators(4, 3)
+    assert isinstance(g, torch.Generator)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(4).get_state())
+    gs = seed_generators([4, 9], 2)
+    assert [type(x) for x in gs] == [torch.Generator] * 2
+    assert torch.equal(gs[1].get_state(), torch.Generator().manual_seed(9).get_state())
+    assert seed_generators(None, 2) is None
+    with pytest.raises(ValueError, match=r"list of 1 seed\(s\) but 2 prompt\(s\)"):
+        seed_generators([4], 2)
+    with pytest.raises(TypeError, match="a seed list holds integers"):
+        seed_generators([4, 0.5], 2)
+
+
 def test_pipeline_moves_with_to_and_samples_the_same_noise():
     pipe = build_pipeline(text_encoder=FakeEncoder())
     ref = pipe(["a red circle"], steps=2, seed=3, return_latents=True)

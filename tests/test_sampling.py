@@ -153,6 +153,26 @@ def test_few_step_sampler_is_the_hand_written_loop():
     assert torch.equal(derived, few_step_sample(f, noise, sampling_times(3, 2.0), generator=_gen(5)))
 
 
+def test_few_step_sampler_with_a_generator_per_row_runs_every_row_on_its_own():
+    """A list of generators (one per image): row i's re-noising noise comes from generator i alone, so a row's
+    result is the one-row run with that generator, whatever the other rows; one generator draws the batch."""
+    f = _velocity(3)
+    times = (1.0, 0.9, 0.5, 0.0)
+    sampler = make_sampler(SamplerConfig("few_step", times=times))
+    noise = torch.randn(3, 4, 3, 3, generator=_gen(4))
+    out = sampler.sample(f, noise, generator=[_gen(5), _gen(6), _gen(7)])
+    for i, s in enumerate((5, 6, 7)):
+        torch.testing.assert_close(out[i:i + 1], sampler.sample(f, noise[i:i + 1], generator=_gen(s)))
+    swapped = sampler.sample(f, noise[[2, 0]], generator=[_gen(7), _gen(5)])
+    torch.testing.assert_close(swapped[1], out[0])
+    # one generator: the batch's noise drawn together (row 1 is not the one-row run with that generator)
+    batch = sampler.sample(f, noise[[2, 0]], generator=_gen(5))
+    assert (batch[1] - out[0]).abs().max() > 1e-2
+    # Euler draws nothing: a list changes nothing
+    euler = make_sampler(SamplerConfig("euler", steps=3))
+    assert torch.equal(euler.sample(f, noise, generator=[_gen(0)] * 3), euler.sample(f, noise))
+
+
 @pytest.mark.parametrize("kind", ["euler", "few_step"])
 def test_point_mass_oracle_reaches_c(kind):
     """Data = one point c: the exact velocity v = (x - c) / t predicts x0 = c; both samplers land on c."""
