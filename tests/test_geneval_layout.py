@@ -170,6 +170,34 @@ def test_eval_save_images_then_images_rescores_the_same_cells_and_verdicts(tmp_p
            [(r["correct"], r["reason"], r["detections"]) for r in b]
 
 
+def test_an_eval_cell_is_the_one_prompt_image_and_the_layout_sample_of_its_seed(tmp_path, no_encoder):
+    """Every image of `snapgen eval` has its own generator (seed=[s] * batch): cell (p, s), batched with other
+    prompts (batch_size 4 splits the 6 prompts 4 + 2), is the image of pipe([p], seed=s) -- `snapgen generate p
+    --seed s` -- and sample s of `generate --geneval-metadata` (write_layout), pixel for pixel. Both the loaded
+    pipeline (model folder) and an external pipe (pipe=)."""
+    from snapgen.eval.run import run_evaluation
+    from snapgen.pipelines import TextToImagePipeline
+
+    metas = _metas()
+    sets = tmp_path / "p.jsonl"
+    sets.write_text("".join(json.dumps(m) + "\n" for m in metas))
+    model = tmp_path / "model"
+    build_pipeline(text_encoder_spec=str(save_tiny_bert(tmp_path / "bert", ENC_DIM))).save_pretrained(model)
+    run_evaluation(model, prompts_path=sets, seeds=2, out_dir=tmp_path / "a", progress=False, batch_size=4,
+                   save_images=tmp_path / "loaded", device="cpu")
+    external = build_pipeline(text_encoder=FakeEncoder())
+    run_evaluation(prompts_path=sets, seeds=2, out_dir=tmp_path / "b", progress=False, pipe=external,
+                   batch_size=4, save_images=tmp_path / "external")
+    for name, pipe in (("loaded", TextToImagePipeline.from_pretrained(model)), ("external", external)):
+        write_layout(lambda prompt, seed, pipe=pipe: pipe([prompt], seed=seed)[0], metas, tmp_path / f"{name}_gl",
+                     n_samples=2, progress=False)
+        for i, m in enumerate(metas):
+            for s in range(2):
+                cell = Image.open(tmp_path / name / f"{i:05d}" / "samples" / f"{s:04d}.png").tobytes()
+                assert cell == pipe([m["prompt"]], seed=s)[0].tobytes(), (name, i, s)
+                assert cell == Image.open(tmp_path / f"{name}_gl" / f"{i:05d}" / "samples" / f"{s:04d}.png").tobytes()
+
+
 def test_eval_save_images_refuses_a_folder_that_holds_other_images(tmp_path, capsys):
     """Old samples would be re-scored together with the new ones: a non-empty --save-images folder is an error
     (one line, exit 2) before anything is generated."""
