@@ -44,6 +44,22 @@ def test_onnx_pipeline_matches_pytorch_with_cfg(elastic_folder, exported):
     assert meta["files"]["dit.onnx"] < 0.6 * (4 * torch_pipe.transformer.num_parameters())
 
 
+def test_onnx_pipeline_takes_a_seed_per_prompt_like_pytorch(elastic_folder, exported):
+    """seed=[...] (what `snapgen eval` passes): image i has its own generator, so it is the one-prompt image of
+    seed[i] whatever the batch (the exported runtimes run the batch one sample at a time: exactly), and the
+    PyTorch pipeline's per-image image (ExecuTorch shares this code: ExportedPipeline.__call__)."""
+    onnx_pipe = OnnxPipeline(exported)
+    torch_pipe = TextToImagePipeline.from_pretrained(elastic_folder, variant="small")
+    prompts = ["a red circle to the left of a blue square", "two green hearts"]
+    a = onnx_pipe(prompts, seed=[5, 6], return_latents=True)
+    assert torch.equal(a[1], onnx_pipe([prompts[1]], seed=6, return_latents=True)[0])
+    assert torch.equal(a[0], onnx_pipe(prompts[::-1], seed=[6, 5], return_latents=True)[1])
+    torch.testing.assert_close(a, torch_pipe(prompts, seed=[5, 6], return_latents=True), atol=LATENT_ATOL, rtol=0)
+    assert (a[1] - onnx_pipe(prompts, seed=5, return_latents=True)[1]).abs().max() > 0.1  # an int: batch noise
+    with pytest.raises(ValueError, match=r"list of 1 seed\(s\) but 2 prompt\(s\)"):
+        onnx_pipe(prompts, seed=[5])
+
+
 def test_cli_export_and_generate_onnx(elastic_folder, tmp_path, capsys):
     out = tmp_path / "tiny"
     assert main(["export", "onnx", "--model", str(elastic_folder), "--variant", "tiny", "--out",
