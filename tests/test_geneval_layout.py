@@ -183,8 +183,9 @@ def test_an_eval_cell_is_the_one_prompt_image_and_the_layout_sample_of_its_seed(
     sets.write_text("".join(json.dumps(m) + "\n" for m in metas))
     model = tmp_path / "model"
     build_pipeline(text_encoder_spec=str(save_tiny_bert(tmp_path / "bert", ENC_DIM))).save_pretrained(model)
-    run_evaluation(model, prompts_path=sets, seeds=2, out_dir=tmp_path / "a", progress=False, batch_size=4,
-                   save_images=tmp_path / "loaded", device="cpu")
+    summary = run_evaluation(model, prompts_path=sets, seeds=2, out_dir=tmp_path / "a", progress=False,
+                             batch_size=4, save_images=tmp_path / "loaded", device="cpu")
+    assert summary["noise"] == "per_image"  # what tells these runs from those made with batch noise
     external = build_pipeline(text_encoder=FakeEncoder())
     run_evaluation(prompts_path=sets, seeds=2, out_dir=tmp_path / "b", progress=False, pipe=external,
                    batch_size=4, save_images=tmp_path / "external")

@@ -154,6 +154,9 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
     extra = {"steps": steps, "cfg": guidance, "prompt_set": _absolute(prompts_path),
              "variant": getattr(pipe, "variant", None) or getattr(pipe, "meta", {}).get("variant"),
              "sampler": settings["sampler"],
+             # one generator per image (seed=[s] * batch); runs before this field used the batch's noise, drawn
+             # together, so their images are not those of a run with it (docs/evaluation.md)
+             "noise": "per_image",
              "device": None if external else str(pipe.device),
              "dtype": None if external else str(pipe.dtype).removeprefix("torch."),
              "bna": _bna_backends(pipe)}

@@ -196,8 +196,9 @@ def _evaluate(folder: Path, backend: str, evaluate: str, out_dir: Path, progress
     from ..eval.run import resolve_prompts_path
 
     # the prompt set and the result format are part of the key: a report of another set is never reused
+    # (format 3: per-image noise in snapgen eval; a format-2 report scored other images, drawn with batch noise)
     key = json.dumps({"artifact": (folder / ".done").read_text(), "eval": evaluate,
-                      "prompts": str(resolve_prompts_path(None)), "format": 2})
+                      "prompts": str(resolve_prompts_path(None)), "format": 3})
     if (out_dir / "artifact.json").is_file() and (out_dir / "artifact.json").read_text() == key \
             and (out_dir / "summary.json").is_file():
         progress(f"{folder.name}: reusing the evaluation in {out_dir}")
