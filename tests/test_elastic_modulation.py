@@ -155,3 +155,44 @@ def test_elastic_training_step_reaches_every_widths_own_modulation(per_width):
         own = own_params(per_width, v)
         assert own and all(p.grad is not None and p.grad.abs().sum() > 0 for p in own.values()), v
     assert per_width.t_block[1].weight.grad.abs().sum() > 0  # the full width's own (the full model's) map
+
+
+def test_lora_works_on_a_per_width_supernet_but_refuses_its_per_width_layers(per_width):
+    from snapgen.nn.lora import add_lora, merge_lora, set_adapter
+
+    inputs = dummy_inputs(per_width.config, seed=6)
+    params = add_lora(per_width, "fast", rank=2, alpha=2.0)  # default targets: attention + FFN, shared by widths
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05)
+    set_adapter(per_width, "fast")
+    merged = merge_lora(per_width, "fast")
+    for v in WIDTHS:
+        torch.testing.assert_close(run(merged, v, inputs), run(per_width, v, inputs), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="per-width modulation layers"):
+        add_lora(per_width, "mod", targets=("1",))  # t_block.1
+    plain = make_elastic(ThreeStageDiT(preset("nano-elastic").variant_config("full")))
+    add_lora(plain, "mod", targets=("1",))  # shared modulation: sliced like any Linear, allowed as before
+
+
+@pytest.mark.export
+def test_onnx_export_of_a_per_width_variant_matches_pytorch(elastic_folder, tmp_path):
+    """Export extracts the variant first: its graph holds tiny's own modulation and runs like the supernet."""
+    pytest.importorskip("onnxruntime")
+    from snapgen.export.onnx import OnnxPipeline, export_onnx
+    from snapgen.pipelines import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(elastic_folder)
+    model = make_elastic(extract_variant(pipe.transformer, "full"), modulation="per_width")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in own_params(model, "tiny").values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    pipe.transformer = model
+    pipe.set_variant("tiny")
+    export_onnx(pipe, tmp_path / "tiny", progress=False)
+    prompts = ["a red circle", "two green hearts"]
+    a = OnnxPipeline(tmp_path / "tiny")(prompts, seed=5, return_latents=True)
+    b = pipe(prompts, seed=5, return_latents=True)
+    assert b.abs().mean() > 0.1
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

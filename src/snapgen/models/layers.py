@@ -82,6 +82,10 @@ class PerWidthModulation(ElasticModule):
     def _pairs(self):  # pragma: no cover
         raise NotImplementedError
 
+    def per_width_layers(self) -> list[str]:
+        """Local names of the full layers that have per-width copies (none in a shared model)."""
+        return [name for name, _, copies in self._pairs() if copies]
+
     def _own(self, spec: WidthSpec | None) -> bool:
         return spec is not None and not spec.is_full and spec.name in self._ratios
 
