@@ -196,3 +196,30 @@ def test_onnx_export_of_a_per_width_variant_matches_pytorch(elastic_folder, tmp_
     b = pipe(prompts, seed=5, return_latents=True)
     assert b.abs().mean() > 0.1
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_flow_task_warm_starts_a_per_width_supernetwork_from_a_plain_pipeline(tmp_path):
+    """model.elastic_modulation: per_width + model.init_from: make_elastic gets the run's modulation setting."""
+    from helpers.runs import flow_config
+
+    from snapgen.elastic import repeat_kv_heads
+    from snapgen.pipelines import PipelineConfig, TextToImagePipeline
+    from snapgen.text import TextConditioning
+    from snapgen.train import Trainer
+    from snapgen.train.config import TrainConfig
+    from snapgen.vae import Autoencoder, AutoencoderConfig
+
+    torch.manual_seed(3)
+    plain = perturb_(ThreeStageDiT(preset("nano-elastic").variant_config("full").replace(kv_heads=4)))
+    cond_kw = {"encoder_dims": [32], "out_dim": 32, "drop_probs": [0.2], "null_length": 1}
+    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
+    TextToImagePipeline(plain, TextConditioning(**cond_kw), vae,
+                        PipelineConfig(conditioning=cond_kw)).save_pretrained(tmp_path / "src")
+    cfg = flow_config(tmp_path, "warm", 2, model={"preset": "nano-elastic", "elastic_modulation": "per_width",
+                                                  "init_from": str(tmp_path / "src")})
+    sup = Trainer(TrainConfig.from_dict(cfg), progress=False).task.model
+    assert sup.config.elastic_modulation == "per_width" and own_params(sup, "tiny")
+    shared = make_elastic(repeat_kv_heads(plain, 8))
+    inputs = dummy_inputs(sup.config)
+    for v in WIDTHS:
+        torch.testing.assert_close(run(sup, v, inputs), run(shared, v, inputs), atol=1e-5, rtol=1e-5)
