@@ -53,9 +53,8 @@ def test_make_elastic_per_width_computes_what_shared_computes_at_every_width(bas
         assert y.abs().mean() > 1e-2
         assert torch.equal(y, run(shared, v, inputs)), v
     # every variant owns a timestep MLP and an adaLN map, at its own width
-    assert set(own_params(per, "tiny")) == {"t_embedder.mlp_variants.tiny.0.weight", "t_embedder.mlp_variants.tiny.0.bias",
-                                            "t_embedder.mlp_variants.tiny.2.weight", "t_embedder.mlp_variants.tiny.2.bias",
-                                            "t_block.linear_variants.tiny.weight", "t_block.linear_variants.tiny.bias"}
+    assert set(own_params(per, "tiny")) == {f"{m}.{leaf}" for leaf in ("weight", "bias") for m in (
+        "t_embedder.mlp_variants.tiny.0", "t_embedder.mlp_variants.tiny.2", "t_block.linear_variants.tiny")}
     assert per.t_block.linear_variants["small"].weight.shape == (9 * 64, 64)
     assert not own_params(shared, "tiny")
 
@@ -69,8 +68,8 @@ def test_a_fresh_per_width_model_initialises_like_a_shared_one():
     for k, p in shared.state_dict().items():  # no extra random numbers drawn: every shared weight is equal
         assert torch.equal(per_state[k], p), k
     # and the own copies are the full layers' leading slices (tiny: 48 of 128 channels)
-    torch.testing.assert_close(per.t_embedder.mlp_variants["tiny"][2].weight, shared.t_embedder.mlp[2].weight[:48, :48],
-                               rtol=0, atol=0)
+    own = per.t_embedder.mlp_variants["tiny"][2].weight
+    assert torch.equal(own, shared.t_embedder.mlp[2].weight[:48, :48])
 
 
 def test_widths_are_separate_and_a_tiny_step_only_reaches_tiny_and_shared_weights(per_width):
@@ -110,7 +109,8 @@ def test_extraction_is_exact_and_holds_the_variants_own_modulation(per_width, tm
             assert not torch.equal(sub.t_embedder.mlp[2].weight, per_width.t_embedder.mlp[2].weight[:w, :w])
         sub.save_pretrained(tmp_path / v)
         again = ThreeStageDiT.from_pretrained(tmp_path / v)
-        assert torch.equal(again(x, t, {"text": text, "text_mask": mask}), sub(x, t, {"text": text, "text_mask": mask}))
+        cond = {"text": text, "text_mask": mask}
+        assert torch.equal(again(x, t, cond), sub(x, t, cond))
     # standalone sizes do not depend on the switch; the supernet holds one extra MLP + adaLN map per variant
     shared = make_elastic(ThreeStageDiT(preset("nano-elastic").variant_config("full")))
     for v in WIDTHS:
@@ -161,7 +161,7 @@ def test_lora_works_on_a_per_width_supernet_but_refuses_its_per_width_layers(per
     from snapgen.nn.lora import add_lora, merge_lora, set_adapter
 
     inputs = dummy_inputs(per_width.config, seed=6)
-    params = add_lora(per_width, "fast", rank=2, alpha=2.0)  # default targets: attention + FFN, shared by widths
+    params = add_lora(per_width, "fast", rank=2, alpha=2.0)  # default targets: attention + FFN (shared)
     with torch.no_grad():
         for p in params:
             p.add_(0.05)
@@ -199,7 +199,7 @@ def test_onnx_export_of_a_per_width_variant_matches_pytorch(elastic_folder, tmp_
 
 
 def test_flow_task_warm_starts_a_per_width_supernetwork_from_a_plain_pipeline(tmp_path):
-    """model.elastic_modulation: per_width + model.init_from: make_elastic gets the run's modulation setting."""
+    """model.elastic_modulation: per_width + model.init_from: make_elastic gets the run's setting."""
     from helpers.runs import flow_config
 
     from snapgen.elastic import repeat_kv_heads

@@ -83,9 +83,9 @@ def make_elastic(model: ThreeStageDiT, variants=DEFAULT_VARIANTS, sort: bool = F
     (:func:`snapgen.elastic.importance.sort_by_importance`, once-for-all style; the same full-width function),
     so that the leading slices -- the sub-networks -- start from the most important channels.
 
-    ``modulation`` is the result's ``elastic_modulation``: ``"per_width"`` gives every variant its own timestep
-    MLP and adaLN-single map, initialised as the full model's leading slice (so every width still starts
-    exactly as with ``"shared"``).
+    ``modulation`` is the result's ``elastic_modulation``: ``"per_width"`` gives every variant its own
+    timestep MLP and adaLN-single map, initialised as the full model's leading slice (so every width still
+    starts exactly as with ``"shared"``).
     """
     if model.config.elastic_variants:
         raise ValueError("model is already elastic")

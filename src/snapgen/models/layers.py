@@ -28,8 +28,9 @@ from torch import nn
 from ..attention import AdaptiveSparseSelfAttention, CrossAttention, SelfAttention
 from ..nn.elastic import ElasticLayerNorm, ElasticLinear, ElasticModule, WidthSpec, active_size
 
-__all__ = ["timestep_embedding", "TimestepEmbedder", "AdaLNSingle", "VariantLinear", "PerWidthModulation", "Mlp",
-           "DiTBlock", "TokenDownsample", "TokenUpsample", "SkipFusion", "FinalLayer", "modulate", "variant_tables"]
+__all__ = ["timestep_embedding", "TimestepEmbedder", "AdaLNSingle", "VariantLinear", "PerWidthModulation",
+           "Mlp", "DiTBlock", "TokenDownsample", "TokenUpsample", "SkipFusion", "FinalLayer", "modulate",
+           "variant_tables"]
 
 Variants = tuple[tuple[str, float], ...]
 
@@ -99,7 +100,7 @@ class PerWidthModulation(ElasticModule):
 
     @torch.no_grad()
     def copy_full_to_variants_(self) -> None:
-        """Set every sub-network's own copy to the full layer's leading slice (what shared modulation uses)."""
+        """Set every sub-network's own copy to the full layer's leading slice (what "shared" uses)."""
         for _, full, copies in self._pairs():
             for variant, copy in copies.items():
                 p = full.active_parameters(WidthSpec(variant, self._ratios[variant]))
@@ -142,16 +143,18 @@ class TimestepEmbedder(PerWidthModulation, nn.Module):
 
 
 class AdaLNSingle(PerWidthModulation, nn.Sequential):
-    """The shared ``SiLU -> Linear(width, 9*width)`` timestep projection, zero-initialised (adaLN-Zero). With
-    ``variants`` (per-width modulation) every sub-network has its own ``Linear(w, 9w)`` in
-    ``linear_variants[name]`` (the ``Sequential`` keeps its standalone keys ``0``/``1``; forward is explicit)."""
+    """The shared ``SiLU -> Linear(width, 9*width)`` timestep projection, zero-initialised (adaLN-Zero).
+    With ``variants`` (per-width modulation) every sub-network has its own ``Linear(w, 9w)`` in
+    ``linear_variants[name]`` (the ``Sequential`` keeps its standalone keys ``0``/``1``; forward is
+    explicit)."""
 
     def __init__(self, width: int, variants: Variants = ()):
         super().__init__(nn.SiLU(), ElasticLinear(width, MOD_CHUNKS * width, out_chunks=MOD_CHUNKS))
         self._ratios = dict(variants)
         if variants:
             self.linear_variants = nn.ModuleDict({
-                name: VariantLinear(active_size(width, r), MOD_CHUNKS * active_size(width, r)) for name, r in variants})
+                name: VariantLinear(active_size(width, r), MOD_CHUNKS * active_size(width, r))
+                for name, r in variants})
         self._snapgen_init()
 
     def _pairs(self):

@@ -36,8 +36,8 @@ def _targets(model: torch.nn.Module, targets) -> list[tuple[str, ElasticLinear]]
                  for local in (m.per_width_layers() if hasattr(m, "per_width_layers") else ())}
     clash = sorted(n for n, _ in found if n in per_width)
     if clash:
-        raise ValueError(f"LoRA targets {clash} are per-width modulation layers (elastic_modulation='per_width'), "
-                         f"which have one copy per width and take no adapters; choose other targets")
+        raise ValueError(f"LoRA targets {clash} are per-width modulation layers (elastic_modulation="
+                         f"'per_width'): one copy per width, no adapters; choose other targets")
     return found
 
 
