@@ -36,6 +36,15 @@ class TestThreeStageDiTElastic(DenoiserContract):
         assert not missing, f"parameters without gradient: {missing[:5]}"
 
 
+class TestThreeStageDiTElasticPerWidth(TestThreeStageDiTElastic):
+    """Per-width modulation (each width its own timestep MLP + adaLN map), at the narrowest width."""
+
+    spec = {"preset": "nano-elastic", "elastic_modulation": "per_width"}
+
+    def build(self, **overrides):
+        return DenoiserContract.build(self, **overrides).set_variant("tiny")
+
+
 class TestThreeStageDiTDense(DenoiserContract):
     spec = {"preset": "nano", "outer_attention": "dense"}
     sizes = [(16, 16), (16, 8)]

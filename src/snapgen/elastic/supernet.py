@@ -44,7 +44,9 @@ def variant_parameters(model: ThreeStageDiT, name: str) -> dict[str, torch.Tenso
     for prefix, module in model.named_modules():
         if isinstance(module, ElasticModule):
             for local, tensor in module.active_parameters(spec).items():
-                resolved[f"{prefix}.{local}" if prefix else local] = tensor
+                # parents are listed before their children: a module that reports a child's tensor (per-width
+                # modulation: the sub-network's own copy) takes precedence over that child's slicing rule
+                resolved.setdefault(f"{prefix}.{local}" if prefix else local, tensor)
     full_state = model.state_dict()
     out = {}
     for key, ref in wanted.items():
@@ -71,7 +73,8 @@ def extract_variant(model: ThreeStageDiT, name: str) -> ThreeStageDiT:
 
 
 @torch.no_grad()
-def make_elastic(model: ThreeStageDiT, variants=DEFAULT_VARIANTS, sort: bool = False) -> ThreeStageDiT:
+def make_elastic(model: ThreeStageDiT, variants=DEFAULT_VARIANTS, sort: bool = False,
+                 modulation: str = "shared") -> ThreeStageDiT:
     """An elastic supernetwork initialised from an ordinary (full-width) model: shared weights copied, each
     variant's own tables/norms initialised from the full model's (sliced) ones. Every variant of the result
     starts as the leading-channel slice of ``model``; elastic training then teaches the slices to work alone.
@@ -79,12 +82,16 @@ def make_elastic(model: ThreeStageDiT, variants=DEFAULT_VARIANTS, sort: bool = F
     ``sort=True`` first re-orders ``model``'s channels and heads by weight importance
     (:func:`snapgen.elastic.importance.sort_by_importance`, once-for-all style; the same full-width function),
     so that the leading slices -- the sub-networks -- start from the most important channels.
+
+    ``modulation`` is the result's ``elastic_modulation``: ``"per_width"`` gives every variant its own
+    timestep MLP and adaLN-single map, initialised as the full model's leading slice (so every width still
+    starts exactly as with ``"shared"``).
     """
     if model.config.elastic_variants:
         raise ValueError("model is already elastic")
     if sort:
         model = sort_by_importance(model)
-    cfg = model.config.replace(elastic_variants=tuple(variants))
+    cfg = model.config.replace(elastic_variants=tuple(variants), elastic_modulation=modulation)
     ref = next(model.parameters())
     sup = type(model)(cfg).to(device=ref.device, dtype=ref.dtype)
     missing, unexpected = sup.load_state_dict(model.state_dict(), strict=False)
@@ -96,6 +103,8 @@ def make_elastic(model: ThreeStageDiT, variants=DEFAULT_VARIANTS, sort: bool = F
         for pair in getattr(module, "qk_norm_variants", {}).values():  # head_dim-wide: copied whole
             pair["norm_q"].load_state_dict(module.norm_q.state_dict())
             pair["norm_k"].load_state_dict(module.norm_k.state_dict())
+        if hasattr(module, "copy_full_to_variants_"):  # per-width timestep MLP / adaLN map: the full's slice
+            module.copy_full_to_variants_()
     return sup
 
 

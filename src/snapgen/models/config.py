@@ -21,12 +21,13 @@ from ..attention.bna import BNA_BACKENDS
 __all__ = ["PAPER_PARAMS", "PRESETS", "WIDTH_RATIOS", "ThreeStageDiTConfig", "preset"]
 
 ATTENTION_KINDS = ("assa", "dense")
+ELASTIC_MODULATION = ("shared", "per_width")
 
 
 @dataclass(frozen=True)
 class ThreeStageDiTConfig(JSONConfigMixin):
     _config_kind = "ThreeStageDiT"
-    _optional_keys = ("elastic_variants",)  # configs saved before elastic training existed
+    _optional_keys = ("elastic_variants", "elastic_modulation")  # configs saved before these existed
 
     # --- latent interface -------------------------------------------------------------------------------
     in_channels: int = 16            # latent channels (paper: Qwen-Image VAE, 16)
@@ -60,6 +61,10 @@ class ThreeStageDiTConfig(JSONConfigMixin):
     # Sub-networks served by this supernetwork besides "full": ((name, width ratio), ...), e.g.
     # (("tiny", 0.375), ("small", 0.5)). Empty = an ordinary model. A dict is accepted too.
     elastic_variants: tuple[tuple[str, float], ...] = ()
+    # The timestep MLP and adaLN-single map of the sub-networks: "shared" = the leading slice of the full
+    # model's (the default, and every model saved before this key existed); "per_width" = each sub-network has
+    # its own at its own width (the paper keeps modulation layers per width). Needs elastic_variants.
+    elastic_modulation: str = "shared"
 
     def __post_init__(self):
         # JSON round trips give lists; store tuples so configs compare and hash.
@@ -116,6 +121,10 @@ class ThreeStageDiTConfig(JSONConfigMixin):
             bad(f"bna_radius must be >= 0, got {self.bna_radius}")
         if self.mlp_ratio <= 0 or self.mlp_ratio_middle <= 0:
             bad("mlp ratios must be positive")
+        if self.elastic_modulation not in ELASTIC_MODULATION:
+            bad(f"elastic_modulation must be one of {ELASTIC_MODULATION}, got {self.elastic_modulation!r}")
+        if self.elastic_modulation == "per_width" and not self.elastic_variants:
+            bad("elastic_modulation 'per_width' needs elastic_variants (an ordinary model has one width)")
         names = [n for n, _ in self.elastic_variants]
         if len(set(names)) != len(names) or "full" in names:
             bad(f"elastic_variants names must be unique and not 'full', got {names}")
@@ -135,7 +144,7 @@ class ThreeStageDiTConfig(JSONConfigMixin):
         equal what a standalone model of that width builds."""
         variants = dict(self.elastic_variants)
         if name == "full":
-            return self.replace(elastic_variants=())
+            return self.replace(elastic_variants=(), elastic_modulation="shared")
         if name not in variants:
             raise ValueError(f"unknown variant {name!r}; known: {sorted(variants) + ['full']}")
         r = variants[name]
@@ -154,7 +163,7 @@ class ThreeStageDiTConfig(JSONConfigMixin):
             if whole(int(round(self.width * ratio)), "FFN hidden size") != int(round(width * ratio)):
                 raise ValueError(f"FFN hidden size does not slice to round({width} x {ratio})")
         return ThreeStageDiTConfig(**{**self.to_dict(), "width": width, "kv_heads": kv_heads,
-                                      "elastic_variants": ()})
+                                      "elastic_variants": (), "elastic_modulation": "shared"})
 
 
 # ------------------------------------------------------------------------------------------------------

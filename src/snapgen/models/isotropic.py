@@ -29,6 +29,9 @@ class IsotropicDiT(DenoiserMixin, ModelIOMixin, nn.Module):
 
     def __init__(self, config: ThreeStageDiTConfig):
         super().__init__()
+        if config.elastic_modulation != "shared":
+            raise ValueError("IsotropicDiT is not width-elastic: elastic_modulation='per_width' applies to "
+                             "the three_stage_dit family only (use ThreeStageDiT, or 'shared')")
         self.config = cfg = config
         D, p = cfg.width, cfg.patch_size
         self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)

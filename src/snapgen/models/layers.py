@@ -6,7 +6,10 @@ from): one shared ``SiLU -> Linear(width, 9*width)`` maps the timestep embedding
 the three sub-layers (self-attention, cross-attention, FFN), and every block adds its own learned
 ``(9, width)`` table. Both start at zero, so every gate is 0 and every block is the identity at init;
 the output layer is zero too, so a new model outputs exactly zero (adaLN-Zero). The per-block table is
-the "lightweight width-specific modulation" that elastic training keeps per width.
+the "lightweight width-specific modulation" that elastic training keeps per width. With
+``ThreeStageDiTConfig.elastic_modulation = "per_width"`` the timestep MLP and the adaLN-single map are kept
+per width too (each sub-network's own copy at its own width, :class:`PerWidthModulation`); by default
+(``"shared"``) every width uses their leading slice.
 
 Every projection is an :class:`~snapgen.nn.elastic.ElasticLinear`: at full width (the default, and any
 non-elastic model) it is a plain ``nn.Linear``; under ``ThreeStageDiT.set_variant`` it computes with the
@@ -25,8 +28,9 @@ from torch import nn
 from ..attention import AdaptiveSparseSelfAttention, CrossAttention, SelfAttention
 from ..nn.elastic import ElasticLayerNorm, ElasticLinear, ElasticModule, WidthSpec, active_size
 
-__all__ = ["timestep_embedding", "TimestepEmbedder", "AdaLNSingle", "Mlp", "DiTBlock", "TokenDownsample", "TokenUpsample",
-           "SkipFusion", "FinalLayer", "modulate", "variant_tables"]
+__all__ = ["timestep_embedding", "TimestepEmbedder", "AdaLNSingle", "VariantLinear", "PerWidthModulation",
+           "Mlp", "DiTBlock", "TokenDownsample", "TokenUpsample", "SkipFusion", "FinalLayer", "modulate",
+           "variant_tables"]
 
 Variants = tuple[tuple[str, float], ...]
 
@@ -53,35 +57,117 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-class TimestepEmbedder(nn.Module):
-    def __init__(self, width: int, freq_dim: int = 256):
+class VariantLinear(nn.Module):
+    """One sub-network's own fixed-size Linear (per-width modulation, ``elastic_modulation="per_width"``).
+    Not an ``nn.Linear`` on purpose: DiT's xavier init skips it (no random numbers drawn, so a per-width model
+    initialises every other weight exactly like a shared one) and its owner fills it with the full layer's
+    leading slice (:meth:`copy_full_to_variants_`)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class PerWidthModulation(ElasticModule):
+    """Mixin for the modulation modules that ``elastic_modulation="per_width"`` keeps one copy of per
+    sub-network: ``_pairs`` lists ``(standalone name, full ElasticLinear, {variant: VariantLinear})``. At a
+    sub-network's width the forward pass uses its own copy, and ``active_parameters`` reports that copy under
+    the standalone names, which extraction prefers over the children's slicing rule (parents come first)."""
+
+    _ratios: dict[str, float] = {}
+
+    def _pairs(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def per_width_layers(self) -> list[str]:
+        """Local names of the full layers that have per-width copies (none in a shared model)."""
+        return [name for name, _, copies in self._pairs() if copies]
+
+    def _own(self, spec: WidthSpec | None) -> bool:
+        return spec is not None and not spec.is_full and spec.name in self._ratios
+
+    def active_parameters(self, spec: WidthSpec | None) -> dict[str, torch.Tensor]:
+        if not self._own(spec):
+            return {}  # shared (or full width): the ElasticLinear children report their own (sliced) weights
+        out = {}
+        for name, _, copies in self._pairs():
+            out[f"{name}.weight"], out[f"{name}.bias"] = copies[spec.name].weight, copies[spec.name].bias
+        return out
+
+    @torch.no_grad()
+    def copy_full_to_variants_(self) -> None:
+        """Set every sub-network's own copy to the full layer's leading slice (what "shared" uses)."""
+        for _, full, copies in self._pairs():
+            for variant, copy in copies.items():
+                p = full.active_parameters(WidthSpec(variant, self._ratios[variant]))
+                copy.weight.copy_(p["weight"])
+                copy.bias.copy_(p["bias"])
+
+
+class TimestepEmbedder(PerWidthModulation, nn.Module):
+    """Sinusoids of ``t`` -> ``Linear -> SiLU -> Linear`` to the model width. With ``variants`` (per-width
+    modulation) every sub-network has its own MLP at its own width in ``mlp_variants[name]``."""
+
+    def __init__(self, width: int, freq_dim: int = 256, variants: Variants = ()):
         super().__init__()
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(ElasticLinear(freq_dim, width, elastic_in=False), nn.SiLU(),
                                  ElasticLinear(width, width))
+        self._ratios = dict(variants)
+        if variants:
+            self.mlp_variants = nn.ModuleDict({
+                name: nn.Sequential(VariantLinear(freq_dim, active_size(width, r)), nn.SiLU(),
+                                    VariantLinear(active_size(width, r), active_size(width, r)))
+                for name, r in variants})
         self._snapgen_init()
+
+    def _pairs(self):
+        own = getattr(self, "mlp_variants", {})
+        return [(f"mlp.{i}", self.mlp[i], {n: seq[i] for n, seq in own.items()}) for i in (0, 2)]
 
     def _snapgen_init(self) -> None:
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        self.copy_full_to_variants_()
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp_variants[self.active.name] if self._own(self.active) else self.mlp
         # sinusoids of fp32 times, then the model's dtype (a no-op in fp32; fp16/bf16/fp64 models work too)
-        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+        return mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
-class AdaLNSingle(nn.Sequential):
-    """The shared ``SiLU -> Linear(width, 9*width)`` timestep projection, zero-initialised (adaLN-Zero)."""
+class AdaLNSingle(PerWidthModulation, nn.Sequential):
+    """The shared ``SiLU -> Linear(width, 9*width)`` timestep projection, zero-initialised (adaLN-Zero).
+    With ``variants`` (per-width modulation) every sub-network has its own ``Linear(w, 9w)`` in
+    ``linear_variants[name]`` (the ``Sequential`` keeps its standalone keys ``0``/``1``; forward is
+    explicit)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, variants: Variants = ()):
         super().__init__(nn.SiLU(), ElasticLinear(width, MOD_CHUNKS * width, out_chunks=MOD_CHUNKS))
+        self._ratios = dict(variants)
+        if variants:
+            self.linear_variants = nn.ModuleDict({
+                name: VariantLinear(active_size(width, r), MOD_CHUNKS * active_size(width, r))
+                for name, r in variants})
         self._snapgen_init()
+
+    def _pairs(self):
+        return [("1", self[1], dict(getattr(self, "linear_variants", {})))]
 
     def _snapgen_init(self) -> None:
         nn.init.zeros_(self[1].weight)
         nn.init.zeros_(self[1].bias)
+        self.copy_full_to_variants_()
+
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+        linear = self.linear_variants[self.active.name] if self._own(self.active) else self[1]
+        return linear(self[0](t_emb))
 
 
 class Mlp(nn.Module):

@@ -134,11 +134,13 @@ class ThreeStageDiT(DenoiserMixin, ModelIOMixin, nn.Module):
         self.config = cfg = config
         D, p = cfg.width, cfg.patch_size
         self.patch_embed = ElasticConv2d(cfg.in_channels, D, kernel_size=p, stride=p)
-        self.t_embedder = TimestepEmbedder(D, cfg.time_freq_dim)
-        self.t_block = AdaLNSingle(D)  # shared by all blocks
-        self.text_norm = nn.LayerNorm(cfg.text_dim, eps=1e-6)
-
         variants = cfg.elastic_variants  # ((name, ratio), ...) of the sub-networks; () = not elastic
+        # timestep MLP + adaLN-single map: shared by all blocks; sliced per width ("shared") or one copy per
+        # sub-network ("per_width", the paper's separate modulation layers)
+        own = variants if cfg.elastic_modulation == "per_width" else ()
+        self.t_embedder = TimestepEmbedder(D, cfg.time_freq_dim, variants=own)
+        self.t_block = AdaLNSingle(D, variants=own)
+        self.text_norm = nn.LayerNorm(cfg.text_dim, eps=1e-6)
 
         def block(attention: str, ratio: float) -> DiTBlock:
             return DiTBlock(D, cfg.heads, cfg.kv_heads, cfg.head_dim, ratio, cfg.text_dim, attention,

@@ -30,6 +30,14 @@ def _targets(model: torch.nn.Module, targets) -> list[tuple[str, ElasticLinear]]
              if isinstance(m, ElasticLinear) and n.rsplit(".", 1)[-1] in set(targets)]
     if not found:
         raise ValueError(f"no Linear layer named any of {sorted(targets)} in {type(model).__name__}")
+    # per-width modulation keeps one copy of these per width (plain layers, no adapters): an adapter on the
+    # full one would change the full width only, so refuse instead
+    per_width = {f"{n}.{local}" if n else local for n, m in model.named_modules()
+                 for local in (m.per_width_layers() if hasattr(m, "per_width_layers") else ())}
+    clash = sorted(n for n, _ in found if n in per_width)
+    if clash:
+        raise ValueError(f"LoRA targets {clash} are per-width modulation layers (elastic_modulation="
+                         f"'per_width'): one copy per width, no adapters; choose other targets")
     return found
 
 

@@ -123,7 +123,8 @@ class FlowTask(FlowKD, Task):
 
             if source.config.kv_heads != target.kv_heads:
                 source = repeat_kv_heads(source, target.kv_heads)
-            source = make_elastic(source, target.elastic_variants, sort=self.sort_by_importance)
+            source = make_elastic(source, target.elastic_variants, sort=self.sort_by_importance,
+                                  modulation=target.elastic_modulation)
         elif self.sort_by_importance:
             raise ValueError("model.sort_by_importance: true needs an elastic run model (model.elastic_variants) "
                              "warm-started from an ordinary (non-elastic) pipeline; it would change nothing here")
