@@ -59,7 +59,13 @@ def test_quantized_rows_are_compared_to_their_own_fp32_row():
     assert cmp[("small", "eager", "int8")]["smaller"] == 3.0
     assert "smaller" not in cmp[("tiny", "eager", "fp32")]
     table = format_report({"rows": rows})
-    assert "| tiny | eager | quant | 1 | 4 | 0.1 | 200 | 2.0 | 4.0x smaller | 3.0 | 0.390 | -2.5% |" in table
+    # eager k-means rows are labelled for what they compute: fp32 (weights dequantized at load), with a note
+    assert ("| tiny | eager | k-means 4.3 bit (fp32 compute) | 1 | 4 | 0.1 | 200 | 2.0 | 4.0x smaller | 3.0 | "
+            "0.390 | -2.5% |") in table
+    assert "| tiny | onnx | quant |" in table and "| small | eager | int8 |" in table
+    assert table.splitlines()[-1].startswith("Eager k-means rows: the weights are stored as k-means clusters")
+    assert "fp32's; their gain is the file size" in table
+    assert "Eager k-means" not in format_report({"rows": [r for r in rows if r["precision"] != "quant"]})
 
 
 def test_evaluated_rows_get_a_paired_difference_with_its_interval(tmp_path):

@@ -123,3 +123,25 @@ def fake_hub_snapshot(cache_dir, repo_id: str, folder, revision: str = "main", c
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / revision).write_text(commit)
     return snapshot
+
+
+FEW_STEP_TIMES = (1.0, 0.9, 0.75, 0.5, 0.0)  # the 4 step times of build_distilled_pipeline
+
+
+def build_distilled_pipeline(text_encoder=None):
+    """build_elastic_pipeline made a distilled (few-step) pipeline without training: a trained-looking LoRA
+    adapter (``dmd_full``, random non-zero update) for variant full, the few-step sampler on FEW_STEP_TIMES,
+    guidance 1, and the base model's 3-step Euler sampler with CFG 3 for ``use_base()``."""
+    from snapgen.nn.lora import add_lora, lora_parameters
+
+    pipe = build_elastic_pipeline(text_encoder=text_encoder)
+    add_lora(pipe.transformer, "dmd_full", rank=4, alpha=4.0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lora_parameters(pipe.transformer, "dmd_full").values():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    config = pipe.config.replace(sampler="few_step", steps=4, guidance=1.0, few_step_times=FEW_STEP_TIMES,
+                                 adapters={"full": "dmd_full"},
+                                 base_sampling={"sampler": "euler", "steps": 3, "guidance": 3.0, "shift": 1.0})
+    return TextToImagePipeline(pipe.transformer, pipe.conditioning, pipe.vae, config,
+                               text_encoder=text_encoder).set_variant("full")

@@ -32,6 +32,10 @@ def _add_quantize(subparsers) -> None:
     p.add_argument("--bits", type=float, default=4.3, help="target mean bits per clustered weight (4-8)")
     p.add_argument("--finetune-steps", type=int, default=100, help="self-distillation steps for biases/norms")
     p.add_argument("--prompts-file", help="calibration prompts, one per line (default: 16 SceneEval prompts)")
+    p.add_argument("--calibration", default="sampler",
+                   help="calibration inputs: sampler (default; the states the model's own sampler visits -- a "
+                        "distilled model's few-step times) or uniform (final latents re-noised at random times)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise")
     p.add_argument("--base", action="store_true", help="distilled models: quantize the base (teacher) model")
     p.add_argument("--out", required=True, help="output pipeline folder")
     p.set_defaults(func=cmd_quantize)
@@ -101,8 +105,10 @@ def cmd_export(args) -> int:
 def cmd_quantize(args) -> int:
     import os
 
+    from ..compress.calibration import check_mode
     from ..export.quantize import quantize_pipeline
 
+    check_mode(args.calibration)  # a bad value: one-line error before the model loads
     pipe = _load_pipeline(args)
     if args.prompts_file:
         prompts = read_prompts([], args.prompts_file)
@@ -110,7 +116,8 @@ def cmd_quantize(args) -> int:
         from ..eval.sceneeval import load_prompts, prompt_path
 
         prompts = [p["prompt"] for p in load_prompts(prompt_path("sceneeval"))][::4][:16]
-    out = quantize_pipeline(pipe, args.out, prompts, args.bits, args.finetune_steps)
+    out = quantize_pipeline(pipe, args.out, prompts, args.bits, args.finetune_steps,
+                            calibration=args.calibration, seed=args.seed)
     size = os.path.getsize(out / "transformer" / "quantized.safetensors")
     fp32 = 4 * pipe.extract(pipe.variant).transformer.num_parameters()
     print(f"{out}: transformer {size / 1e6:.2f} MB ({fp32 / size:.1f}x smaller than fp32 {fp32 / 1e6:.2f} MB)")

@@ -284,7 +284,20 @@ def _vs_fp32_cell(r: dict) -> str:
     return f"{100 * r['sceneeval_change']:+.1f}%" if "sceneeval_change" in r else "-"
 
 
+# eager k-means rows: weights stored clustered, dequantized to fp32 at load -> fp32's compute, a smaller file
+EAGER_KMEANS_LABEL = "k-means 4.3 bit (fp32 compute)"
+EAGER_KMEANS_NOTE = ("Eager k-means rows: the weights are stored as k-means clusters (~4.3 bits) and dequantized "
+                     "to fp32 at load, so their compute, step time and memory are fp32's; their gain is the file "
+                     "size (DiT MB).")
+
+
+def _precision_cell(r: dict) -> str:
+    return EAGER_KMEANS_LABEL if (r["backend"], r["precision"]) == ("eager", "quant") else r["precision"]
+
+
 def format_report(report: dict) -> str:
+    """The markdown table (one row per variant x backend x precision); a note line under it when eager k-means
+    rows are present (their speed is fp32's)."""
     from ..eval.report import with_interval
 
     rows = compare_to_fp32(report["rows"])
@@ -295,12 +308,14 @@ def format_report(report: dict) -> str:
         head += ["SceneEval [95% CI]", "vs fp32 (paired)", "alignment", "FD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["variant"], r["backend"], r["precision"], r["step_ms"], r["steps"], r["end_to_end_s"],
+        cells = [r["variant"], r["backend"], _precision_cell(r), r["step_ms"], r["steps"], r["end_to_end_s"],
                  r["peak_rss_mib"], r["dit_mb"], f"{r['smaller']}x smaller" if "smaller" in r else "-", r["total_mb"]]
         if has_eval:
             se = with_interval(r["sceneeval"], r.get("sceneeval_interval")) if "sceneeval" in r else "-"
             cells += [se, _vs_fp32_cell(r), r.get("alignment", "-"), r.get("fd", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if any((r["backend"], r["precision"]) == ("eager", "quant") for r in rows):
+        lines += ["", EAGER_KMEANS_NOTE]
     return "\n".join(lines)
 
 if __name__ == "__main__":

@@ -15,17 +15,29 @@ __all__ = [*_core_all, "quantize_pipeline"]
 
 
 def quantize_pipeline(pipe, out_dir: str | os.PathLike, prompts: list[str], target_bits: float = 4.3,
-                      finetune_steps: int = 100, progress=print) -> Path:
+                      finetune_steps: int = 100, progress=print, calibration: str = "sampler",
+                      seed: int = 0) -> Path:
     """Quantize the pipeline's current variant (few-step adapter merged for distilled pipelines) and write a
-    pipeline folder whose ``transformer/`` is the compact quantized file."""
+    pipeline folder whose ``transformer/`` is the compact quantized file.
+
+    ``calibration`` (:mod:`snapgen.compress.calibration`): ``"sampler"`` (default) calibrates and
+    self-distils on the states the pipeline's own sampler visits from seeded noise (``seed``) -- a distilled
+    pipeline's few-step times and re-noised predictions, a base pipeline's Euler grid -- because those are the
+    only inputs the deployed model is run on; its sensitivity analysis covers up to 4 of those steps, spread
+    from the first to the last. ``"uniform"``: the earlier recipe (final latents re-noised at uniform random
+    times, sensitivity on the first batch)."""
     import shutil
 
     from .common import standalone_transformer
 
     out = Path(out_dir)
-    calibration = calibration_batches(pipe, prompts)
+    batches = calibration_batches(pipe, prompts, seed=seed, mode=calibration)  # a bad mode: ValueError first
     model = standalone_transformer(pipe)
-    model, report = quantize_model(model, calibration, target_bits, finetune_steps, progress=progress)
+    model, report = quantize_model(model, batches, target_bits, finetune_steps, progress=progress,
+                                   sensitivity_batches=4 if calibration == "sampler" else 1)
+    report = {**report, "calibration": calibration, "calibration_batches": len(batches)}
+    if calibration == "sampler":  # the step times calibrated on (uniform: random times in [0.02, 0.98])
+        report["calibration_times"] = [round(float(b[1][0]), 6) for b in batches]
     config = pipe.config.replace(adapters={}) if pipe.distilled and not pipe._base_mode else pipe.config
     if pipe._base_mode:  # the base model with its own sampler
         config = pipe.config.with_sampler(pipe.sampler_config()).replace(adapters={}, base_sampling={})
