@@ -4,7 +4,7 @@ the sub-networks keep the most important channels, and the flow task's model.sor
 import pytest
 import torch
 
-from helpers.builders import dummy_inputs, perturb_
+from helpers.builders import dummy_inputs, perturb_, save_plain_nano_pipeline
 from snapgen.elastic import extract_variant, make_elastic, repeat_kv_heads
 from snapgen.elastic.importance import (channel_importance, importance_plan, importance_permutations,
                                         permute_channels, sort_by_importance)
@@ -167,17 +167,7 @@ def test_sorting_finds_important_channels_placed_last_and_lowers_the_sub_network
 
 
 def _warm_start_folder(tmp_path):
-    from snapgen.pipelines import PipelineConfig, TextToImagePipeline
-    from snapgen.text import TextConditioning
-    from snapgen.vae import Autoencoder, AutoencoderConfig
-
-    torch.manual_seed(3)
-    plain = perturb_(ThreeStageDiT(preset("nano-elastic").variant_config("full").replace(kv_heads=4)))
-    cond_kw = {"encoder_dims": [32], "out_dim": 32, "drop_probs": [0.2], "null_length": 1}
-    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
-    TextToImagePipeline(plain, TextConditioning(**cond_kw), vae,
-                        PipelineConfig(conditioning=cond_kw)).save_pretrained(tmp_path / "src")
-    return plain
+    return save_plain_nano_pipeline(tmp_path / "src")
 
 
 def test_flow_task_switch_reaches_make_elastic(tmp_path):

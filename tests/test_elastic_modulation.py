@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers.builders import dummy_inputs, perturb_
+from helpers.builders import dummy_inputs, perturb_, save_plain_nano_pipeline
 from snapgen.elastic import ElasticFlowLoss, extract_variant, make_elastic
 from snapgen.elastic.supernet import using_variant
 from snapgen.models import IsotropicDiT, ThreeStageDiT, ThreeStageDiTConfig, preset
@@ -203,18 +203,10 @@ def test_flow_task_warm_starts_a_per_width_supernetwork_from_a_plain_pipeline(tm
     from helpers.runs import flow_config
 
     from snapgen.elastic import repeat_kv_heads
-    from snapgen.pipelines import PipelineConfig, TextToImagePipeline
-    from snapgen.text import TextConditioning
     from snapgen.train import Trainer
     from snapgen.train.config import TrainConfig
-    from snapgen.vae import Autoencoder, AutoencoderConfig
 
-    torch.manual_seed(3)
-    plain = perturb_(ThreeStageDiT(preset("nano-elastic").variant_config("full").replace(kv_heads=4)))
-    cond_kw = {"encoder_dims": [32], "out_dim": 32, "drop_probs": [0.2], "null_length": 1}
-    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
-    TextToImagePipeline(plain, TextConditioning(**cond_kw), vae,
-                        PipelineConfig(conditioning=cond_kw)).save_pretrained(tmp_path / "src")
+    plain = save_plain_nano_pipeline(tmp_path / "src")
     cfg = flow_config(tmp_path, "warm", 2, model={"preset": "nano-elastic", "elastic_modulation": "per_width",
                                                   "init_from": str(tmp_path / "src")})
     sup = Trainer(TrainConfig.from_dict(cfg), progress=False).task.model

@@ -145,3 +145,20 @@ def build_distilled_pipeline(text_encoder=None):
                                  base_sampling={"sampler": "euler", "steps": 3, "guidance": 3.0, "shift": 1.0})
     return TextToImagePipeline(pipe.transformer, pipe.conditioning, pipe.vae, config,
                                text_encoder=text_encoder).set_variant("full")
+
+
+def save_plain_nano_pipeline(directory, seed: int = 3):
+    """A perturbed plain (non-elastic) nano ThreeStageDiT with 4 KV heads saved as a pipeline folder at
+    ``directory`` (the source of an elastic warm start); returns the model."""
+    from snapgen.models import ThreeStageDiT, preset
+    from snapgen.pipelines import PipelineConfig, TextToImagePipeline
+    from snapgen.text import TextConditioning
+    from snapgen.vae import Autoencoder, AutoencoderConfig
+
+    torch.manual_seed(seed)
+    plain = perturb_(ThreeStageDiT(preset("nano-elastic").variant_config("full").replace(kv_heads=4)))
+    cond_kw = {"encoder_dims": [32], "out_dim": 32, "drop_probs": [0.2], "null_length": 1}
+    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
+    TextToImagePipeline(plain, TextConditioning(**cond_kw), vae,
+                        PipelineConfig(conditioning=cond_kw)).save_pretrained(directory)
+    return plain
