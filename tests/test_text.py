@@ -283,6 +283,31 @@ def test_conditioning_independent_random_drops():
     assert not cond_all.train()([f])[1][:, 1].any()
 
 
+def test_conditioning_joint_drop_all():
+    """drop_all_prob (issue 21 §1, SD3's joint drop): the all-null rate is 1 - (1 - pa)(1 - p0 p1), each
+    encoder's own rate 1 - (1 - pa)(1 - p_i); with pa = 0 the draws are exactly the independent ones."""
+    B = 40_000
+    g = torch.Generator().manual_seed(5)
+    joint = TextConditioning([4, 4], out_dim=8, drop_probs=[0.1, 0.2], drop_all_prob=0.1)
+    d0, d1 = joint.sample_drops(B, generator=g)
+    assert abs((d0 & d1).float().mean() - (1 - 0.9 * (1 - 0.02))) < 0.006    # 0.118, not 0.02
+    assert abs(d0.float().mean() - (1 - 0.9 * 0.9)) < 0.008
+    assert abs(d1.float().mean() - (1 - 0.9 * 0.8)) < 0.008
+    plain = TextConditioning([4, 4], out_dim=8, drop_probs=[0.1, 0.2])
+    a = plain.sample_drops(B, generator=torch.Generator().manual_seed(5))
+    assert abs((a[0] & a[1]).float().mean() - 0.02) < 0.004
+    torch.manual_seed(9)
+    b = plain.sample_drops(B)   # the global RNG, same numbers as before drop_all_prob existed
+    torch.manual_seed(9)
+    assert torch.equal(b[0], torch.rand(B) < 0.1) and torch.equal(b[1], torch.rand(B) < 0.2)
+    # the joint drop reaches forward in training mode
+    f = _features(B, 2, 4, [2] * B, 0)
+    _, mask = joint.train()([f, f])
+    assert abs((~mask[:, 1] & ~mask[:, 3]).float().mean() - 0.118) < 0.006
+    with pytest.raises(ValueError, match="drop_all_prob"):
+        TextConditioning([4], out_dim=8, drop_all_prob=1.5)
+
+
 def test_conditioning_gradients():
     cond = TextConditioning([8, 12], out_dim=16).train()
     f0, f1 = _features(4, 3, 8, [3, 1, 2, 3], 1), _features(4, 2, 12, [2, 2, 1, 1], 2)

@@ -27,10 +27,15 @@ the right shapes, colours, counts and spatial relations.
 
 Objects never overlap: boxes keep a gap of ``max(1 px, 5 % of the shorter side)`` between each other and
 stay inside the image with a border. Shapes are drawn with Pillow at 4x and downsampled with Lanczos
-(anti-aliased edges; about 0.4 ms for a 64x64 sample on one CPU core); everything scales with the resolution (any ``(H, W)`` with both sides >= 16).
+(anti-aliased edges; about 0.4 ms for a 64x64 sample on one CPU core); everything scales with the
+resolution (any ``(H, W)`` with both sides >= 16).
 Every shape is filled at the centre of its box, so the pixel there has the object's colour.
 
-Categories (:data:`CATEGORIES`, GenEval's six; uniform when not restricted)
+Captions: ``captions="templates"`` (default) or ``"diverse"`` (many phrasings, both object orders, relations from
+either side, synonyms, digits): :mod:`snapgen.data.scene_captions`. The examples below are templates captions.
+Layout: :mod:`snapgen.data.scene_layout`.
+
+Categories (:data:`CATEGORIES`, GenEval's six; uniform unless ``category_weights`` or restricted)
 ---------------------------------------------------------------------------
 * ``single_object``: one object. "a red star", "a photo of a red star", "one red star on a plain background".
 * ``two_object``: two objects of different shapes (colours drawn independently, may coincide).
@@ -82,10 +87,14 @@ from PIL import Image, ImageDraw
 
 from ..utils.resolution import parse_resolution
 from .base import Sample
+from .scene_layout import SS as _SS, quantise as _quantise, try_layout as _try_layout
+from .scene_captions import CAPTION_STYLES, NUMBER_WORDS, PLURALS, SHAPES, describe, diverse_caption, \
+    template_caption
 
 __all__ = [
     "BACKGROUNDS",
     "BACKGROUND_COLORS",
+    "CAPTION_STYLES",
     "CATEGORIES",
     "COLORS",
     "HELDOUT_PAIRS",
@@ -99,8 +108,6 @@ __all__ = [
     "describe",
 ]
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "hexagon")
-PLURALS: dict[str, str] = {s: s + "s" for s in SHAPES}
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -136,7 +143,6 @@ BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
 }
 _BG_NAMES = tuple(BACKGROUND_COLORS)
 _PATTERNS = ("stripes", "checks", "noise")
-_PATTERN_WORDS = {None: "plain", "stripes": "striped", "checks": "checkered", "noise": "speckled"}
 _TEXTURE_DEPTH = 14  # how much darker the texture's dark parts are (0-255 scale)
 
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
@@ -151,19 +157,10 @@ _HELDOUT = frozenset(HELDOUT_PAIRS)
 _ALL_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES)
 _TRAIN_PAIRS = tuple(p for p in _ALL_PAIRS if p not in _HELDOUT)
 
-NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
 _COUNT_VALUES = np.array([1, 2, 3, 4])
 _COUNT_WEIGHTS = np.array([1.0, 3.0, 3.0, 3.0]) / 10.0
-_SIZE_MENTION_P = 0.3
 _MIN_RESOLUTION = 16
-_SS = 4  # supersampling factor
 
-_REL_PHRASES = {
-    "left of": ("to the left of", "left of", "on the left of"),
-    "right of": ("to the right of", "right of", "on the right of"),
-    "above": ("above",),
-    "below": ("below",),
-}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,128 +205,6 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, ...], r
         draw.polygon([tuple(p) for p in pts.tolist()], fill=rgb)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Captions.
-
-
-def _article(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-def _noun(obj: dict, with_size: bool) -> str:
-    words = ([obj["size"]] if with_size else []) + [obj["color"], obj["shape"]]
-    return " ".join(words)
-
-
-def _bg_phrase(background: dict) -> str:
-    return f"on a {_PATTERN_WORDS[background['pattern']]} background"
-
-
-def _caption(meta: dict, rng: np.random.Generator | None) -> str:
-    """The caption for a scene; ``rng=None`` gives the canonical (first-template, no size) caption."""
-
-    def pick(options: Sequence[str]) -> str:
-        return options[0] if rng is None else options[int(rng.integers(len(options)))]
-
-    cat, objs, bg = meta["category"], meta["objects"], _bg_phrase(meta["background"])
-    sized = rng is not None and cat != "counting" and rng.random() < _SIZE_MENTION_P
-    if cat == "counting":
-        n, o = len(objs), objs[0]
-        num, noun = NUMBER_WORDS[n], PLURALS[o["shape"]] if n > 1 else o["shape"]
-        what = f"{num} {o['color']} {noun}"
-        be = "are" if n > 1 else "is"
-        return pick((what, f"a photo of {what}", f"exactly {what}", f"{what} {bg}",
-                     f"there {be} {what}", f"an image of {what}"))
-    a = _article(_noun(objs[0], sized))
-    if cat in ("single_object", "colors"):
-        o = objs[0]
-        if cat == "single_object":
-            return pick((a, f"a photo of {a}", f"one {_noun(o, sized)} {bg}", f"an image of {a}",
-                         f"{a} {bg}", f"a picture of {a}"))
-        s = (o["size"] + " " if sized else "") + o["shape"]
-        return pick((a, f"{_article(s)} that is {o['color']}", f"{_article(s)} colored {o['color']}",
-                     f"a photo of {a}", f"{_article(s)} in {o['color']}", f"{a} {bg}"))
-    b = _article(_noun(objs[1], sized))
-    if cat == "position":
-        rel = pick(_REL_PHRASES[meta["relation"]["relation"]])
-        return pick((f"{a} {rel} {b}", f"a photo of {a} {rel} {b}", f"{a} is {rel} {b}",
-                     f"{a} placed {rel} {b}", f"{a} {rel} {b} {bg}"))
-    if cat == "two_object":
-        return pick((f"{a} and {b}", f"a photo of {a} and {b}", f"{a} and {b} {bg}",
-                     f"an image with {a} and {b}", f"two shapes: {a} and {b}"))
-    # color_attr
-    o0, o1 = objs
-    s0 = _article((o0["size"] + " " if sized else "") + o0["shape"])
-    s1 = _article((o1["size"] + " " if sized else "") + o1["shape"])
-    return pick((f"{a} and {b}", f"a photo of {a} and {b}",
-                 f"{s0} that is {o0['color']} and {s1} that is {o1['color']}",
-                 f"{a} together with {b}", f"{a} and {b} {bg}"))
-
-
-def describe(meta: dict[str, Any]) -> str:
-    """The canonical caption of a scene (first template, no size words), e.g. for evaluation prompts."""
-    return _caption(meta, None)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Layout.
-
-
-def _relation_ok(rel: str, a: np.ndarray, b: np.ndarray, sa, sb, gap: float) -> np.ndarray:
-    """Vectorised check of "A rel B" for candidate top-left corners ``a``/``b`` of shape (K, 2)."""
-    if rel in ("right of", "below"):
-        a, b, sa, sb = b, a, sb, sa
-    ax = 0 if rel in ("left of", "right of") else 1  # main axis
-    separated = a[:, ax] + sa + gap <= b[:, ax]
-    main = (b[:, ax] + sb / 2) - (a[:, ax] + sa / 2)
-    other = np.abs((b[:, 1 - ax] + sb / 2) - (a[:, 1 - ax] + sa / 2))
-    return separated & (other <= 0.5 * main)
-
-
-def _quantise(v: np.ndarray) -> np.ndarray:
-    return np.floor(v * _SS) / _SS
-
-
-def _try_layout(rng, sides, W, H, border, gap, relation, K=64, restarts=6):
-    """Top-left corners (n, 2) for boxes of the given sides, or None if no layout was found."""
-    n = len(sides)
-    if np.any(sides + 2 * border > min(W, H)):
-        return None
-    hi = np.array([[W, H]], dtype=np.float64)
-    if relation is not None:
-        sa, sb = sides
-        for _ in range(restarts):
-            a = _quantise(border + rng.random((K, 2)) * (hi - 2 * border - sa))
-            b = _quantise(border + rng.random((K, 2)) * (hi - 2 * border - sb))
-            ok = _relation_ok(relation, a, b, sa, sb, gap)
-            if ok.any():
-                k = int(ok.argmax())
-                return np.stack([a[k], b[k]])
-        return None
-    order = np.argsort(-sides, kind="stable")
-    for _ in range(restarts):
-        pos = np.zeros((n, 2))
-        placed: list[int] = []
-        for j in order:
-            s = sides[j]
-            c = _quantise(border + rng.random((K, 2)) * (hi - 2 * border - s))
-            ok = np.ones(K, dtype=bool)
-            for p in placed:
-                q, sq = pos[p], sides[p]
-                ok &= ((c[:, 0] >= q[0] + sq + gap) | (c[:, 0] + s + gap <= q[0])
-                       | (c[:, 1] >= q[1] + sq + gap) | (c[:, 1] + s + gap <= q[1]))
-            if not ok.any():
-                break
-            pos[j] = c[int(ok.argmax())]
-            placed.append(j)
-        else:
-            return pos
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------
-
-
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -345,6 +220,11 @@ class SceneDataset(torch.utils.data.Dataset):
             one held-out pair per scene).
         categories: the categories to draw from (uniformly); ``None`` = all of :data:`CATEGORIES`.
         backgrounds: background kinds to draw from (uniformly), a subset of :data:`BACKGROUNDS`.
+        captions: caption style, ``"templates"`` (round one's, the default: draws reproduce the shipped recipe's
+            data) or ``"diverse"`` (many phrasings per scene; :mod:`snapgen.data.scene_captions`).
+        category_weights: ``{category: weight}`` over ``categories`` (missing ones weigh 1; e.g. more
+            ``position`` scenes); ``None`` = uniform (the default draws; a given dict draws differently even if
+            it is uniform).
     """
 
     def __init__(
@@ -355,6 +235,8 @@ class SceneDataset(torch.utils.data.Dataset):
         split: str = "train",
         categories: Sequence[str] | None = None,
         backgrounds: Sequence[str] = BACKGROUNDS,
+        captions: str = "templates",
+        category_weights: dict[str, float] | None = None,
     ):
         self.height, self.width = parse_resolution(
             resolution, minimum=_MIN_RESOLUTION,
@@ -382,6 +264,17 @@ class SceneDataset(torch.utils.data.Dataset):
         if bad or not bgs:
             raise ValueError(f"unknown or empty backgrounds {bad or list(bgs)}; expected a non-empty "
                              f"subset of {BACKGROUNDS}")
+        if captions not in CAPTION_STYLES:
+            raise ValueError(f"unknown captions style {captions!r}; expected one of {CAPTION_STYLES}")
+        self._cat_p = None
+        if category_weights is not None:
+            bad = sorted(set(category_weights) - set(cats))
+            w = np.array([float(category_weights.get(c, 1.0)) for c in cats])
+            if bad or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"category_weights must map categories of {cats} to weights >= 0 (not all 0), "
+                                 f"got {dict(category_weights)!r}")
+            self._cat_p = w / w.sum()
+        self.captions, self.category_weights = captions, category_weights
         self.length, self.seed, self.split = int(length), int(seed), split
         self.categories, self.backgrounds = cats, bgs
         self._split_id = _SPLIT_IDS[split]
@@ -416,7 +309,8 @@ class SceneDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (f"SceneDataset(resolution={self.resolution}, length={self.length}, seed={self.seed}, "
-                f"split={self.split!r}, categories={self.categories}, backgrounds={self.backgrounds})")
+                f"split={self.split!r}, categories={self.categories}, backgrounds={self.backgrounds}, "
+                f"captions={self.captions!r}, category_weights={self.category_weights})")
 
     # -- generation ----------------------------------------------------------------------------------
 
@@ -425,7 +319,8 @@ class SceneDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._split_id, int(i)]))
         meta = self._sample_scene(rng)
         image = self._render(meta, rng)
-        return Sample(image=image, caption=_caption(meta, rng), meta=meta)
+        caption = (template_caption if self.captions == "templates" else diverse_caption)(meta, rng)
+        return Sample(image=image, caption=caption, meta=meta)
 
     def _pairs(self, rng, n: int, distinct_shape: bool, distinct_color: bool, same: bool):
         """(colour, shape) for ``n`` objects under the split's rule and the category's constraints."""
@@ -445,7 +340,10 @@ class SceneDataset(torch.utils.data.Dataset):
         raise RuntimeError("could not draw object pairs")  # pragma: no cover (probability ~0)
 
     def _sample_scene(self, rng: np.random.Generator) -> dict[str, Any]:
-        cat = self.categories[int(rng.integers(len(self.categories)))]
+        if self._cat_p is None:
+            cat = self.categories[int(rng.integers(len(self.categories)))]
+        else:
+            cat = self.categories[int(rng.choice(len(self.categories), p=self._cat_p))]
         relation = None
         if cat in ("single_object", "colors"):
             pairs = self._pairs(rng, 1, False, False, False)

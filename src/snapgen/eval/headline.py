@@ -31,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.scenes import COLORS, HELDOUT_PAIRS, NUMBER_WORDS, PLURALS, RELATIONS, SHAPES, _article
+from ..data.scene_captions import _article
+from ..data.scenes import COLORS, HELDOUT_PAIRS, NUMBER_WORDS, PLURALS, RELATIONS, SHAPES
 from .sceneeval import metadata_from_scene, save_prompts
-from .training_captions import _iter_scene_captions, emoji_training_captions, normalise_caption, \
+from .training_captions import _iter_scene_captions, emoji_training_captions, normalise_caption, overlap, \
     shipped_training_captions
 
 __all__ = ["FRAMES", "HEADLINE_SET", "HELDOUT_PER_CATEGORY", "IN_DISTRIBUTION_SET", "MAX_COSINE", "PER_CATEGORY",
@@ -170,7 +171,7 @@ def build_headline(seed: int = 0, per_category: int = PER_CATEGORY, heldout_per_
                 pairs, rel = _objects(cat, heldout, rng)
                 prompt = _phrase(cat, pairs, rel, rng)
                 key = normalise_caption(prompt)
-                if key in train or key in seen:
+                if key in seen or overlap([prompt], train):
                     continue
                 near = nearest_training_caption(prompt, pairs, embedder) if embedder is not None else None
                 if near is not None and near[1] > max_cosine:

@@ -14,7 +14,7 @@ verbatim overlap:
   subset of stage 1's (scenes train + emoji primary names), minus the eval prompts (see
   :mod:`snapgen.eval.alignment`).
 
-Scene captions come from finitely many templates (``snapgen.data.scenes._caption``), so instead of
+Scene captions come from finitely many templates (``snapgen.data.scene_captions.template_caption``), so instead of
 regenerating the 80k captions of one seed, :func:`scene_template_captions` enumerates **every** caption the
 templates can produce for the training split (every non-held-out colour/shape pair, every number, size
 word, relation phrase and background word): a superset of what any seed or length draws, hence a stronger
@@ -32,28 +32,19 @@ import functools
 import re
 from collections.abc import Iterable, Iterator
 
-from ..data.scenes import (HELDOUT_PAIRS, NUMBER_WORDS, PLURALS, SHAPES, SIZES, _PATTERN_WORDS, _REL_PHRASES,
-                           COLORS, _article)
+from ..data.scene_captions import _PATTERN_WORDS, _REL_PHRASES, _article, diverse_caption_pattern, normalise_caption
+from ..data.scenes import COLORS, HELDOUT_PAIRS, NUMBER_WORDS, PLURALS, SHAPES, SIZES
 
-__all__ = ["SHIPPED_CONFIGS", "emoji_training_captions", "normalise_caption", "overlap", "scene_template_captions",
-           "shipped_training_captions"]
+__all__ = ["SHIPPED_CAPTION_STYLES", "SHIPPED_CONFIGS", "emoji_training_captions", "normalise_caption", "overlap",
+           "scene_caption_pattern", "scene_template_captions", "shipped_training_captions"]
 
+# The caption styles (SceneDataset's ``captions``) the shipped configs' scene sources use; a test fails if a
+# shipped config uses another (then add it here, and `overlap` checks it).
+SHIPPED_CAPTION_STYLES = ("templates",)
 # The configs of `make train-shipped` + `make distill` whose data carries captions.
 SHIPPED_CONFIGS = ("configs/t2i_micro.yaml", "configs/t2i_micro_v2.yaml", "configs/t2i_micro_elastic.yaml",
                    "configs/distill/fewstep_teacher.yaml", "configs/distill/kdmd.yaml",
                    "configs/distill/kdmd_cosine.yaml")
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = re.compile(r"[^\w\s-]")
-
-
-def normalise_caption(text: str) -> str:
-    """Lowercase, drop punctuation and the articles a/an/the, collapse whitespace: captions that differ only
-    in those count as the same caption ("A red circle." == "red circle")."""
-    t = _PUNCT.sub(" ", text.casefold())
-    t = _ARTICLES.sub(" ", t)
-    return " ".join(t.split())
-
 
 def _train_pairs() -> list[tuple[str, str]]:
     held = set(HELDOUT_PAIRS)
@@ -142,7 +133,22 @@ def shipped_training_captions() -> frozenset[str]:
     return scene_template_captions() | emoji_training_captions()
 
 
-def overlap(prompts: Iterable[str], captions: frozenset[str] | None = None) -> list[str]:
-    """The prompts whose normalised form is a training caption (``shipped_training_captions()`` by default)."""
+def scene_caption_pattern():
+    """The regex of every ``captions: diverse`` scene caption about any object (normalised form; a superset of
+    what any seed draws: :func:`snapgen.data.scene_captions.diverse_caption_pattern`)."""
+    return diverse_caption_pattern(tuple(COLORS))
+
+
+def overlap(prompts: Iterable[str], captions: frozenset[str] | None = None,
+            styles: Iterable[str] = SHIPPED_CAPTION_STYLES) -> list[str]:
+    """The prompts whose normalised form is a training caption: in ``captions`` (``shipped_training_captions()``
+    by default: the template and emoji captions) or, when ``"diverse"`` is among ``styles``, matched by
+    :func:`scene_caption_pattern`."""
     captions = shipped_training_captions() if captions is None else captions
-    return [p for p in prompts if normalise_caption(p) in captions]
+    pattern = scene_caption_pattern() if "diverse" in set(styles) else None
+    out = []
+    for p in prompts:
+        key = normalise_caption(p)
+        if key in captions or (pattern is not None and pattern.fullmatch(key)):
+            out.append(p)
+    return out

@@ -36,7 +36,7 @@ class FlowTask(FlowKD, Task):
         check_keys("data", cfg.data, {"spec", "num_samples", "cache", "resolution", "encode_batch", "val_spec",
                                        "val_samples", "val_cache", "shards"})
         check_keys("elastic", cfg.elastic, {"num_random", "full_weight", "subnet_weight", "distill_weight"})
-        check_keys("text", cfg.text, {"encoder", "max_length", "drop_prob"})
+        check_keys("text", cfg.text, {"encoder", "max_length", "drop_prob", "drop_all_prob"})
         check_keys("flow", cfg.flow, {"logit_mean", "logit_std", "shift"})
         check_keys("vae", cfg.vae, {"path"})
         check_keys("sampling", cfg.sampling, {"prompts", "steps", "guidance", "shift"})
@@ -56,6 +56,7 @@ class FlowTask(FlowKD, Task):
         self.text_spec = cfg.text.get("encoder", "minilm")
         self.text_max_length = int(cfg.text.get("max_length", 32))
         self.drop_prob = float(cfg.text.get("drop_prob", 0.1))
+        self.drop_all_prob = float(cfg.text.get("drop_all_prob", 0.0))   # joint drop of every encoder (CFG)
         self.cond_kwargs = None
         self.conditioning: TextConditioning | None = None
         from ..flow import FlowMatchingLoss
@@ -140,6 +141,8 @@ class FlowTask(FlowKD, Task):
 
         self.cond_kwargs = {"encoder_dims": [dim], "out_dim": self.model.config.text_dim,
                             "drop_probs": [self.drop_prob], "null_length": 1}
+        if self.drop_all_prob:
+            self.cond_kwargs["drop_all_prob"] = self.drop_all_prob
         self.conditioning = TextConditioning(**self.cond_kwargs).to(self.device)
 
     @property
@@ -230,8 +233,7 @@ class FlowTask(FlowKD, Task):
         feats = (feats[0].to(self.device), feats[1].to(self.device))
         g = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, step, part]).integers(2**62)))
         B = x0.shape[0]
-        drops = [torch.rand(B, generator=g) < p for p in self.conditioning.drop_probs] \
-            if self.conditioning.training else None
+        drops = self.conditioning.sample_drops(B, generator=g) if self.conditioning.training else None
         o = self.objective
         t = logit_normal_times(B, o.mean, o.std, o.shift_for(x0), g, "cpu").to(self.device)
         eps = torch.randn(x0.shape, generator=g).to(self.device)

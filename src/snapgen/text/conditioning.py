@@ -21,6 +21,11 @@ class TextConditioning(nn.Module):
         drop_probs: per-encoder probability of replacing a sample's caption by the null embedding during
             training (one float for all encoders, or one per encoder).
         null_length: number of tokens of each learned null embedding (>= 1).
+        drop_all_prob: probability of dropping *every* encoder of a sample jointly, on top of the independent
+            drops (as SD3 trains its three encoders): with independent drops alone the all-null condition
+            that classifier-free guidance queries is seen with probability ``prod(drop_probs)`` (1% for two
+            encoders at 0.1). The all-null rate becomes ``1 - (1 - drop_all_prob)(1 - prod(drop_probs))``.
+            Default 0 (and then no extra random number is drawn).
 
     Parameters (saved with the diffusion model; the encoders themselves are not):
 
@@ -40,7 +45,7 @@ class TextConditioning(nn.Module):
     """
 
     def __init__(self, encoder_dims: list[int], out_dim: int, drop_probs: list[float] | float = 0.1,
-                 null_length: int = 1):
+                 null_length: int = 1, drop_all_prob: float = 0.0):
         super().__init__()
         encoder_dims = [int(d) for d in encoder_dims]
         if not encoder_dims or any(d < 1 for d in encoder_dims):
@@ -54,12 +59,15 @@ class TextConditioning(nn.Module):
             raise ValueError(f"got {len(drop_probs)} drop_probs for {len(encoder_dims)} encoders")
         if any(not 0.0 <= p <= 1.0 for p in drop_probs):
             raise ValueError(f"drop_probs must be in [0, 1], got {drop_probs}")
+        if not 0.0 <= float(drop_all_prob) <= 1.0:
+            raise ValueError(f"drop_all_prob must be in [0, 1], got {drop_all_prob}")
         if int(null_length) < 1:
             raise ValueError(f"null_length must be >= 1 (a fully masked caption is not allowed), "
                              f"got {null_length}")
         self.encoder_dims = encoder_dims
         self.out_dim = int(out_dim)
         self.drop_probs = drop_probs
+        self.drop_all_prob = float(drop_all_prob)
         self.null_length = int(null_length)
         single = len(encoder_dims) == 1 and encoder_dims[0] == self.out_dim
         self.proj = nn.ModuleList([nn.Identity() if single else nn.Linear(d, self.out_dim)
@@ -71,9 +79,21 @@ class TextConditioning(nn.Module):
     def num_encoders(self) -> int:
         return len(self.encoder_dims)
 
-    def sample_drops(self, batch_size: int, device: torch.device | str | None = None) -> list[torch.Tensor]:
-        """Independent Bernoulli(drop_probs[i]) per encoder and sample, from torch's global RNG."""
-        return [torch.rand(batch_size, device=device) < p for p in self.drop_probs]
+    def sample_drops(self, batch_size: int, device: torch.device | str | None = None,
+                     generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Independent Bernoulli(drop_probs[i]) per encoder and sample, then (when ``drop_all_prob > 0``) one
+        joint Bernoulli(drop_all_prob) per sample that drops every encoder; from ``generator`` (on its device)
+        or torch's global RNG (on ``device``)."""
+        dev = generator.device if generator is not None else device
+
+        def draw():
+            return torch.rand(batch_size, generator=generator, device=dev)
+
+        drops = [draw() < p for p in self.drop_probs]
+        if self.drop_all_prob > 0:
+            every = draw() < self.drop_all_prob
+            drops = [d | every for d in drops]
+        return drops
 
     def _check(self, features, drop):
         if len(features) != self.num_encoders:
