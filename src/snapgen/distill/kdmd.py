@@ -16,8 +16,8 @@ One training iteration (``KDMDLoss.__call__``), for a batch of captions:
      ``L_feat = ||phi(f) - f_T'||^2`` on the last block's tokens through the learned projector ``phi``;
    * ``L_gen = w_dmd L_DMD + w_out L_out + w_feat L_feat`` (paper: all weights 1);
 4. critic turn (every iteration): flow matching of the critic on ``sg(x0_hat)``, at times drawn like tau
-   (``critic_times="tau"``, the default: the critic is trained where step 3 queries it) or DMD2's uniform
-   ``U[0, 1]`` (``critic_times="uniform"``, the behaviour before issue 21).
+   (``critic_times="tau"``: the critic is trained where step 3 queries it) or DMD2's uniform ``U[0, 1]``
+   (``critic_times="uniform"``, the default; on the 2-D toy tau was neutral to worse, docs/distillation.md).
 
 The returned loss is ``L_gen + L_critic``; their gradients touch disjoint parameters (the scores in L_DMD are
 computed without gradient, the critic's loss sees detached samples), so one backward pass serves both, and
@@ -65,10 +65,10 @@ class KDMDConfig:
     # "mse" (the paper's ||phi(f) - f_T||^2 on raw features) or "cosine" (1 - cos per token: scale-free, so
     # the feature term cannot outweigh L_out / L_DMD just because the teacher's residual stream is large)
     feat_loss: str = "mse"
-    # the critic's training times: "tau" (drawn like the DMD term's tau: U[tau_low, tau_high], shifted by
-    # ``shift``, so the critic is trained where it is queried) or "uniform" (DMD2's U[0, 1], unshifted: the
-    # behaviour before issue 21; the critic is then least trained at the high noise levels tau favours)
-    critic_times: str = "tau"
+    # the critic's training times: "uniform" (DMD2's U[0, 1], unshifted; the default) or "tau" (drawn like the
+    # DMD term's tau: U[tau_low, tau_high], shifted by ``shift``, so the critic is trained where it is queried;
+    # on the 2-D toy it was neutral to worse: docs/distillation.md "The critic's noise levels")
+    critic_times: str = "uniform"
     seed: int = 0
 
     def __post_init__(self):

@@ -12,8 +12,8 @@ One frozen base model serves every role that the paper gives to one backbone, sw
 * student: the base at the student's width with its own LoRA ``<prefix>_<variant>`` (or a full copy when
   ``student_lora`` is null);
 * critic (fake score): a copy of the student (same width), with its own LoRA or fully trained; trained at
-  times drawn like the DMD term's tau (``distill.critic_times: tau``, default) or DMD2's uniform ones
-  (``uniform``).
+  DMD2's uniform times (``distill.critic_times: uniform``, default) or at times drawn like the DMD term's tau
+  (``tau``).
 
 ``distill.variants`` lists the widths distilled in this one run (each step trains every listed width; their
 LoRAs, critics and projectors are separate, so the widths do not interfere and share all settings -- the
@@ -101,7 +101,7 @@ class DistillTask(Task):
         w = d.get("weights", {})
         check_keys("distill.weights", w, {"dmd", "out", "feat"})
         tau = d.get("tau", [0.02, 0.98])
-        critic_times = d.get("critic_times", "tau")
+        critic_times = d.get("critic_times", "uniform")
         if critic_times not in CRITIC_TIMES:
             raise ValueError(f"distill.critic_times must be one of {list(CRITIC_TIMES)}, got {critic_times!r}")
         self.kcfg = KDMDConfig(steps=int(d.get("steps", 4)), shift=float(d.get("shift", 3.0)),
