@@ -72,7 +72,8 @@ def test_critic_times_rejects_unknown_values():
     with pytest.raises(ValueError, match="critic_times"):
         KDMDConfig(critic_times="shifted")
     assert KDMDConfig(critic_times="uniform").critic_time_range() == (0.0, 1.0, 1.0)
-    assert KDMDConfig(shift=2.0, tau_low=0.1, tau_high=0.9).critic_time_range() == (0.1, 0.9, 2.0)
+    assert KDMDConfig().critic_time_range() == (0.0, 1.0, 1.0)   # the default: DMD2's uniform times
+    assert KDMDConfig(shift=2.0, tau_low=0.1, tau_high=0.9, critic_times="tau").critic_time_range() == (0.1, 0.9, 2.0)
 
 
 def _task_critic_times(tmp_path, base, run, **distill):
