@@ -9,7 +9,7 @@
   out without gradients from pure noise to a sampled step, with the *same* update as the few-step sampler
   (:func:`snapgen.sampling.few_step_sample`), so training sees exactly the inputs inference will produce.
 * :func:`critic_loss` -- the critic ("fake score") regresses the flow-matching target on detached
-  generator samples, at guidance 1.
+  generator samples, at guidance 1, at times drawn like :func:`sample_tau` (by default DMD2's uniform times).
 
 Every function that draws random numbers takes a ``torch.Generator`` or a :class:`BatchDraws`: the latter
 draws for a whole global batch and keeps the caller's rows, so a batch split over ranks or gradient
@@ -104,12 +104,14 @@ def backward_simulate(velocity, noise: torch.Tensor, times: torch.Tensor | Sampl
     return x
 
 
-def critic_loss(critic, x0: torch.Tensor, cond: dict, generator: torch.Generator | None = None,
-                t_low: float = 0.0, t_high: float = 1.0) -> torch.Tensor:
-    """Flow-matching loss of the critic on (detached) generator samples ``x0``, times uniform in
-    ``[t_low, t_high]`` (DMD2 trains its fake score at uniform times)."""
+def critic_loss(critic, x0: torch.Tensor, cond: dict, generator: torch.Generator | BatchDraws | None = None,
+                t_low: float = 0.0, t_high: float = 1.0, shift: float = 1.0) -> torch.Tensor:
+    """Flow-matching loss of the critic on (detached) generator samples ``x0``, at times drawn like
+    :func:`sample_tau` (uniform in ``[t_low, t_high]``, then shifted by ``shift``). The defaults are DMD2's
+    uniform ``U[0, 1]``; K-DMD passes the DMD term's tau range and shift (``KDMDConfig.critic_times``), so the
+    critic is trained at the noise levels where the DMD term queries it."""
     x0 = x0.detach()
-    t = (rand(generator, x0.shape[0], x0.device) * (t_high - t_low) + t_low).clamp(1e-5, 1 - 1e-5)
+    t = sample_tau(x0.shape[0], t_low, t_high, shift, generator, x0.device).clamp(1e-5, 1 - 1e-5)
     eps = randn(generator, x0.shape, dtype=x0.dtype, device=x0.device)
     v = critic(interpolate(x0, eps, t), t, cond)
     return F.mse_loss(v.float(), velocity_target(x0, eps).float())

@@ -15,7 +15,9 @@ One training iteration (``KDMDLoss.__call__``), for a batch of captions:
    * knowledge: the few-step teacher on the *same* ``x_t, t_k``: ``L_out = ||v - v_T'||^2`` and
      ``L_feat = ||phi(f) - f_T'||^2`` on the last block's tokens through the learned projector ``phi``;
    * ``L_gen = w_dmd L_DMD + w_out L_out + w_feat L_feat`` (paper: all weights 1);
-4. critic turn (every iteration): flow matching of the critic on ``sg(x0_hat)``.
+4. critic turn (every iteration): flow matching of the critic on ``sg(x0_hat)``, at times drawn like tau
+   (``critic_times="tau"``: the critic is trained where step 3 queries it) or DMD2's uniform ``U[0, 1]``
+   (``critic_times="uniform"``, the default; on the 2-D toy tau was neutral to worse, docs/distillation.md).
 
 The returned loss is ``L_gen + L_critic``; their gradients touch disjoint parameters (the scores in L_DMD are
 computed without gradient, the critic's loss sees detached samples), so one backward pass serves both, and
@@ -44,7 +46,9 @@ from ..sampling import SamplerConfig, cfg_velocity, make_sampler
 from .dmd import backward_simulate, critic_loss, dmd_loss, randn, sample_tau
 from .teacher import Teacher
 
-__all__ = ["KDMDConfig", "KDMDLoss"]
+__all__ = ["KDMDConfig", "KDMDLoss", "CRITIC_TIMES"]
+
+CRITIC_TIMES = ("tau", "uniform")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,10 @@ class KDMDConfig:
     # "mse" (the paper's ||phi(f) - f_T||^2 on raw features) or "cosine" (1 - cos per token: scale-free, so
     # the feature term cannot outweigh L_out / L_DMD just because the teacher's residual stream is large)
     feat_loss: str = "mse"
+    # the critic's training times: "uniform" (DMD2's U[0, 1], unshifted; the default) or "tau" (drawn like the
+    # DMD term's tau: U[tau_low, tau_high], shifted by ``shift``, so the critic is trained where it is queried;
+    # on the 2-D toy it was neutral to worse: docs/distillation.md "The critic's noise levels")
+    critic_times: str = "uniform"
     seed: int = 0
 
     def __post_init__(self):
@@ -68,6 +76,14 @@ class KDMDConfig:
             raise ValueError("steps and gen_every must be >= 1")
         if self.feat_loss not in ("mse", "cosine"):
             raise ValueError(f"feat_loss must be 'mse' or 'cosine', got {self.feat_loss!r}")
+        if self.critic_times not in CRITIC_TIMES:
+            raise ValueError(f"critic_times must be one of {list(CRITIC_TIMES)}, got {self.critic_times!r}")
+
+    def critic_time_range(self) -> tuple[float, float, float]:
+        """``(low, high, shift)`` of the critic's training times (:func:`snapgen.distill.dmd.critic_loss`)."""
+        if self.critic_times == "tau":
+            return self.tau_low, self.tau_high, self.shift
+        return 0.0, 1.0, 1.0
 
     def sampler_config(self) -> SamplerConfig:
         """The distilled generator's sampler: ``steps`` few-step updates on ``sampling_times(steps, shift)``,
@@ -143,7 +159,7 @@ class KDMDLoss:
                 l_feat = feature_loss(f_s.float(), f_t.float(), c.feat_loss)
                 loss = loss + c.out_weight * l_out + c.feat_weight * l_feat
                 metrics.update(loss_out=float(l_out.detach()), loss_feat=float(l_feat.detach()))
-        l_critic = critic_loss(self.critic, x0_hat, cond, generator)
+        l_critic = critic_loss(self.critic, x0_hat, cond, generator, *c.critic_time_range())
         metrics["loss_critic"] = float(l_critic.detach())
         self.last_parts = {"generator": loss, "critic": l_critic}  # for inspection (tests)
         return loss + l_critic, metrics

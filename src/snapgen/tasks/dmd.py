@@ -11,7 +11,9 @@ One frozen base model serves every role that the paper gives to one backbone, sw
   transformer and saved), whose feature width the projectors map to;
 * student: the base at the student's width with its own LoRA ``<prefix>_<variant>`` (or a full copy when
   ``student_lora`` is null);
-* critic (fake score): a copy of the student (same width), with its own LoRA or fully trained.
+* critic (fake score): a copy of the student (same width), with its own LoRA or fully trained; trained at
+  DMD2's uniform times (``distill.critic_times: uniform``, default) or at times drawn like the DMD term's tau
+  (``tau``).
 
 ``distill.variants`` lists the widths distilled in this one run (each step trains every listed width; their
 LoRAs, critics and projectors are separate, so the widths do not interfere and share all settings -- the
@@ -44,7 +46,7 @@ from torch import nn
 
 from ..data.batches import part_indices, part_slice
 from ..distill.dmd import BatchDraws
-from ..distill.kdmd import KDMDConfig, KDMDLoss
+from ..distill.kdmd import CRITIC_TIMES, KDMDConfig, KDMDLoss
 from ..nn.lora import add_lora, load_lora, set_adapter
 from .base import ParamGroup, StepGenerator, Task, check_keys
 from .registry import register_task
@@ -52,7 +54,7 @@ from .registry import register_task
 __all__ = ["DistillTask"]
 
 _DISTILL_KEYS = {"variants", "student_lora", "critic_lora", "teacher_guidance", "few_step_teacher", "steps",
-                 "shift", "gen_every", "weights", "tau", "adapter_prefix", "feat_loss", "teacher"}
+                 "shift", "gen_every", "weights", "tau", "adapter_prefix", "feat_loss", "teacher", "critic_times"}
 
 
 class _Role(nn.Module):
@@ -99,12 +101,15 @@ class DistillTask(Task):
         w = d.get("weights", {})
         check_keys("distill.weights", w, {"dmd", "out", "feat"})
         tau = d.get("tau", [0.02, 0.98])
+        critic_times = d.get("critic_times", "uniform")
+        if critic_times not in CRITIC_TIMES:
+            raise ValueError(f"distill.critic_times must be one of {list(CRITIC_TIMES)}, got {critic_times!r}")
         self.kcfg = KDMDConfig(steps=int(d.get("steps", 4)), shift=float(d.get("shift", 3.0)),
                                guidance=float(d.get("teacher_guidance", 4.0)), tau_low=float(tau[0]),
                                tau_high=float(tau[1]), gen_every=int(d.get("gen_every", 5)),
                                dmd_weight=float(w.get("dmd", 1.0)), out_weight=float(w.get("out", 1.0)),
                                feat_weight=float(w.get("feat", 1.0)), feat_loss=str(d.get("feat_loss", "mse")),
-                               seed=cfg.seed)
+                               critic_times=critic_times, seed=cfg.seed)
         self.prefix = d.get("adapter_prefix", cfg.task)
         # external teachers (their own text side) for the real score and/or the few-step knowledge terms
         self.ext_teacher = self._external(d.get("teacher"), "distill.teacher")
