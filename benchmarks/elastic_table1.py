@@ -7,6 +7,12 @@ SceneEval. Writes ``benchmarks/results/elastic_table1.{json,md}``.
 
     python benchmarks/elastic_table1.py --train             # ~40 min on 2 cores (1,000 steps x 32 each), then the table
     python benchmarks/elastic_table1.py --sceneeval full    # add SceneEval (headline set, 28 steps, CFG 4)
+    python benchmarks/elastic_table1.py --elastic elastic_per_width --budget 2000 --train --sceneeval full --seeds 1
+
+``--elastic`` picks the elastic recipe (``elastic``: shared modulation, ``elastic_per_width``: per-width modulation,
+issue 21 §1). ``--budget N`` trains every run to N steps in ``RUN_DIR_N``; when the 1,000-step run exists, its
+folder is copied first and resumed to N (the schedule is constant after warm-up and runs resume exactly, so this
+*is* the N-step run, at the cost of the extra steps only). Results: ``elastic_table1[_per_width][_N].{json,md}``.
 
 SceneEval (issue 20): the headline prompt set (480 prompts no training caption contains) x ``--seeds`` seeds, each
 score with its 95% interval, and the paired comparison (``snapgen eval --compare``) of each elastic width against
@@ -24,7 +30,6 @@ from pathlib import Path
 from _common import machine, md_table, setup_torch, write_results
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = ("standalone_small", "standalone_full", "elastic")
 ROWS = [("Standalone", "small", "standalone_small", "full"), ("Standalone", "full", "standalone_full", "full"),
         ("Elastic", "tiny", "elastic", "tiny"), ("Elastic", "small", "elastic", "small"),
         ("Elastic", "full", "elastic", "full")]
@@ -36,8 +41,12 @@ def main() -> None:
     ap.add_argument("--sceneeval", choices=["none", "quick", "full"], default="none")
     ap.add_argument("--steps", type=int, default=28, help="sampling steps for SceneEval")
     ap.add_argument("--seeds", type=int, default=4, help="SceneEval images per prompt")
+    ap.add_argument("--elastic", choices=["elastic", "elastic_per_width"], default="elastic",
+                    help="the elastic recipe (configs/elastic_table1/NAME.yaml)")
+    ap.add_argument("--budget", type=int, default=None, help="train every run to this many steps (module doc)")
     args = ap.parse_args()
     torch = setup_torch()
+    import shutil
 
     from snapgen.data.latent_cache import load_latent_cache
     from snapgen.eval.run import run_evaluation
@@ -45,20 +54,33 @@ def main() -> None:
     from snapgen.train import load_config
     from snapgen.tasks import FlowTask, validation_loss
 
-    configs = {name: REPO / "configs" / "elastic_table1" / f"{name}.yaml" for name in RUNS}
+    names = {"standalone_small": "standalone_small", "standalone_full": "standalone_full", "elastic": args.elastic}
+    configs = {run: REPO / "configs" / "elastic_table1" / f"{name}.yaml" for run, name in names.items()}
+    suffix = ("" if args.elastic == "elastic" else "_per_width") + (f"_{args.budget}" if args.budget else "")
+
+    def run_dir(run: str) -> Path:
+        base = REPO / load_config(configs[run]).run_dir
+        return base.with_name(f"{base.name}_{args.budget}") if args.budget else base
+
     if args.train:
-        for name, cfg in configs.items():
-            print(f"== training {name}", flush=True)
-            subprocess.run([sys.executable, "-m", "snapgen.cli", "train", "--config", str(cfg)], cwd=REPO,
-                           check=True)
+        for run, cfg in configs.items():
+            out, base = run_dir(run), REPO / load_config(cfg).run_dir
+            if args.budget and not out.exists() and (base / "checkpoints").is_dir():
+                print(f"== {out.name}: continuing a copy of {base.name}", flush=True)
+                shutil.copytree(base, out, ignore=shutil.ignore_patterns("final"))
+            print(f"== training {out.name}", flush=True)
+            cmd = [sys.executable, "-m", "snapgen.cli", "train", "--config", str(cfg), "--no-progress"]
+            if args.budget:
+                cmd += ["--run-dir", str(out), "--steps", str(args.budget)]
+            subprocess.run(cmd, cwd=REPO, check=True)
     cfg0 = load_config(configs["elastic"])
     val = load_latent_cache(REPO / cfg0.data["val_cache"])
     objective = FlowTask(cfg0, torch.device("cpu")).objective  # the shared time distribution
 
-    rows, payload = [], {"machine": machine(), "steps": cfg0.steps, "batch_size": cfg0.batch_size,
-                         "val_samples": len(val["latents"]), "models": []}
+    rows, payload = [], {"machine": machine(), "steps": args.budget or cfg0.steps, "batch_size": cfg0.batch_size,
+                         "elastic_recipe": args.elastic, "val_samples": len(val["latents"]), "models": []}
     for recipe, label, run, variant in ROWS:
-        folder = REPO / load_config(configs[run]).run_dir / "final"
+        folder = run_dir(run) / "final"
         if not folder.is_dir():
             print(f"missing {folder}: run with --train first", file=sys.stderr)
             sys.exit(1)
@@ -67,7 +89,7 @@ def main() -> None:
         loss = validation_loss(pipe.transformer, pipe.conditioning, val, variant=variant, objective=objective)
         rec = {"recipe": recipe, "model": label, "params": params, "val_loss": round(loss, 5)}
         if args.sceneeval != "none":
-            out = REPO / "runs" / "table1" / f"eval_{run}_{variant}"
+            out = REPO / "runs" / "table1" / f"eval_{names[run]}{f'_{args.budget}' if args.budget else ''}_{variant}"
             s = _reusable(out, folder, args) or run_evaluation(
                 folder, steps=args.steps, guidance=4.0, seeds=args.seeds, quick=args.sceneeval == "quick",
                 variant=variant, out_dir=out, progress=False)
@@ -102,7 +124,8 @@ def main() -> None:
             row += [f"{r['sceneeval']:.3f} [{ci['lo']:.2f}, {ci['hi']:.2f}]", r["alignment"], r["fd"]]
         rows.append(row)
     md = ["# Standalone vs elastic (SnapGen++ Table 1 on our data)", "",
-          f"{cfg0.steps} steps x batch {cfg0.batch_size} each, same data/optimiser/seed; validation loss on "
+          f"Elastic recipe: `configs/elastic_table1/{args.elastic}.yaml`. "
+          f"{payload['steps']} steps x batch {cfg0.batch_size} each, same data/optimiser/seed; validation loss on "
           f"{payload['val_samples']} held-out samples at fixed times and noise.", "",
           md_table(headers, rows), "",
           f"Elastic vs standalone validation loss: small {payload['gap_small_percent']:+.2f}%, "
@@ -114,14 +137,14 @@ def main() -> None:
                    f"prompts; wins / losses: images the elastic model got right and the standalone wrong / the "
                    f"reverse; p: McNemar exact):", "",
                md_table(["width", "elastic - standalone", "wins / losses", "p", "verdict"], comparisons)]
-    curves = training_curves({name: REPO / load_config(c).run_dir for name, c in configs.items()})
+    curves = training_curves({run: run_dir(run) for run in configs}, f"elastic_table1{suffix}_curves.png")
     payload["train_loss_windows"] = curves
     md += ["", "Training flow loss (mean over 100-step windows; elastic: each width's own flow-matching term):", "",
            md_table(["step"] + list(curves["series"]),
                     [[s] + [curves["series"][k][i] for k in curves["series"]] for i, s in enumerate(curves["steps"])])]
     text = "\n".join(md)
     print(text)
-    write_results("elastic_table1", payload, text)
+    write_results(f"elastic_table1{suffix}", payload, text)
 
 
 def _reusable(out: Path, folder: Path, args) -> dict | None:
@@ -146,7 +169,7 @@ def _reusable(out: Path, folder: Path, args) -> dict | None:
     return s if same and f.stat().st_mtime > newest else None
 
 
-def training_curves(run_dirs: dict, window: int = 100) -> dict:
+def training_curves(run_dirs: dict, image: str = "elastic_table1_curves.png", window: int = 100) -> dict:
     """Windowed training flow loss of each run (from ``metrics.jsonl``) and a plot in docs/images/."""
     import json
 
@@ -177,7 +200,7 @@ def training_curves(run_dirs: dict, window: int = 100) -> dict:
         ax.set_title("Standalone vs elastic, equal steps and data")
         ax.legend()
         ax.grid(alpha=0.3)
-        out = REPO / "docs" / "images" / "elastic_table1_curves.png"
+        out = REPO / "docs" / "images" / image
         fig.tight_layout()
         fig.savefig(out, dpi=110)
         print(f"wrote {out}")

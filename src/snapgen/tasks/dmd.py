@@ -11,9 +11,11 @@ One frozen base model serves every role that the paper gives to one backbone, sw
   transformer and saved), whose feature width the projectors map to;
 * student: the base at the student's width with its own LoRA ``<prefix>_<variant>`` (or a full copy when
   ``student_lora`` is null);
-* critic (fake score): a copy of the student (same width), with its own LoRA or fully trained; trained at
-  DMD2's uniform times (``distill.critic_times: uniform``, default) or at times drawn like the DMD term's tau
-  (``tau``).
+* critic (fake score): the student's base (same width) with its own LoRA, or a fully trained copy; trained
+  at DMD2's uniform times (``distill.critic_times: uniform``, default) or at times drawn like the DMD term's tau
+  (``tau``). A LoRA critic holds no copy of the base weights (the paper's "no extra copy", issue 21 §1): it is
+  a module view whose frozen parameters and buffers *are* the base's tensors (:func:`shared_view`), so only its
+  adapter is new memory; a fully trained critic (``critic_lora: null``) is a real copy.
 
 ``distill.variants`` lists the widths distilled in this one run (each step trains every listed width; their
 LoRAs, critics and projectors are separate, so the widths do not interfere and share all settings -- the
@@ -57,6 +59,14 @@ _DISTILL_KEYS = {"variants", "student_lora", "critic_lora", "teacher_guidance", 
                  "shift", "gen_every", "weights", "tau", "adapter_prefix", "feat_loss", "teacher", "critic_times"}
 
 
+def shared_view(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are ``model``'s own tensor objects (no new
+    memory): new module objects, so adapters added to the view do not touch ``model``. Only for frozen use of
+    the shared weights (the view's parameters must not be trained: they are the base's)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 class _Role(nn.Module):
     """Calls a shared transformer as one role: a width and an adapter (``None`` = base weights)."""
 
@@ -91,7 +101,8 @@ class DistillTask(Task):
         self.pipe = pipe
         self.base = pipe.transformer.to(device)
         self.base.requires_grad_(False)
-        clean = copy.deepcopy(self.base)  # critics start from the base weights, without any adapter
+        # critics start from the base weights, without any adapter: a view of them (LoRA critics) or a copy
+        clean = shared_view(self.base)
         self.conditioning = pipe.conditioning.to(device).eval().requires_grad_(False)
         self.variants = list(d.get("variants", ["full"]))
         for v in self.variants:
@@ -142,8 +153,10 @@ class DistillTask(Task):
                 copy_ = copy.deepcopy(self.base).requires_grad_(True)
                 self.student_copies[v] = copy_
                 student = _Role(copy_, v, None)
-            critic_model = copy.deepcopy(clean)
-            critic_model.requires_grad_(c_lora is None or not c_lora)
+            if c_lora:   # frozen shared base weights + the critic's own adapter
+                critic_model = shared_view(clean)
+            else:        # fully trained critic: its own copy of the weights
+                critic_model = copy.deepcopy(clean).requires_grad_(True)
             if c_lora:
                 add_lora(critic_model, "critic", int(c_lora["rank"]), float(c_lora["alpha"]))
             self.critics[v] = critic_model

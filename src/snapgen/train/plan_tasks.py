@@ -19,7 +19,8 @@ the trainer's behaviour (``snapgen.train.trainer``, ``snapgen.train.distributed`
 
 ``dmd`` / ``kdmd`` (stage 3; DDP only): the frozen base at ``model.init_from`` (fp32, with its text
 conditioning) hosts each width's student LoRA (trained, EMA) and, for kdmd, the few-step teacher's LoRA; one
-critic per width is a full fp32 copy of the base with its own trained LoRA; projectors per width (kdmd). Held:
+critic per width is its own trained LoRA on a view of that same base (no copy of the weights; a fully trained
+critic, ``critic_lora: null``, is a full fp32 copy); projectors per width (kdmd). Held:
 every width's student and critic activations (one backward for all widths; the distillation task has no
 gradient checkpointing); working: the real-score teacher with CFG (2x batch) -- the base itself, or
 ``distill.teacher`` (external, replicated, its text encoder used in ``prepare`` only).
@@ -308,9 +309,8 @@ def _plan_distill(cfg, plan, gpus, batch, res, text_len, gpu_memory) -> MemoryPl
     if c_lora:
         probe = copy.deepcopy(_snapgen_model(base_size.spec))
         r = sum(p.numel() for p in add_lora(probe, "critic", int(c_lora["rank"]), float(c_lora["alpha"])))
-        comps.append(frozen(f"critics x{n} (copies of the base)", P0 * n, "fp32", note="frozen fp32 copies"))
         comps.append(trained(f"critic LoRAs x{n}", r * n, ema=False, held=sum(acts.values()),
-                             note=f"rank {c_lora['rank']}, no EMA"))
+                             note=f"rank {c_lora['rank']} on the shared base (no copy), no EMA"))
     else:
         comps.append(trained(f"critics x{n} (full copies)", P0 * n, ema=False, held=sum(acts.values()),
                              note="fully trained copies of the base, no EMA"))
