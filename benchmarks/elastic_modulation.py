@@ -44,6 +44,7 @@ def main() -> None:
     torch = setup_torch()
 
     from snapgen.data.latent_cache import load_latent_cache
+    from snapgen.eval.stats import paired_mean_difference
     from snapgen.pipelines import TextToImagePipeline
     from snapgen.tasks import FlowTask, validation_loss
 
@@ -52,6 +53,7 @@ def main() -> None:
     objective = FlowTask(cfg0, torch.device("cpu")).objective  # the shared time distribution
     payload = {"machine": machine(), "steps": cfg0.steps, "batch_size": cfg0.batch_size,
                "val_samples": len(val["latents"]), "models": []}
+    losses = {}
     for mod, folder in folders.items():
         pipe = TextToImagePipeline.from_pretrained(folder)
         if pipe.transformer.config.elastic_modulation != mod:
@@ -59,24 +61,30 @@ def main() -> None:
                              f"expected {mod!r}")
         supernet = pipe.transformer.num_parameters()
         for v in WIDTHS:
-            loss = validation_loss(pipe.transformer, pipe.conditioning, val, variant=v, objective=objective)
+            per = validation_loss(pipe.transformer, pipe.conditioning, val, variant=v, objective=objective,
+                                  per_sample=True)
+            losses[(mod, v)] = per.numpy()
             rec = {"modulation": mod, "width": v, "params": pipe.extract(v).transformer.num_parameters(),
-                   "supernet_params": supernet, "val_loss": round(loss, 5)}
+                   "supernet_params": supernet, "val_loss": round(float(per.mean()), 5)}
             payload["models"].append(rec)
             print(rec, flush=True)
     by = {(r["modulation"], r["width"]): r for r in payload["models"]}
     rows = []
     for v in WIDTHS:
         s, p = by[("shared", v)], by[("per_width", v)]
-        gap = (p["val_loss"] - s["val_loss"]) / s["val_loss"] * 100
-        payload[f"per_width_minus_shared_{v}_percent"] = round(gap, 2)
-        rows.append([v, s["params"] / 1e6, s["val_loss"], p["val_loss"], f"{gap:+.2f}%"])
+        d = paired_mean_difference(losses[("shared", v)], losses[("per_width", v)])
+        payload[f"per_width_minus_shared_{v}_percent"] = round(d["rel"], 2)
+        payload[f"per_width_minus_shared_{v}"] = d
+        rows.append([v, s["params"] / 1e6, s["val_loss"], p["val_loss"],
+                     f"{d['rel']:+.2f}% [{d['rel_lo']:+.2f}, {d['rel_hi']:+.2f}]"])
     md = ["# Per-width vs shared modulation (elastic supernetwork)", "",
           f"{cfg0.steps} steps x batch {cfg0.batch_size} each, same data/optimiser/seed; supernet parameters: "
           f"shared {by[('shared', 'full')]['supernet_params'] / 1e6:.3f}M, per-width "
           f"{by[('per_width', 'full')]['supernet_params'] / 1e6:.3f}M. Validation loss on {payload['val_samples']} "
-          f"held-out samples at fixed times and noise (lower is better).", "",
-          md_table(["width", "params (M)", "val loss shared", "val loss per-width", "per-width vs shared"], rows)]
+          f"held-out samples at fixed times and noise (lower is better); interval: paired bootstrap over the "
+          f"validation samples (it covers the validation sample, not training-seed variation: one run each).", "",
+          md_table(["width", "params (M)", "val loss shared", "val loss per-width", "per-width vs shared [95% CI]"],
+                   rows)]
     text = "\n".join(md)
     print(text)
     write_results("elastic_modulation", payload, text)

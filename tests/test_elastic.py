@@ -275,6 +275,11 @@ def test_validation_loss_is_deterministic_and_width_specific():
     a = validation_loss(model, cond, cache, variant="tiny", batch_size=7)
     assert a == pytest.approx(validation_loss(model, cond, cache, variant="tiny", batch_size=20), rel=1e-6)
     assert a != validation_loss(model, cond, cache, variant="full")
+    per = validation_loss(model, cond, cache, variant="tiny", batch_size=7, per_sample=True)
+    assert per.shape == (len(cache["latents"]),) and per.dtype == torch.float64
+    assert float(per.mean()) == pytest.approx(a, rel=1e-9)
+    torch.testing.assert_close(per, validation_loss(model, cond, cache, variant="tiny", batch_size=20,
+                                                    per_sample=True), rtol=1e-5, atol=1e-7)
     assert model.variant == "full" and model.training
 
 

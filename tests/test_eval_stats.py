@@ -109,3 +109,22 @@ def test_first_mismatch_names_the_cell():
     assert first_mismatch(rows, rows[1:]) == "prompt 0 seed 0 ('p0') is in A but not in B"
     swapped = [{**r, "tag": "position"} if r["prompt_index"] == 2 else r for r in rows]
     assert "prompt 2 seed 0 is 'p2' (colors) in A but 'p2' (position) in B" == first_mismatch(rows, swapped)
+
+
+def test_paired_mean_difference_against_the_obvious_numbers():
+    from snapgen.eval.stats import paired_mean_difference
+
+    rng = np.random.default_rng(0)
+    a = rng.random(2000) + 1.0
+    b = 1.05 * a + rng.normal(0, 0.01, a.size)       # 5% worse, tightly paired
+    d = paired_mean_difference(a, b, n_boot=500)
+    assert d["diff"] == pytest.approx(b.mean() - a.mean()) and d["rel"] == pytest.approx(5.0, abs=0.05)
+    assert d["rel_lo"] < d["rel"] < d["rel_hi"] and d["rel_hi"] - d["rel_lo"] < 0.2
+    # pairing matters: the interval of the same means from independent samples is far wider
+    u = paired_mean_difference(a, rng.permutation(b), n_boot=500)
+    assert (u["rel_hi"] - u["rel_lo"]) > 5 * (d["rel_hi"] - d["rel_lo"])
+    # the interval is the bootstrap's: against the normal approximation of the paired differences
+    se = np.std(b - a, ddof=1) / math.sqrt(a.size)
+    assert (d["hi"] - d["lo"]) == pytest.approx(2 * 1.96 * se, rel=0.15)
+    with pytest.raises(ValueError, match="paired samples"):
+        paired_mean_difference(a, b[:-1])

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 __all__ = ["INTERVAL_METHOD", "bootstrap_scores", "compare_rows", "first_mismatch", "mcnemar_exact",
-           "paired_comparison", "score_table"]
+           "paired_comparison", "paired_mean_difference", "score_table"]
 
 INTERVAL_METHOD = ("percentile bootstrap, prompts resampled with replacement within each category with all their "
                    "seeds' images (prompt-clustered), {n_boot} resamples, {level:.0%}")
@@ -98,6 +98,25 @@ def mcnemar_exact(wins: int, losses: int) -> float:
     from scipy.stats import binomtest
 
     return float(binomtest(wins, n, 0.5, alternative="two-sided").pvalue)
+
+
+def paired_mean_difference(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Mean of ``b`` minus mean of ``a`` over paired samples (e.g. two models' validation losses on the same
+    inputs), absolute and relative to ``a``'s mean, each with a percentile bootstrap interval over samples:
+    ``{"a", "b", "diff", "lo", "hi", "rel", "rel_lo", "rel_hi"}`` (rel in percent). It covers the evaluation
+    sample only, not training-seed variation."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not a.size:
+        raise ValueError(f"paired samples must be two 1-D arrays of one length, got {a.shape} and {b.shape}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, size=(n_boot, a.size))
+    ma, mb = a[idx].mean(1), b[idx].mean(1)
+    q = (1.0 - level) / 2.0
+    diff, rel = mb - ma, (mb - ma) / ma * 100
+    return {"a": float(a.mean()), "b": float(b.mean()), "diff": float(b.mean() - a.mean()),
+            "lo": float(np.quantile(diff, q)), "hi": float(np.quantile(diff, 1 - q)),
+            "rel": float((b.mean() - a.mean()) / a.mean() * 100), "rel_lo": float(np.quantile(rel, q)),
+            "rel_hi": float(np.quantile(rel, 1 - q))}
 
 
 def paired_comparison(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], n_boot: int = 2000,

@@ -9,11 +9,13 @@ __all__ = ["validation_loss"]
 
 @torch.no_grad()
 def validation_loss(model, conditioning, cache: dict, variant: str | None = None, objective=None,
-                    batch_size: int = 128, seed: int = 1234) -> float:
+                    batch_size: int = 128, seed: int = 1234, per_sample: bool = False) -> float | torch.Tensor:
     """Mean flow-matching loss of ``model`` (at ``variant``) on a latent cache, at deterministic times and
     noise: times are the quantiles ``(i + 1/2) / N`` of the training time distribution (logit-normal +
     shift), dealt to samples by a seeded permutation; noise is drawn from ``seed``. Two models evaluated
-    with the same cache and seed see exactly the same noised inputs, so differences are the models'."""
+    with the same cache and seed see exactly the same noised inputs, so differences are the models'.
+    ``per_sample=True`` returns the ``(N,)`` float64 losses instead of their mean (for paired intervals:
+    :func:`snapgen.eval.stats.paired_mean_difference`)."""
     from ..flow import FlowMatchingLoss
     from ..flow.objective import shift_time
 
@@ -33,7 +35,7 @@ def validation_loss(model, conditioning, cache: dict, variant: str | None = None
     conditioning.eval()
     if variant is not None:
         model.set_variant(variant)
-    total = 0.0
+    losses = []
     try:
         for i in range(0, n, batch_size):
             sl = slice(i, min(i + batch_size, n))
@@ -41,12 +43,13 @@ def validation_loss(model, conditioning, cache: dict, variant: str | None = None
             feats = (cache["text_tokens"][cap].float().to(device), cache["text_mask"][cap].to(device))
             text, mask = conditioning([feats])
             x0 = latents[sl].float().to(device)
-            loss, per_sample, _ = objective(model, x0, t=times[sl].to(device), eps=noise[sl].to(device),
+            loss, rows, _ = objective(model, x0, t=times[sl].to(device), eps=noise[sl].to(device),
                                             cond={"text": text, "text_mask": mask})
-            total += float(per_sample.sum())
+            losses.append(rows.detach().double().cpu())
     finally:
         if variant is not None:
             model.set_variant(previous)
         model.train(was_training)
         conditioning.train(cond_training)
-    return total / n
+    losses = torch.cat(losses)
+    return losses if per_sample else float(losses.sum()) / n
