@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.snapgen-test-installed
 CONSTRAINTS ?= constraints/cpu.txt
 PIP := $(VENV)/bin/pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: setup setup-test run train-shipped distill test test-all check-clean-install bench bench-peers clean
+.PHONY: setup setup-test run train-shipped train-v3 distill test test-all check-clean-install bench bench-peers clean
 
 # `pip install snapgen` is the library alone; setup adds the extras the demos use (docs/installation.md):
 # demo = the MiniLM text encoder + the emoji data + plots, kernel = ninja for the fused CPU attention kernel.
@@ -38,6 +38,17 @@ train-shipped: setup
 	$(VENV)/bin/snapgen train --config configs/t2i_micro_v2.yaml
 	$(VENV)/bin/snapgen train --config configs/t2i_micro_elastic.yaml
 	$(MAKE) distill
+
+# Issue 21's retrain (not run yet; about 7.5 hours on 2 cores, resumable): configs/v3 = the shipped recipe with
+# diverse captions, more relation and touching-object scenes, importance-sorted per-width elastic stage, critics
+# as LoRAs on the shared base. Run folders under runs/v3/; the shipped model is not touched.
+train-v3: setup
+	$(VENV)/bin/snapgen train --config configs/v3/t2i_micro.yaml
+	$(VENV)/bin/snapgen train --config configs/v3/t2i_micro_v2.yaml
+	$(VENV)/bin/snapgen train --config configs/v3/t2i_micro_elastic.yaml
+	$(VENV)/bin/snapgen distill dmd --config configs/v3/distill_fewstep_teacher.yaml
+	$(VENV)/bin/snapgen distill kdmd --config configs/v3/distill_kdmd.yaml
+	$(VENV)/bin/snapgen distill kdmd --config configs/v3/distill_kdmd_cosine.yaml
 
 # Step distillation of the stage-3 supernetwork (about 2.3 hours on 2 cores): the base model's own 4-step LoRA
 # (the few-step teacher); K-DMD of every width with the paper's feature MSE (its full-width adapter is shipped);

@@ -16,7 +16,7 @@ from snapgen.eval.headline import (HEADLINE_SET, HELDOUT_PER_CATEGORY, IN_DISTRI
                                    PER_CATEGORY, build_headline)
 from snapgen.eval.prompt_sizing import simulate_halfwidth
 from snapgen.eval.sceneeval import PROMPT_SETS, load_prompts, prompt_path
-from snapgen.eval.training_captions import (SHIPPED_CONFIGS, normalise_caption, overlap, scene_template_captions,
+from snapgen.eval.training_captions import (SHIPPED_CAPTION_STYLES, SHIPPED_CONFIGS, normalise_caption, overlap, scene_template_captions,
                                             shipped_training_captions)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,8 @@ def test_shipped_configs_draw_only_what_the_caption_set_covers():
             continue
         for src in data["spec"]["sources"]:
             assert (src["type"], src["split"]) in {("scenes", "train"), ("emoji", "train")}, (cfg, src)
+            if src["type"] == "scenes":   # a caption style overlap() does not check would void the headline
+                assert src.get("captions", "templates") in SHIPPED_CAPTION_STYLES, (cfg, src)
 
 
 def test_headline_is_disjoint_from_training_captions():
