@@ -291,15 +291,15 @@ def test_two_encoder_cache_refuses_other_encoders(tmp_path, berts, vae_dir):
 
 def test_two_encoder_latent_shards(tmp_path, berts, vae_dir):
     from snapgen.data import build_dataset
-    from snapgen.data.latent_shards import LatentShardStream, collate_features, encode_shards
+    from snapgen.cli import main
+    from snapgen.data.latent_shards import LatentShardStream, collate_features
     from snapgen.data.shards import pack_shards
-    from snapgen.vae import load_autoencoder
 
     pack_shards(build_dataset({"type": "scenes", "resolution": 16, "length": 8}), tmp_path / "images", 4,
                 progress=False)
     multi = load_text_encoder(berts, LENGTHS)
-    encode_shards(tmp_path / "images", tmp_path / "latents", load_autoencoder(vae_dir), multi, resolution=16,
-                  progress=False)
+    assert main(["data", "encode", str(tmp_path / "images"), "--out", str(tmp_path / "latents"), "--vae",
+                 str(vae_dir), "--text", *berts, "--text-max-length", *map(str, LENGTHS), "--resolution", "16"]) == 0
     index = json.loads((tmp_path / "latents" / "index.json").read_text())
     assert index["text_dims"] == list(DIMS) and [r["spec"] for r in index["text_encoders"]] == berts
     batch = list(itertools.islice(LatentShardStream(tmp_path / "latents", shuffle=False), 3))

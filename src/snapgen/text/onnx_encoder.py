@@ -104,7 +104,12 @@ class OnnxTextEncoder(TextEncoder):
             raise ValueError(f"{model} has no (batch, tokens, dim) output (outputs: "
                              f"{[(o.name, o.shape) for o in self.session.get_outputs()]})")
         self.output_name = outputs[0].name
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        except Exception as e:
+            raise ValueError(f"could not load a tokenizer from {tok_dir} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); it needs tokenizer.json or vocab.txt "
+                             f"with tokenizer_config.json") from None
         self.tokenizer.padding_side = "right"
         self.tokenizer.truncation_side = "right"
         self.path, self.tokenizer_path = model.resolve(), tok_dir.resolve()
