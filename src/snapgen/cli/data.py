@@ -20,8 +20,11 @@ def register(subparsers) -> None:
                    help="square size in pixels; 0 keeps each image's own size (pack a folder for aspect buckets)")
     p.add_argument("--vae", default="models/snapgen-micro",
                    help="encode: an autoencoder folder or a pipeline folder (its vae/)")
-    p.add_argument("--text", default="minilm", help="encode: text encoder (minilm or a local folder)")
-    p.add_argument("--text-max-length", type=int, default=32)
+    p.add_argument("--text", nargs="+", default=["minilm"],
+                   help="encode: text encoder(s): minilm, a local folder, onnx:PATH, paraphrase-minilm-l3; several "
+                        "store every encoder's features (train with the same text.encoder list)")
+    p.add_argument("--text-max-length", type=int, nargs="+", default=[32],
+                   help="one for all text encoders or one per encoder")
     p.add_argument("--buckets", type=int, help="encode: aspect buckets of about BUCKETS^2 pixels each")
     p.add_argument("--multiple", type=int, help="encode: bucket sides are multiples of this (default VAE factor x 4)")
     p.add_argument("--max-ratio", type=float, default=2.0, help="encode: most elongated bucket (default 2)")
@@ -70,7 +73,8 @@ def _data_encode(args) -> int:
     if os.path.isfile(os.path.join(vae_dir, "pipeline.json")):  # a pipeline folder: use its autoencoder
         vae_dir = os.path.join(vae_dir, "vae")
     vae = load_autoencoder(vae_dir).eval()
-    text = load_text_encoder(args.text, args.text_max_length)
+    specs, lengths = list(args.text), list(args.text_max_length)
+    text = load_text_encoder(specs[0] if len(specs) == 1 else specs, lengths[0] if len(lengths) == 1 else lengths)
     buckets = None
     if args.buckets:
         factor = int(getattr(vae, "factor", 8))

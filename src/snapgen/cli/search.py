@@ -40,7 +40,7 @@ def cmd_select(args) -> int:
     check_latent_size(H // f, W // f, cfg.downsample, cfg.vae_factor)
     rows = {}
     for name in pipe.variants:
-        m = measure_step_latency(pipe.transformer, name, (H // f, W // f), text_len=pipe.config.text_max_length,
+        m = measure_step_latency(pipe.transformer, name, (H // f, W // f), text_len=_text_len(pipe.config),
                                  repeats=args.repeats)
         rows[name] = {"ratio": pipe.transformer.variants[name],
                       "params": pipe.extract(name).transformer.num_parameters(), **m}
@@ -66,3 +66,10 @@ def _print_selection(args, result: dict) -> None:
     if chosen is None:
         print(f"no variant fits {args.budget_ms} ms per step; the smallest takes "
               f"{min(r['median_ms'] for r in rows.values()):.2f} ms")
+
+
+def _text_len(config) -> int:
+    """Tokens the denoiser reads: the sum over the pipeline's text encoders (their sequences are concatenated)."""
+    m = config.text_max_length
+    return sum(m) if isinstance(m, list) else int(m) * (1 if isinstance(config.text_encoder, str)
+                                                        else len(config.text_encoder))

@@ -4,7 +4,9 @@ A large run should not re-encode every image and caption each epoch. ``snapgen d
 shards of ``snapgen data pack`` into ``latent-NNNNNN.safetensors`` shards (one per image shard, same sample
 order), each holding per sample ``{i}.latent`` (C, h, w) float32, ``{i}.text`` (L_i, D) float16 and
 ``{i}.mask`` (L_i,) bool -- the caption's features trimmed to its own length -- plus the keys and captions
-in the file's metadata. With aspect buckets every image is centre-cropped and resized to the bucket of
+in the file's metadata. Several text encoders: ``{i}.text_{k}`` / ``{i}.mask_{k}`` per encoder ``k`` instead, and
+``text_dims`` / ``text_encoders`` (``{"spec", "max_length", "dim"}`` per encoder) in ``index.json`` (one
+encoder: the format above, unchanged). With aspect buckets every image is centre-cropped and resized to the bucket of
 its nearest aspect ratio first, so a shard mixes latent grids.
 
 :class:`LatentShardStream` streams them exactly like :class:`~snapgen.data.shards.ShardStream` (disjoint
@@ -25,7 +27,8 @@ from safetensors import SafetensorError, safe_open
 
 from .shards import ShardStream, _ShardCursor
 
-__all__ = ["encode_shards", "LatentSample", "LatentShardStream", "BucketBatcher", "collate_latents"]
+__all__ = ["encode_shards", "LatentSample", "LatentShardStream", "BucketBatcher", "collate_latents",
+           "collate_features"]
 
 FORMAT = "snapgen-latent-shards"
 
@@ -37,6 +40,12 @@ class LatentSample:
     mask: torch.Tensor            # (L,) bool
     caption: str
     meta: dict = field(default_factory=dict)
+    more: tuple = ()              # several text encoders: ((text, mask), ...) of encoders 1, 2, ...
+
+    @property
+    def features(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One ``(text, mask)`` per text encoder."""
+        return [(self.text, self.mask), *self.more]
 
 
 @torch.no_grad()
@@ -52,8 +61,13 @@ def encode_shards(src: str | os.PathLike, out: str | os.PathLike, autoencoder, t
     from tqdm.auto import tqdm
 
     from ..nn.io import atomic_save_safetensors
+    from ..text import encode_features
     from .base import center_crop_resize, image_to_tensor
     from .buckets import assign_bucket
+    from .latent_cache import encoder_records
+
+    records = encoder_records(text_encoder)
+    suffixes = [""] if len(records) == 1 else [f"_{k}" for k in range(len(records))]
 
     source = ShardStream(src, shuffle=False)
     out = Path(out)
@@ -106,11 +120,11 @@ def encode_shards(src: str | os.PathLike, out: str | os.PathLike, autoencoder, t
             shard_sizes[f"{h}x{w}"] = len(idx)
         captions = [smp.caption for smp in samples]
         for b in range(0, len(captions), 256):
-            tok, m = text_encoder.encode(captions[b:b + 256])
-            for j, (t, mm) in enumerate(zip(tok.cpu(), m.cpu())):
-                keep = int(mm.nonzero().max()) + 1 if mm.any() else 1
-                tensors[f"{b + j:06d}.text"] = t[:keep].half().contiguous()
-                tensors[f"{b + j:06d}.mask"] = mm[:keep].bool().contiguous()
+            for suffix, (tok, m) in zip(suffixes, encode_features(text_encoder, captions[b:b + 256])):
+                for j, (t, mm) in enumerate(zip(tok.cpu(), m.cpu())):
+                    keep = int(mm.nonzero().max()) + 1 if mm.any() else 1
+                    tensors[f"{b + j:06d}.text{suffix}"] = t[:keep].half().contiguous()
+                    tensors[f"{b + j:06d}.mask{suffix}"] = mm[:keep].bool().contiguous()
         meta = {"keys": json.dumps([smp.meta.get("key", str(i)) for i, smp in enumerate(samples)]),
                 "captions": json.dumps(captions), "sizes": json.dumps(shard_sizes)}
         atomic_save_safetensors(tensors, target, metadata=meta)
@@ -122,8 +136,10 @@ def encode_shards(src: str | os.PathLike, out: str | os.PathLike, autoencoder, t
             channels = f.get_slice("000000.latent").get_shape()[0]
     index = {"format": FORMAT, "shards": shards, "total": sum(s["count"] for s in shards),
              "skipped": sum(s["skipped"] for s in shards), "latent_channels": int(channels),
-             "text_dim": int(text_encoder.dim), "sizes": dict(sorted(sizes.items())),
+             "text_dim": records[0]["dim"], "sizes": dict(sorted(sizes.items())),
              "buckets": [list(b) for b in buckets] if buckets else None, "source": str(src)}
+    if len(records) > 1:
+        index.update(text_dims=[r["dim"] for r in records], text_encoders=records)
     (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
 
@@ -141,6 +157,8 @@ class LatentShardStream(_ShardCursor):
             raise ValueError(f"{self.dir} holds {self.index.get('format', 'image')!r} shards, not latent "
                              f"shards; encode them with `snapgen data encode {self.dir} --out DIR ...`")
         self.counts = {s["name"]: int(s["count"]) for s in self.index["shards"]}
+        n = len(self.index.get("text_encoders") or [None])
+        self.suffixes = [""] if n == 1 else [f"_{k}" for k in range(n)]
 
     def _samples(self, path: Path):
         try:
@@ -150,9 +168,11 @@ class LatentShardStream(_ShardCursor):
                 names = set(f.keys())
                 for i, key in enumerate(keys):
                     n = f"{i:06d}"
-                    if {f"{n}.latent", f"{n}.text", f"{n}.mask"} <= names:
-                        yield key, {"latent": f.get_tensor(f"{n}.latent"), "text": f.get_tensor(f"{n}.text"),
-                                    "mask": f.get_tensor(f"{n}.mask"), "caption": captions[i]}
+                    text_keys = [(f"{n}.text{s}", f"{n}.mask{s}") for s in self.suffixes]
+                    if {f"{n}.latent", *(k for pair in text_keys for k in pair)} <= names:
+                        feats = [(f.get_tensor(t), f.get_tensor(m)) for t, m in text_keys]
+                        yield key, {"latent": f.get_tensor(f"{n}.latent"), "text": feats[0][0], "mask": feats[0][1],
+                                    "more": feats[1:], "caption": captions[i]}
                     else:
                         yield key, None
         except (SafetensorError, OSError, KeyError, ValueError):
@@ -163,10 +183,12 @@ class LatentShardStream(_ShardCursor):
     def _decode(self, key: str, parts: dict | None) -> LatentSample:
         if parts is None:
             raise ValueError(f"sample {key} is unreadable")
-        latent, text, mask = parts["latent"].float(), parts["text"], parts["mask"].bool()
-        if latent.dim() != 3 or text.dim() != 2 or mask.shape != text.shape[:1] or not torch.isfinite(latent).all():
+        latent = parts["latent"].float()
+        feats = [(parts["text"], parts["mask"].bool())] + [(t, m.bool()) for t, m in parts.get("more", ())]
+        if latent.dim() != 3 or not torch.isfinite(latent).all() or \
+                any(t.dim() != 2 or m.shape != t.shape[:1] for t, m in feats):
             raise ValueError(f"sample {key} has malformed tensors")
-        return LatentSample(latent, text, mask, parts["caption"], {"key": key})
+        return LatentSample(latent, *feats[0], parts["caption"], {"key": key}, more=tuple(feats[1:]))
 
 
 class BucketBatcher:
@@ -205,13 +227,25 @@ class BucketBatcher:
 
 
 def collate_latents(batch: list[LatentSample]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """``x0 (B, C, h, w)`` and text features ``(tokens (B, L, D), mask (B, L))`` padded to the longest."""
+    """``x0 (B, C, h, w)`` and the (first) text encoder's features ``(tokens (B, L, D), mask (B, L))`` padded to
+    the longest."""
     x0 = torch.stack([s.latent for s in batch])
-    L = max(s.text.shape[0] for s in batch)
-    D = batch[0].text.shape[1]
-    tokens = torch.zeros(len(batch), L, D, dtype=torch.float32)
-    mask = torch.zeros(len(batch), L, dtype=torch.bool)
-    for i, s in enumerate(batch):
-        tokens[i, :s.text.shape[0]] = s.text.float()
-        mask[i, :s.mask.shape[0]] = s.mask
-    return x0, (tokens, mask)
+    return x0, _pad([(s.text, s.mask) for s in batch])
+
+
+def collate_features(batch: list[LatentSample]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``x0`` and the feature list: one ``(tokens, mask)`` per text encoder, each padded to its longest."""
+    x0 = torch.stack([s.latent for s in batch])
+    n = len(batch[0].features)
+    return x0, [_pad([s.features[k] for s in batch]) for k in range(n)]
+
+
+def _pad(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(t.shape[0] for t, _ in rows)
+    D = rows[0][0].shape[1]
+    tokens = torch.zeros(len(rows), L, D, dtype=torch.float32)
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, (t, m) in enumerate(rows):
+        tokens[i, :t.shape[0]] = t.float()
+        mask[i, :m.shape[0]] = m
+    return tokens, mask

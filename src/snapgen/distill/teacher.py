@@ -107,7 +107,7 @@ class Teacher(nn.Module):
     def prepare_captions(self, captions: Sequence[str]) -> None:
         """Called once with the data's distinct captions (a teacher with its own text encoder encodes them)."""
 
-    def condition(self, captions: Sequence[str] | None, feats: tuple[torch.Tensor, torch.Tensor] | None,
+    def condition(self, captions: Sequence[str] | None, feats: list[tuple[torch.Tensor, torch.Tensor]] | None,
                   drop: list[torch.Tensor] | None = None) -> dict:
         raise NotImplementedError
 
@@ -148,11 +148,18 @@ class SnapgenTeacher(Teacher):
     def condition(self, captions, feats, drop=None) -> dict:
         if feats is None:
             raise ValueError("a snapgen teacher reads the student encoder's caption features; the batch has none")
-        text, mask = self.conditioning([feats], drop=drop)
+        feats = [feats] if isinstance(feats, tuple) else list(feats)  # one (tokens, mask) pair, or one per encoder
+        text, mask = self.conditioning(feats, drop=drop)
         return {"text": text, "text_mask": mask}
 
     def null_condition(self, batch_size: int, like: dict) -> dict:
-        null, mask = self.conditioning.null(batch_size, lengths=[like["text"].shape[1]])
+        L = like["text"].shape[1]
+        if self.conditioning.num_encoders == 1:
+            null, mask = self.conditioning.null(batch_size, lengths=[L])
+        else:  # the all-null condition right-padded to the batch's length (padding is masked out)
+            null, mask = self.conditioning.null(batch_size)
+            null = torch.nn.functional.pad(null, (0, 0, 0, L - null.shape[1]))
+            mask = torch.nn.functional.pad(mask, (0, L - mask.shape[1]), value=False)
         return {"text": null, "text_mask": mask}
 
     def forward(self, x, t, cond, *, features=()):

@@ -149,8 +149,14 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
 
         write_images(images, metadata, cells, save_images)
     loaded = {"model": _absolute(model_dir)}
-    if not external:  # the pipeline's own text encoder (loaded by the first generation)
-        loaded["text_encoder"] = _absolute(getattr(pipe.text_encoder, "path", None))
+    alignment_encoder = None
+    if not external:  # the pipeline's own text encoder(s) (loaded by the first generation)
+        encoders = getattr(pipe, "text_encoders", None) or [pipe.text_encoder]
+        paths = [_absolute(getattr(e, "path", None)) for e in encoders]
+        loaded["text_encoder"] = paths[0] if len(paths) == 1 else paths
+        # the alignment score embeds prompts with MiniLM: the pipeline's encoder (one), or its MiniLM among several
+        alignment_encoder = encoders[0] if len(encoders) == 1 else \
+            next((e for e in encoders if getattr(e, "name", None) == "all-MiniLM-L6-v2"), None)
     extra = {"steps": steps, "cfg": guidance, "prompt_set": _absolute(prompts_path),
              "variant": getattr(pipe, "variant", None) or getattr(pipe, "meta", {}).get("variant"),
              "sampler": settings["sampler"],
@@ -161,7 +167,7 @@ def run_evaluation(model_dir=None, prompts_path=None, seeds: int = 4, steps: int
              "dtype": None if external else str(pipe.dtype).removeprefix("torch."),
              "bna": _bna_backends(pipe)}
     return score_images(images, metadata, cells, out_dir, loaded=loaded,
-                        text_encoder=None if external else pipe.text_encoder, extra=extra, t0=t0)
+                        text_encoder=alignment_encoder, extra=extra, t0=t0)
 
 
 def evaluate_folder(images_dir, out_dir: str | Path = "eval_report", progress: bool = True) -> dict:

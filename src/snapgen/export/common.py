@@ -44,6 +44,28 @@ class TextGraph(nn.Module):
         return tokens, attention_mask.bool()
 
 
+class MultiTextGraph(nn.Module):
+    """Several text encoders + their projections, as one graph: inputs ``input_ids_0, attention_mask_0,
+    input_ids_1, ...`` (each encoder's own tokenization), outputs the concatenated ``(text, text_mask)`` --
+    ``TextConditioning.forward`` for captions never dropped, like :class:`TextGraph`."""
+
+    def __init__(self, hf_models, conditioning):
+        super().__init__()
+        if len(conditioning.proj) != len(hf_models):
+            raise ValueError(f"{len(hf_models)} text encoders for a conditioning of {len(conditioning.proj)}")
+        self.hf_models, self.conditioning = nn.ModuleList(hf_models), conditioning
+
+    def forward(self, *inputs: torch.Tensor):
+        tokens, masks = [], []
+        for i, model in enumerate(self.hf_models):
+            ids, attention_mask = inputs[2 * i], inputs[2 * i + 1]
+            h = model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+            keep = attention_mask.to(h.dtype)[..., None]
+            tokens.append(self.conditioning.proj[i](h * keep) * keep)
+            masks.append(attention_mask.bool())
+        return torch.cat(tokens, 1), torch.cat(masks, 1)
+
+
 class DenoiserGraph(nn.Module):
     """One denoiser step with flat tensor inputs ``(x, t, text, text_mask)`` (graphs take tensors, not the
     Denoiser's ``cond`` dict). The model's parameters keep their names under ``model.``."""
@@ -105,29 +127,38 @@ def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bo
         raise ValueError(f"resolution {H}x{W} is not a multiple of the autoencoder factor {f}")
     cfg_t = pipe.transformer.config
     check_latent_size(H // f, W // f, cfg_t.downsample, cfg_t.vae_factor)
-    encoder = pipe.text_encoder
-    if not hasattr(encoder, "model") or not hasattr(encoder, "tokenizer"):
-        raise ValueError(f"export supports transformers text encoders; {type(encoder).__name__} is not one")
+    encoders = pipe.text_encoders
+    for encoder in encoders:
+        if not hasattr(encoder, "model") or not hasattr(encoder, "tokenizer"):
+            raise ValueError(f"export supports transformers text encoders; {type(encoder).__name__} is not one")
     sampler = make_sampler(pipe.sampler_config())
     batch = 2 if sampler.config.guidance != 1.0 else 1
-    L = int(pipe.config.text_max_length)
-    text_graph = TextGraph(encoder.model.eval(), pipe.conditioning.eval())
-    ids = torch.ones(1, L, dtype=torch.long)
+    if len(encoders) == 1:
+        lengths = [int(pipe.config.text_max_length)]
+        text_graph = TextGraph(encoders[0].model.eval(), pipe.conditioning.eval())
+        text_names = ["input_ids", "attention_mask"]
+    else:  # one graph for every encoder: each tokenized at its own (capped) max length, as the pipeline does
+        lengths = [int(e.max_length) for e in encoders]
+        text_graph = MultiTextGraph([e.model.eval() for e in encoders], pipe.conditioning.eval())
+        text_names = [f"{k}_{i}" for i in range(len(encoders)) for k in ("input_ids", "attention_mask")]
+    text_args = tuple(torch.ones(1, L, dtype=torch.long) for L in lengths for _ in range(2))
+    L = lengths[0] if len(encoders) == 1 else lengths
     with torch.no_grad():
-        tokens, _ = text_graph(ids, ids)
+        tokens, _ = text_graph(*text_args)
     dit = standalone_transformer(pipe)
     if rewrite:
         dit = device_rewrite(dit)
     C = dit.config.in_channels
     latent = (C, H // f, W // f)
-    null, null_mask = pipe.conditioning.null(1, lengths=[L])
+    null, null_mask = pipe.conditioning.null(1, lengths=lengths)
     meta = {"variant": pipe.transformer.variant, "resolution": [H, W], "latent": list(latent), "batch": batch,
             "text_max_length": L, **sampler_meta(sampler), "rewrite": rewrite,
             "mode": "distilled" if pipe.distilled and not pipe._base_mode else "base",
             "dit_parameters": dit.num_parameters(), "dtype": str(dtype).removeprefix("torch.")}
+    if len(encoders) > 1:
+        meta["text_encoders"] = len(encoders)
     graphs = {
-        "text": (text_graph, (ids, torch.ones(1, L, dtype=torch.long)), ["input_ids", "attention_mask"],
-                 ["text", "text_mask"]),
+        "text": (text_graph, text_args, text_names, ["text", "text_mask"]),
         "dit": (DenoiserGraph(dit), (torch.randn(batch, *latent), torch.full((batch,), 0.5),
                                      torch.randn(batch, tokens.shape[1], tokens.shape[2]),
                                      torch.ones(batch, tokens.shape[1], dtype=torch.bool)),
@@ -136,7 +167,8 @@ def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bo
     }
     graphs = {name: (*_cast_graph(module, args, dtype), ins, outs)
               for name, (module, args, ins, outs) in graphs.items()}
-    return {"graphs": graphs, "tokenizer": encoder.tokenizer, "null": (null.detach(), null_mask), "meta": meta}
+    return {"graphs": graphs, "tokenizers": [e.tokenizer for e in encoders], "null": (null.detach(), null_mask),
+            "meta": meta}
 
 
 def sampler_meta(sampler) -> dict:
@@ -172,7 +204,9 @@ def write_export(pipe, out_dir, fmt: str, suffix: str, writer, resolution=None, 
         for p in sorted(tmp.glob(f"{name}{suffix}*")):  # the graph and any side files (external data)
             files[p.name] = (sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir()
                              else p.stat().st_size)
-    parts["tokenizer"].save_pretrained(tmp / "tokenizer")
+    tokenizers = parts["tokenizers"]  # tokenizer/ (one encoder), or tokenizer_0/, tokenizer_1/, ...
+    for i, tokenizer in enumerate(tokenizers):
+        tokenizer.save_pretrained(tmp / ("tokenizer" if len(tokenizers) == 1 else f"tokenizer_{i}"))
     null, null_mask = parts["null"]
     np.save(tmp / "null_text.npy", null.numpy().astype(np.float32))
     np.save(tmp / "null_mask.npy", null_mask.numpy())
@@ -222,7 +256,10 @@ class ExportedPipeline:
             except Exception as e:  # runtimes raise their own exception types
                 raise ValueError(f"cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
                                  f"The file is corrupt or truncated; re-run snapgen export {self.command}") from None
-        self.tokenizer = AutoTokenizer.from_pretrained(d / "tokenizer", local_files_only=True)
+        n = int(self.meta.get("text_encoders", 1))
+        self.tokenizers = [AutoTokenizer.from_pretrained(d / ("tokenizer" if n == 1 else f"tokenizer_{i}"),
+                                                         local_files_only=True) for i in range(n)]
+        self.tokenizer = self.tokenizers[0]
         self.null_text = torch.from_numpy(np.load(d / "null_text.npy"))
         self.null_mask = torch.from_numpy(np.load(d / "null_mask.npy"))
 
@@ -233,10 +270,17 @@ class ExportedPipeline:
         raise NotImplementedError
 
     def encode(self, prompt: str):
-        L = self.meta["text_max_length"]
-        b = self.tokenizer([prompt], padding="max_length", truncation=True, max_length=L, return_tensors="pt")
-        tokens, mask = self._run("text", {"input_ids": b["input_ids"].long(),
-                                          "attention_mask": b["attention_mask"].long()})
+        """Every text encoder's tokens of ``prompt`` through the text graph (several: inputs ``input_ids_i``,
+        ``attention_mask_i``, each padded to its own max length)."""
+        lengths = self.meta["text_max_length"]
+        lengths = lengths if isinstance(lengths, list) else [lengths]
+        inputs = {}
+        for i, (tokenizer, L) in enumerate(zip(self.tokenizers, lengths)):
+            b = tokenizer([prompt], padding="max_length", truncation=True, max_length=L, return_tensors="pt")
+            suffix = "" if len(self.tokenizers) == 1 else f"_{i}"
+            inputs[f"input_ids{suffix}"] = b["input_ids"].long()
+            inputs[f"attention_mask{suffix}"] = b["attention_mask"].long()
+        tokens, mask = self._run("text", inputs)
         return tokens, mask.bool()
 
     def sampler_config(self) -> SamplerConfig:

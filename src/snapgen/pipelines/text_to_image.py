@@ -2,7 +2,7 @@
 
 A pipeline folder holds::
 
-    pipeline.json                 PipelineConfig (text encoder, defaults for steps / guidance / size)
+    pipeline.json                 PipelineConfig (text encoder(s), defaults for steps / guidance / size)
     README.md                     the model card (YAML front matter for the Hugging Face Hub; pipelines/card.py)
     transformer/                  ThreeStageDiT (config.json + model.safetensors)
     text_conditioning.safetensors learned null embedding(s) and projections (snapgen.text.TextConditioning)
@@ -52,8 +52,10 @@ class PipelineConfig(JSONConfigMixin):
     _config_kind = "TextToImagePipeline"
     _optional_keys = ("sampler", "few_step_times", "adapters", "base_sampling")
 
-    text_encoder: str = "minilm"             # "minilm" or a local transformers folder
-    text_max_length: int = 32
+    # "minilm", a transformers folder or Hub id, "onnx:PATH", "paraphrase-minilm-l3" (load_text_encoder); or a list
+    # of them (several encoders, their token sequences concatenated in this order; text_max_length: int or list)
+    text_encoder: str | list = "minilm"
+    text_max_length: int | list = 32
     conditioning: dict = dataclasses.field(default_factory=dict)  # TextConditioning kwargs
     resolution: tuple[int, int] = (64, 64)   # default image size (H, W) in pixels
     # the default sampler, as one snapgen.sampling.SamplerConfig spread over flat fields (sampler_config())
@@ -69,6 +71,13 @@ class PipelineConfig(JSONConfigMixin):
     base_sampling: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.text_encoder, str):  # several encoders: lists in pipeline.json
+            from ..text import text_specs
+
+            specs, lengths = text_specs(self.text_encoder, self.text_max_length, "text_encoder")
+            object.__setattr__(self, "text_encoder", specs)
+            if isinstance(self.text_max_length, (list, tuple)):
+                object.__setattr__(self, "text_max_length", lengths)
         object.__setattr__(self, "resolution", tuple(int(v) for v in self.resolution))
         object.__setattr__(self, "few_step_times", tuple(float(v) for v in self.few_step_times))
 
@@ -145,11 +154,21 @@ class TextToImagePipeline:
         self._move_text_encoder()
         return self
 
+    @property
+    def text_encoders(self) -> list:
+        """The single encoders behind :attr:`text_encoder` (one, or a :class:`~snapgen.text.MultiTextEncoder`'s)."""
+        from ..text import encoder_list
+
+        return encoder_list(self.text_encoder)
+
     def _move_text_encoder(self) -> None:
+        from ..text import encoder_list
+
         device = getattr(self, "_encoder_device", None)
-        model = getattr(self._text_encoder, "model", None)
-        if device is not None and isinstance(model, torch.nn.Module):
-            model.to(device)
+        for encoder in encoder_list(self._text_encoder) if self._text_encoder is not None else ():
+            model = getattr(encoder, "model", None)  # an ONNX encoder has none: it runs on the CPU
+            if device is not None and isinstance(model, torch.nn.Module):
+                model.to(device)
 
     @property
     def vae_factor(self) -> int:
@@ -286,6 +305,10 @@ class TextToImagePipeline:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"cannot read {cond_path}: {e}. The file is corrupt; re-save the pipeline") from None
         conditioning = TextConditioning(**config.conditioning)
+        n = 1 if isinstance(config.text_encoder, str) else len(config.text_encoder)
+        if conditioning.num_encoders != n:
+            raise ValueError(f"{directory / 'pipeline.json'} lists {n} text encoder(s) but its conditioning takes "
+                             f"{conditioning.num_encoders}; the folder is inconsistent: re-save the pipeline")
         try:
             conditioning.load_state_dict({k: v.float() for k, v in state.items()})
         except RuntimeError as e:
@@ -344,8 +367,12 @@ class TextToImagePipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]):
-        feats = self.text_encoder.encode(prompts)
-        cond = self.conditioning([feats], drop=[torch.zeros(len(prompts), dtype=torch.bool)])
+        """``(cond, uncond)``: every encoder's features of ``prompts`` (none dropped), and the all-null condition
+        (every encoder dropped: classifier-free guidance's unconditional branch)."""
+        from ..text import encode_features
+
+        feats = encode_features(self.text_encoder, prompts)
+        cond = self.conditioning(feats, drop=[torch.zeros(len(prompts), dtype=torch.bool)] * len(feats))
         uncond = self.conditioning.null(len(prompts))
         return cond, uncond
 
@@ -404,11 +431,26 @@ def _save_module(module, directory: Path, dtype: torch.dtype) -> None:
     module.save_pretrained(directory, dtype=dtype, model_card=False)  # the pipeline's card covers it
 
 
-def load_text_encoder(spec: str, max_length: int):
+def load_text_encoder(spec, max_length):
+    """The frozen encoder of ``spec``: ``minilm``, a transformers folder (or Hub id), ``onnx:PATH`` or
+    ``paraphrase-minilm-l3`` (:mod:`snapgen.text.onnx_encoder`); a list of specs (``max_length`` one int or one per
+    spec) gives a :class:`~snapgen.text.MultiTextEncoder`. One spec string gives that encoder itself, as always."""
+    from ..text import MultiTextEncoder, text_specs
+
+    if isinstance(spec, str):
+        return _load_one(spec, max_length)
+    specs, lengths = text_specs(spec, max_length, "text_encoder")
+    return MultiTextEncoder([_load_one(s, m) for s, m in zip(specs, lengths)], specs=specs)
+
+
+def _load_one(spec: str, max_length: int):
     from ..text import HFTextEncoder, MiniLMEncoder
+    from ..text.onnx_encoder import PARAPHRASE_SPEC, load_onnx_spec
 
     if spec == "minilm":
         return MiniLMEncoder(max_length=max_length)
+    if spec == PARAPHRASE_SPEC or spec.startswith("onnx:"):
+        return load_onnx_spec(spec, max_length)
     return HFTextEncoder(spec, max_length=max_length)
 
 

@@ -209,14 +209,17 @@ class DistillTask(Task):
         return [ParamGroup("generator", gen), ParamGroup("critic", ("critics",))]
 
     def prepare(self, run_dir: Path) -> None:
-        from ..data.latent_cache import load_latent_cache
+        from ..data.latent_cache import check_cache_encoders, load_latent_cache
+        from ..text import text_specs
 
         path = self.cfg.data.get("cache")
         if not path or not Path(path).is_file():
             raise FileNotFoundError(f"data.cache {path!r} not found: distillation reads the captions of a flow "
                                     f"run's latent cache (train the base model first, or point data.cache at it)")
         cache = load_latent_cache(path)
-        self.text_tokens, self.text_mask = cache["text_tokens"], cache["text_mask"]
+        check_cache_encoders(cache, path, *text_specs(self.pipe.config.text_encoder, self.pipe.config.text_max_length))
+        self.text_features = cache["text_features"]
+        self.text_tokens, self.text_mask = self.text_features[0]
         self.caption_index = cache["caption_index"]
         self.captions = cache["captions"]
         for teacher in (self.ext_teacher, self.ext_few_step):
@@ -231,15 +234,17 @@ class DistillTask(Task):
         self.latent_shape = (self.base.config.in_channels, res // f, res // f)
 
     def _condition(self, step: int, part: int = 0):
+        from ..data.latent_cache import cache_features
+
         idx = torch.from_numpy(part_indices(self.cfg.seed, step, len(self.caption_index), self.cfg.batch_size,
                                             part, self.parts))
         cap = self.caption_index[idx]
-        feats = (self.text_tokens[cap].float().to(self.device), self.text_mask[cap].to(self.device))
+        feats = cache_features(self.text_features, cap, self.device)
         B = len(idx)
-        keep = [torch.zeros(B, dtype=torch.bool)]
+        keep = [torch.zeros(B, dtype=torch.bool)] * len(feats)
         with torch.no_grad():
-            text, mask = self.conditioning([feats], drop=keep)
-            null, null_mask = self.conditioning.null(B, lengths=[text.shape[1]])
+            text, mask = self.conditioning(feats, drop=keep)
+            null, null_mask = self.conditioning.null(B, lengths=[tokens.shape[1] for tokens, _ in feats])
             # external teachers: their own conditioning of the same captions (None: the student's is used)
             extra, captions = {}, [self.captions[i] for i in cap.tolist()] if self.captions else None
             if self.ext_teacher is not None:

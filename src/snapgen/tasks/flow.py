@@ -15,6 +15,7 @@ from ..data.batches import part_indices, part_slice
 from ..utils.random import randn
 from .base import ROLES, ParamGroup, Task, check_keys
 from .flow_kd import FlowKD
+from .flow_text import FlowText
 from .registry import register_task
 from .validation import validation_loss
 
@@ -22,7 +23,7 @@ __all__ = ["FlowTask"]
 
 
 @register_task("flow", kind="train", methods=("kd",))
-class FlowTask(FlowKD, Task):
+class FlowTask(FlowKD, FlowText, Task):
     """Text-to-image flow matching of a ThreeStageDiT on cached latents and caption features.
 
     ``text_encoder``: an encoder object to use instead of loading ``text.encoder`` (its ``dim`` sets the
@@ -53,9 +54,7 @@ class FlowTask(FlowKD, Task):
         self.model = build_model(model_kw, device=device)
         mcfg = self.model.config
         self.model.gradient_checkpointing = cfg.grad_checkpointing
-        self.text_spec = cfg.text.get("encoder", "minilm")
-        self.text_max_length = int(cfg.text.get("max_length", 32))
-        self.drop_prob = float(cfg.text.get("drop_prob", 0.1))
+        self._read_text_config(cfg.text)
         self.drop_all_prob = float(cfg.text.get("drop_all_prob", 0.0))   # joint drop of every encoder (CFG)
         self.cond_kwargs = None
         self.conditioning: TextConditioning | None = None
@@ -80,8 +79,8 @@ class FlowTask(FlowKD, Task):
         self._text_encoder = text_encoder
         self._vae = None
         # the conditioning module must exist before the trainer collects parameters: infer the encoder
-        # width now (minilm = 384; a custom encoder is probed from its config when the cache is absent)
-        self._init_conditioning(self._encoder_dim())
+        # widths now (minilm = 384; a custom encoder is probed from its config when the cache is absent)
+        self._init_conditioning(self._encoder_dims())
         if self.init_from:
             self._warm_start(Path(self.init_from))
         if cfg.kd:
@@ -91,21 +90,6 @@ class FlowTask(FlowKD, Task):
     @classmethod
     def distill_method(cls, cfg) -> str | None:
         return "kd" if cfg.kd else None
-
-    def _encoder_dim(self) -> int:
-        if self._text_encoder is not None:
-            return int(self._text_encoder.dim)
-        if self.text_spec == "minilm":
-            return 384
-        cfg_file = Path(self.text_spec) / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"text encoder folder {self.text_spec} has no config.json")
-        c = json.loads(cfg_file.read_text())
-        c = c.get("text_config", c)
-        for key in ("hidden_size", "d_model", "dim"):
-            if key in c:
-                return int(c[key])
-        raise ValueError(f"cannot tell the hidden size of the text encoder in {self.text_spec}")
 
     def _warm_start(self, directory: Path) -> None:
         """Load transformer + text-conditioning weights of a pipeline folder; the architecture must match, or
@@ -136,11 +120,11 @@ class FlowTask(FlowKD, Task):
         self.conditioning.load_state_dict(src.conditioning.state_dict())
         print(f"warm start from {directory}")
 
-    def _init_conditioning(self, dim: int) -> None:
+    def _init_conditioning(self, dims: list[int]) -> None:
         from ..text import TextConditioning
 
-        self.cond_kwargs = {"encoder_dims": [dim], "out_dim": self.model.config.text_dim,
-                            "drop_probs": [self.drop_prob], "null_length": 1}
+        self.cond_kwargs = {"encoder_dims": list(dims), "out_dim": self.model.config.text_dim,
+                            "drop_probs": list(self.drop_probs), "null_length": 1}
         if self.drop_all_prob:
             self.cond_kwargs["drop_all_prob"] = self.drop_all_prob
         self.conditioning = TextConditioning(**self.cond_kwargs).to(self.device)
@@ -199,13 +183,20 @@ class FlowTask(FlowKD, Task):
 
         d = self.cfg.data
         stream = LatentShardStream(d["shards"], rank=self.rank, world=self.world, seed=self.cfg.seed)
-        C, D = stream.index.get("latent_channels"), stream.index.get("text_dim")
+        C, D = stream.index.get("latent_channels"), stream.index.get("text_dims", [stream.index.get("text_dim")])
         if C != self.model.config.in_channels:
             raise ValueError(f"latent shards {d['shards']} hold {C}-channel latents, the model expects "
                              f"{self.model.config.in_channels}")
-        if D != self.cond_kwargs["encoder_dims"][0]:
-            raise ValueError(f"latent shards {d['shards']} hold {D}-d text features but the text encoder gives "
-                             f"{self.cond_kwargs['encoder_dims'][0]}; encode them again with this encoder")
+        stored = stream.index.get("text_encoders")
+        if stored is not None or len(self.text_specs) > 1:
+            from ..data.latent_cache import check_cache_encoders
+
+            check_cache_encoders({"text_features": [None] * len(D), "text_encoders": stored}, d["shards"],
+                                 self.text_specs, self.text_max_lengths)
+        if D != self.cond_kwargs["encoder_dims"]:
+            dims = self.cond_kwargs["encoder_dims"]
+            raise ValueError(f"latent shards {d['shards']} hold {'/'.join(map(str, D))}-d text features but the "
+                             f"text encoder gives {'/'.join(map(str, dims))}; encode them again with this encoder")
         self.batcher = BucketBatcher(stream, self.cfg.batch_size)
         self._batches = None
         print(f"latent shards: {stream.index['total']} samples in {len(stream.shards)} shards, grids "
@@ -221,16 +212,16 @@ class FlowTask(FlowKD, Task):
 
     def _stream_batch(self, step: int, part: int):
         """Next batch of this rank's stream; times, noise and caption drops seeded by (seed, step, part)."""
-        from ..data.latent_shards import collate_latents
+        from ..data.latent_shards import collate_features
         from ..flow.objective import logit_normal_times
 
         if self._batches is None:
             self._batches = iter(self.batcher)
         batch = next(self._batches)
         captions = [s.caption for s in batch]
-        x0, feats = collate_latents(batch)
+        x0, feats = collate_features(batch)
         x0 = x0.to(self.device)
-        feats = (feats[0].to(self.device), feats[1].to(self.device))
+        feats = [(tokens.to(self.device), mask.to(self.device)) for tokens, mask in feats]
         g = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, step, part]).integers(2**62)))
         B = x0.shape[0]
         drops = self.conditioning.sample_drops(B, generator=g) if self.conditioning.training else None
@@ -254,9 +245,11 @@ class FlowTask(FlowKD, Task):
                                num_samples=int(self.cfg.data.get("num_samples", 10000)),
                                batch_size=int(self.cfg.data.get("encode_batch", 64)))
         cache = load_latent_cache(path)
+        self._check_cache(cache, path)
         self._prepare_val(run_dir)
         self.latents = cache["latents"]
-        self.text_tokens, self.text_mask = cache["text_tokens"], cache["text_mask"]
+        self.text_features = cache["text_features"]
+        self.text_tokens, self.text_mask = self.text_features[0]
         self.caption_index = cache["caption_index"]
         self.captions = cache["captions"]
         if self.kd_teacher is not None and self.kd_teacher.needs_captions:
@@ -265,9 +258,6 @@ class FlowTask(FlowKD, Task):
                                  f"{len(self.text_tokens)} captions; the kd teacher encodes caption strings with "
                                  f"its own text encoder: rebuild the cache")
             self._kd_prepare(self.captions)
-        if self.text_tokens.shape[-1] != self.cond_kwargs["encoder_dims"][0]:
-            raise ValueError(f"latent cache {path} holds {self.text_tokens.shape[-1]}-d text features but the "
-                             f"text encoder gives {self.cond_kwargs['encoder_dims'][0]}; rebuild the cache")
         C = self.model.config.in_channels
         if self.latents.shape[1] != C:
             raise ValueError(f"latent cache {path} has {self.latents.shape[1]} channels, the model expects {C}")
@@ -287,6 +277,7 @@ class FlowTask(FlowKD, Task):
                                    num_samples=int(self.cfg.data["val_samples"]),
                                    batch_size=int(self.cfg.data.get("encode_batch", 64)))
             self.val = load_latent_cache(vpath)
+            self._check_cache(self.val, vpath)
 
     # --- training -----------------------------------------------------------------------------------
     # Data parallelism: a step's global batch is ``batch_size x parts`` samples (parts = ranks x gradient
@@ -309,6 +300,8 @@ class FlowTask(FlowKD, Task):
         return self._draws[1]
 
     def loss(self, step: int, part: int = 0):
+        from ..data.latent_cache import cache_features
+
         B, parts = self.cfg.batch_size, self.parts
         sl = part_slice(part, parts, B)
         if self.batcher is not None:
@@ -318,7 +311,7 @@ class FlowTask(FlowKD, Task):
         draws = self._step_draws(step, (B * parts, *self.latents.shape[1:]))
         x0 = self.latents[idx].float().to(self.device)
         cap = self.caption_index[idx]
-        feats = (self.text_tokens[cap].float().to(self.device), self.text_mask[cap].to(self.device))
+        feats = cache_features(self.text_features, cap, self.device)
         drops = None if draws["drops"] is None else [d[sl] for d in draws["drops"]]
         t, eps = draws["t"][sl], draws["eps"][sl]
         captions = [self.captions[i] for i in cap.tolist()] if self.kd_teacher is not None \
@@ -328,7 +321,7 @@ class FlowTask(FlowKD, Task):
     def _loss(self, step: int, x0, feats, drops, t, eps, captions=None):
         if self.kd is not None:
             return self._kd_loss(step, x0, feats, drops, t, eps, captions)
-        text, mask = self.conditioning([feats], drop=drops)
+        text, mask = self.conditioning(feats, drop=drops)
         from ..flow import loss_per_time_bin
 
         if self.elastic_loss is not None:

@@ -47,8 +47,8 @@ class FlowKD:
         from ..flow.objective import interpolate, velocity_target
 
         if drops is None:
-            drops = [torch.zeros(x0.shape[0], dtype=torch.bool, device=self.device)]
-        text, mask = self.conditioning([feats], drop=drops)
+            drops = [torch.zeros(x0.shape[0], dtype=torch.bool, device=self.device)] * len(feats)
+        text, mask = self.conditioning(feats, drop=drops)
         t_cond = self.kd_teacher.condition(captions, feats, drops)  # the teacher sees the same dropped captions
         x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps).float()
         v_t, f_t = self.kd.teacher_targets(x_t, t, t_cond)

@@ -16,11 +16,13 @@ def validation_loss(model, conditioning, cache: dict, variant: str | None = None
     with the same cache and seed see exactly the same noised inputs, so differences are the models'.
     ``per_sample=True`` returns the ``(N,)`` float64 losses instead of their mean (for paired intervals:
     :func:`snapgen.eval.stats.paired_mean_difference`)."""
+    from ..data.latent_cache import cache_features
     from ..flow import FlowMatchingLoss
     from ..flow.objective import shift_time
 
     objective = objective or FlowMatchingLoss()
     latents = cache["latents"]
+    tables = cache.get("text_features") or [(cache["text_tokens"], cache["text_mask"])]  # one per text encoder
     n = len(latents)
     g = torch.Generator().manual_seed(seed)
     q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
@@ -40,8 +42,8 @@ def validation_loss(model, conditioning, cache: dict, variant: str | None = None
         for i in range(0, n, batch_size):
             sl = slice(i, min(i + batch_size, n))
             cap = cache["caption_index"][sl]
-            feats = (cache["text_tokens"][cap].float().to(device), cache["text_mask"][cap].to(device))
-            text, mask = conditioning([feats])
+            feats = cache_features(tables, cap, device)
+            text, mask = conditioning(feats)
             x0 = latents[sl].float().to(device)
             loss, rows, _ = objective(model, x0, t=times[sl].to(device), eps=noise[sl].to(device),
                                             cond={"text": text, "text_mask": mask})

@@ -72,7 +72,12 @@ def plan_config(cfg, gpus: int, batch_per_gpu: int | None = None, strategy: str 
         raise ValueError(f"unknown keys {unknown} in plan:; valid: {sorted(_PLAN_KEYS)}")
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
-    text_len = int(text_len or cfg.text.get("max_length", 300))
+    if not text_len:  # several encoders: their token sequences are concatenated
+        from ..text import text_specs
+
+        ml = cfg.text.get("max_length", 300)
+        text_len = sum(text_specs(cfg.text.get("encoder", "minilm"), ml if isinstance(ml, list) else int(ml))[1])
+    text_len = int(text_len)
     batch = int(batch_per_gpu or cfg.batch_size)
     res = resolution or cfg.data.get("resolution", 256)
     res = (res, res) if isinstance(res, int) else (int(res[0]), int(res[1]))
@@ -211,10 +216,22 @@ def _gathered(model, cfg, widths: int, act_bytes: int) -> Component:
 
 
 def _conditioning(cfg, mcfg, shard, notes) -> Component:
-    """The trained text conditioning (``snapgen.text.TextConditioning``, one encoder): its null embedding, and a
-    projection when the encoder's width is not the model's ``text_dim``. The width as ``FlowTask`` infers it."""
+    """The trained text conditioning (``snapgen.text.TextConditioning``): per encoder its null embedding, and a
+    projection when the encoder's width is not the model's ``text_dim`` (always with several encoders). The
+    widths as ``FlowTask`` infers them."""
     spec = cfg.text.get("encoder", "minilm")
-    dim = 384 if spec == "minilm" else None
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    p = 0
+    for s in specs:
+        dim = _encoder_width(s, mcfg, notes)
+        p += dim + (0 if dim == mcfg.text_dim and len(specs) == 1 else dim * mcfg.text_dim + mcfg.text_dim)
+    what = "null embedding" if len(specs) == 1 else f"{len(specs)} null embeddings"
+    return trained("text conditioning", p, shard, note=f"{what}{' + projection' if p > dim else ''}"
+                   f"{'s' if p > dim and len(specs) > 1 else ''}")
+
+
+def _encoder_width(spec, mcfg, notes) -> int:
+    dim = 384 if spec in ("minilm", "paraphrase-minilm-l3") else None
     if dim is None and (Path(str(spec)) / "config.json").is_file():
         c = json.loads((Path(str(spec)) / "config.json").read_text())
         c = c.get("text_config", c)
@@ -222,8 +239,7 @@ def _conditioning(cfg, mcfg, shard, notes) -> Component:
     if dim is None:
         dim = mcfg.text_dim
         notes.append(f"text encoder {spec} is not here: its width is taken as the model's text_dim ({dim})")
-    p = dim + (0 if dim == mcfg.text_dim else dim * mcfg.text_dim + mcfg.text_dim)
-    return trained("text conditioning", p, shard, note=f"null embedding{' + projection' if p > dim else ''}")
+    return dim
 
 
 def _encoder(plan, key, label, setting, online, why, offline_note, shard) -> Component:
