@@ -46,7 +46,7 @@ def validation_loss(model, conditioning, cache: dict, variant: str | None = None
             text, mask = conditioning(feats)
             x0 = latents[sl].float().to(device)
             loss, rows, _ = objective(model, x0, t=times[sl].to(device), eps=noise[sl].to(device),
-                                            cond={"text": text, "text_mask": mask})
+                                   cond={"text": text, "text_mask": mask})
             losses.append(rows.detach().double().cpu())
     finally:
         if variant is not None:
