@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from snapgen.utils.random import rand
+
 __all__ = ["TextConditioning"]
 
 
@@ -83,11 +85,11 @@ class TextConditioning(nn.Module):
                      generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """Independent Bernoulli(drop_probs[i]) per encoder and sample, then (when ``drop_all_prob > 0``) one
         joint Bernoulli(drop_all_prob) per sample that drops every encoder; from ``generator`` (on its device)
-        or torch's global RNG (on ``device``)."""
-        dev = generator.device if generator is not None else device
+        or torch's global RNG, placed on ``device`` (the generator's device when ``device`` is None)."""
+        dev = device if device is not None or generator is None else generator.device
 
         def draw():
-            return torch.rand(batch_size, generator=generator, device=dev)
+            return rand(batch_size, generator, device=dev)
 
         drops = [draw() < p for p in self.drop_probs]
         if self.drop_all_prob > 0:
