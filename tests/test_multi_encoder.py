@@ -15,7 +15,7 @@ from helpers.runs import losses
 from snapgen.data.latent_cache import load_latent_cache
 from snapgen.models import ThreeStageDiT
 from snapgen.pipelines import PipelineConfig, TextToImagePipeline
-from snapgen.pipelines.text_to_image import load_text_encoder
+from snapgen.text.loading import load_text_encoder
 from snapgen.tasks import build_task
 from snapgen.text import (HFTextEncoder, MultiTextEncoder, TextConditioning, encode_features, minilm_path,
                           text_specs)

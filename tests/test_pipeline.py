@@ -14,7 +14,7 @@ from PIL import Image
 
 from snapgen.cli import main
 from snapgen.pipelines import PipelineConfig, TextToImagePipeline
-from snapgen.pipelines.text_to_image import make_grid
+from snapgen.utils.images import make_grid
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def write_images(images: list, captions: list[str], out: str | os.PathLike, *, g
     caption without ``grid`` is an error). Otherwise ``out`` is a folder: ``NN_<caption slug>.png`` per image,
     plus ``grid.png`` with ``grid``.
     """
-    from ..pipelines.text_to_image import make_grid
+    from ..utils.images import make_grid
 
     out = Path(out)
     written = []

@@ -63,7 +63,7 @@ def _data_encode(args) -> int:
     """Image shards -> latent shards (VAE latents + caption features), optionally in aspect buckets."""
     from ..data.buckets import aspect_buckets
     from ..data.latent_shards import encode_shards
-    from ..pipelines.text_to_image import load_text_encoder
+    from ..text.loading import load_text_encoder
     from ..vae import load_autoencoder
 
     if not os.path.isfile(os.path.join(args.source, "index.json")):

@@ -227,7 +227,7 @@ def score_images(images, metadata, cells, out_dir, loaded: dict, text_encoder=No
         encoder = load_image_encoder(encoder_dir)
         loaded["image_encoder"] = encoder_dir
         if text_encoder is None:
-            from ..pipelines.text_to_image import load_text_encoder
+            from ..text.loading import load_text_encoder
 
             text_encoder = load_text_encoder("minilm", 32)
             loaded["alignment_text_encoder"] = _absolute(getattr(text_encoder, "path", None))

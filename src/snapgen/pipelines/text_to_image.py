@@ -15,10 +15,8 @@ CPU has no fast half-precision matmul).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,8 +31,10 @@ from ..models import ThreeStageDiT, load_model
 from ..utils.random import randn, seed_generators
 from ..nn.hub import resolve_pretrained
 from ..nn.io import atomic_save_safetensors
-from ..utils.config import JSONConfigMixin
 from .. import env
+from ..text.loading import load_text_encoder
+from ..utils.images import make_grid  # noqa: F401  (re-exported: older imports)
+from .config import PipelineConfig
 
 __all__ = ["PipelineConfig", "TextToImagePipeline", "default_model_dir"]
 
@@ -45,72 +45,6 @@ MAX_PROMPT_CHARS = 1000
 def default_model_dir() -> Path:
     """The shipped model: ``$SNAPGEN_MODEL`` or ``models/snapgen-micro`` in the repository."""
     return env.model_dir()
-
-
-@dataclass(frozen=True)
-class PipelineConfig(JSONConfigMixin):
-    _config_kind = "TextToImagePipeline"
-    _optional_keys = ("sampler", "few_step_times", "adapters", "base_sampling")
-
-    # "minilm", a transformers folder or Hub id, "onnx:PATH", "paraphrase-minilm-l3" (load_text_encoder); or a list
-    # of them (several encoders, their token sequences concatenated in this order; text_max_length: int or list)
-    text_encoder: str | list = "minilm"
-    text_max_length: int | list = 32
-    conditioning: dict = dataclasses.field(default_factory=dict)  # TextConditioning kwargs
-    resolution: tuple[int, int] = (64, 64)   # default image size (H, W) in pixels
-    # the default sampler, as one snapgen.sampling.SamplerConfig spread over flat fields (sampler_config())
-    steps: int = 20
-    guidance: float = 4.0
-    shift: float = 1.0
-    sampler: str = "euler"                   # "euler" or "few_step" (distilled generators)
-    few_step_times: tuple[float, ...] = ()   # times for the few-step sampler (ends with 0)
-    # distilled pipelines: variant -> LoRA adapter (adapters/<name>.safetensors) switched on with that variant,
-    # and the sampling settings of the base (teacher) model, used when the adapters are off (use_base):
-    # {sampler, steps, guidance, shift} (base_sampler_config())
-    adapters: dict = dataclasses.field(default_factory=dict)
-    base_sampling: dict = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self):
-        if not isinstance(self.text_encoder, str):  # several encoders: lists in pipeline.json
-            from ..text import text_specs
-
-            specs, lengths = text_specs(self.text_encoder, self.text_max_length, "text_encoder")
-            object.__setattr__(self, "text_encoder", specs)
-            if isinstance(self.text_max_length, (list, tuple)):
-                object.__setattr__(self, "text_max_length", lengths)
-        object.__setattr__(self, "resolution", tuple(int(v) for v in self.resolution))
-        object.__setattr__(self, "few_step_times", tuple(float(v) for v in self.few_step_times))
-
-    # --- the sampler fields as SamplerConfigs (the one place that reads them) ---------------------------
-    def sampler_config(self) -> SamplerConfig:
-        """The default sampler (``sampler``, ``steps``, ``guidance``, ``shift``, ``few_step_times``)."""
-        return SamplerConfig.from_fields(self.sampler, self.steps, self.guidance, self.shift, self.few_step_times)
-
-    def base_sampler_config(self) -> SamplerConfig:
-        """The base (teacher) model's sampler of a distilled pipeline (``base_sampling``; missing keys: a
-        28-step Euler sampler with CFG 4). A few-step base sampler reads ``few_step_times`` at their own step
-        count, as the pipeline always has."""
-        b = {**_BASE_SAMPLING_DEFAULTS, **self.base_sampling}
-        return SamplerConfig.from_fields(b["sampler"], int(b["steps"]), float(b["guidance"]), float(b["shift"]),
-                                         self.few_step_times)
-
-    def with_sampler(self, sampler: SamplerConfig) -> "PipelineConfig":
-        """This config with ``sampler`` as its default sampler."""
-        return self.replace(**sampler.to_fields())
-
-    def with_base_sampler(self, base: SamplerConfig | None) -> "PipelineConfig":
-        """This config with ``base`` as the base model's sampler (``None``: no base sampler)."""
-        if base is None:
-            return self.replace(base_sampling={})
-        if base.times and base.times != self.few_step_times:  # a few-step base sampler reads few_step_times
-            raise ValueError("the base sampler is stored as {sampler, steps, guidance, shift}: explicit times "
-                             "cannot be stored; leave its times empty (derived from steps and shift)")
-        fields = base.to_fields()
-        del fields["few_step_times"]
-        return self.replace(base_sampling=fields)
-
-
-_BASE_SAMPLING_DEFAULTS = {"sampler": "euler", "steps": 28, "guidance": 4.0, "shift": 1.0}
 
 
 class TextToImagePipeline:
@@ -429,58 +363,3 @@ def _save_module(module, directory: Path, dtype: torch.dtype) -> None:
         module.vae.save_pretrained(directory, safe_serialization=True)
         return
     module.save_pretrained(directory, dtype=dtype, model_card=False)  # the pipeline's card covers it
-
-
-def load_text_encoder(spec, max_length):
-    """The frozen encoder of ``spec``: ``minilm``, a transformers folder (or Hub id), ``onnx:PATH`` or
-    ``paraphrase-minilm-l3`` (:mod:`snapgen.text.onnx_encoder`); a list of specs (``max_length`` one int or one per
-    spec) gives a :class:`~snapgen.text.MultiTextEncoder`. One spec string gives that encoder itself, as always."""
-    from ..text import MultiTextEncoder, text_specs
-
-    if isinstance(spec, str):
-        return _load_one(spec, max_length)
-    specs, lengths = text_specs(spec, max_length, "text_encoder")
-    return MultiTextEncoder([_load_one(s, m) for s, m in zip(specs, lengths)], specs=specs)
-
-
-def _load_one(spec: str, max_length: int):
-    from ..text import HFTextEncoder, MiniLMEncoder
-    from ..text.onnx_encoder import PARAPHRASE_SPEC, load_onnx_spec
-
-    if spec == "minilm":
-        return MiniLMEncoder(max_length=max_length)
-    if spec == PARAPHRASE_SPEC or spec.startswith("onnx:"):
-        return load_onnx_spec(spec, max_length)
-    return HFTextEncoder(spec, max_length=max_length)
-
-
-def make_grid(images: list[Image.Image], captions: list[str] | None = None, cols: int | None = None,
-              scale: int = 1, caption_height: int = 28) -> Image.Image:
-    """Images in a grid, each with its caption written under it (wrapped)."""
-    from PIL import ImageDraw, ImageFont
-
-    n = len(images)
-    cols = cols or min(n, 4)
-    rows = (n + cols - 1) // cols
-    w, h = images[0].size
-    w, h = w * scale, h * scale
-    ch = caption_height if captions else 0
-    cell_w = max(w, 96)
-    grid = Image.new("RGB", (cols * cell_w, rows * (h + ch)), "white")
-    draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default(size=10)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        x0, y0 = c * cell_w + (cell_w - w) // 2, r * (h + ch)
-        grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (x0, y0))
-        if captions:
-            text = _wrap(captions[i], max_chars=max(8, cell_w // 6))
-            draw.multiline_text((c * cell_w + 2, y0 + h + 1), text, fill="black", font=font, spacing=1)
-    return grid
-
-
-def _wrap(text: str, max_chars: int) -> str:
-    import textwrap
-
-    lines = textwrap.wrap(text, max_chars)[:3]
-    return "\n".join(lines)

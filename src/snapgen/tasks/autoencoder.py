@@ -94,7 +94,7 @@ class AutoencoderTask(Task):
     @torch.no_grad()
     def sample(self, path: Path, step: int) -> None:
         from ..data.base import tensor_to_image
-        from ..pipelines.text_to_image import make_grid
+        from ..utils.images import make_grid
 
         x = self._eval_images(8).to(self.device)
         rec = self.vae(x, sample=False)[0]

@@ -274,7 +274,7 @@ class DistillTask(Task):
 
     @torch.no_grad()
     def sample(self, path: Path, step: int) -> None:
-        from ..pipelines.text_to_image import make_grid
+        from ..utils.images import make_grid
 
         prompts = (self.cfg.sampling or {}).get("prompts") or []
         if not prompts or len(self.student_copies):

@@ -132,7 +132,7 @@ class FlowTask(FlowKD, FlowText, Task):
     @property
     def text_encoder(self):
         if self._text_encoder is None:
-            from ..pipelines.text_to_image import load_text_encoder
+            from ..text.loading import load_text_encoder
 
             self._text_encoder = load_text_encoder(self.text_spec, self.text_max_length)
         return self._text_encoder
@@ -354,7 +354,7 @@ class FlowTask(FlowKD, FlowText, Task):
 
     @torch.no_grad()
     def sample(self, path: Path, step: int) -> None:
-        from ..pipelines.text_to_image import make_grid
+        from ..utils.images import make_grid
 
         prompts = self.cfg.sampling.get("prompts") or []
         if not prompts:

@@ -52,7 +52,7 @@ class FlowText:
         from ..text.onnx_encoder import PARAPHRASE_SPEC
 
         if spec == PARAPHRASE_SPEC or spec.startswith("onnx:"):  # small, CPU: load it and read its width
-            from ..pipelines.text_to_image import load_text_encoder
+            from ..text.loading import load_text_encoder
 
             return int(load_text_encoder(spec, max_length).dim)
         cfg_file = Path(spec) / "config.json"
