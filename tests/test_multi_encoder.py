@@ -328,3 +328,14 @@ def test_one_encoder_cache_and_pipeline_json_unchanged(tmp_path, berts, vae_dir)
     assert cache["text_features"][0][0] is cache["text_tokens"]
     assert task.pipeline().config.to_dict()["text_encoder"] == berts[0]
     assert np.isscalar(task.pipeline().config.to_dict()["text_max_length"])
+
+
+def test_no_progress_silences_the_cache_build(tmp_path, berts, vae_dir, capfd):
+    # `snapgen train --no-progress` = Trainer(progress=False): no bar of the run, the latent-cache build's included
+    for progress, run in ((False, "quiet"), (True, "loud")):
+        cfg = two_encoder_run(tmp_path, berts, vae_dir, run, 1, data={
+            "spec": {"type": "scenes", "resolution": 16, "length": 12}, "num_samples": 12,
+            "cache": str(tmp_path / f"latents_{run}.safetensors")})
+        Trainer(cfg, progress=progress).fit()
+        err = capfd.readouterr().err
+        assert ("encoding images" in err and "encoding captions" in err) == progress, err[-300:]

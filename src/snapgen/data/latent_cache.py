@@ -99,14 +99,14 @@ def cache_features(tables: list, rows: torch.Tensor, device=None) -> list[tuple[
 
 @torch.no_grad()
 def build_latent_cache(path: str | os.PathLike, spec: dict, autoencoder, text_encoder, num_samples: int,
-                       batch_size: int = 64, text_batch_size: int = 256) -> Path:
+                       batch_size: int = 64, text_batch_size: int = 256, progress: bool = True) -> Path:
     from .mixed import build_dataset
 
     dataset = build_dataset(spec)
     n = min(num_samples, len(dataset))
     latents, captions = [], []
     device = next(iter(autoencoder.parameters())).device if hasattr(autoencoder, "parameters") else "cpu"
-    for start in tqdm(range(0, n, batch_size), desc="encoding images", unit="batch"):
+    for start in tqdm(range(0, n, batch_size), desc="encoding images", unit="batch", disable=not progress):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         x = torch.stack([image_to_tensor(s.image) for s in items]).to(device)
         latents.append(autoencoder.encode_latents(x).cpu())
@@ -116,7 +116,8 @@ def build_latent_cache(path: str | os.PathLike, spec: dict, autoencoder, text_en
     distinct = sorted(set(captions))
     row = {c: i for i, c in enumerate(distinct)}
     chunks = []  # per caption batch: one (tokens, mask) per encoder
-    for start in tqdm(range(0, len(distinct), text_batch_size), desc="encoding captions", unit="batch"):
+    for start in tqdm(range(0, len(distinct), text_batch_size), desc="encoding captions", unit="batch",
+                      disable=not progress):
         chunks.append([(t.cpu(), m.cpu()) for t, m in encode_features(text_encoder,
                                                                       distinct[start:start + text_batch_size])])
     text_tokens, text_mask = [], []

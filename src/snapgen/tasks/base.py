@@ -139,6 +139,10 @@ class Task:
         names = tuple(n for n, (_, roles) in self.modules().items() if "trained" in roles)
         return [ParamGroup("all", names)]
 
+    # whether long preparation work (a latent-cache build) shows progress bars; the Trainer sets it from its own
+    # ``progress`` (``snapgen train --no-progress`` turns every bar of a run off)
+    progress: bool = True
+
     def prepare(self, run_dir: Path) -> None:
         pass
 

@@ -243,7 +243,7 @@ class FlowTask(FlowKD, FlowText, Task):
                 raise ValueError(f"no latent cache at {path} and no data.spec to build one from")
             build_latent_cache(path, self.cfg.data["spec"], self.vae, self.text_encoder,
                                num_samples=int(self.cfg.data.get("num_samples", 10000)),
-                               batch_size=int(self.cfg.data.get("encode_batch", 64)))
+                               batch_size=int(self.cfg.data.get("encode_batch", 64)), progress=self.progress)
         cache = load_latent_cache(path)
         self._check_cache(cache, path)
         self._prepare_val(run_dir)
@@ -275,7 +275,7 @@ class FlowTask(FlowKD, FlowText, Task):
                     raise ValueError("data.val_samples is set but there is no data.val_spec to build it from")
                 build_latent_cache(vpath, self.cfg.data["val_spec"], self.vae, self.text_encoder,
                                    num_samples=int(self.cfg.data["val_samples"]),
-                                   batch_size=int(self.cfg.data.get("encode_batch", 64)))
+                                   batch_size=int(self.cfg.data.get("encode_batch", 64)), progress=self.progress)
             self.val = load_latent_cache(vpath)
             self._check_cache(self.val, vpath)
 

@@ -297,6 +297,7 @@ class Trainer:
     def fit(self, resume: bool = True) -> dict:
         cfg = self.cfg
         self._check_same_config()
+        self.task.progress = self.progress
         self.task.prepare(self.run_dir)
         if resume:
             self.resume()
