@@ -4,6 +4,7 @@ against arithmetic from the published parameter counts, and the CLI."""
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,3 +327,21 @@ def test_plan_errors_name_the_fix(tmp_path):
     bad.plan = {"teacher": {"params": 2e9, "dtype": "int3"}}
     with pytest.raises(ValueError, match="dtype must be one of"):
         plan_config(bad, 8)
+
+
+def test_plan_sizes_a_list_of_text_encoders(tmp_path):
+    # text.encoder: [a, b] -- the student loads both (sample grids): their sizes add up; an unsizable one is named
+    from helpers.builders import save_tiny_bert
+    from snapgen.text import minilm_path
+    from snapgen.train.plan_models import safetensors_params
+
+    bert = save_tiny_bert(tmp_path / "bert", 24)
+    cfg = load_config("configs/t2i_micro.yaml")
+    one = plan_config(cfg, 1).component("text encoder (student)")
+    cfg.text = {**cfg.text, "encoder": ["minilm", str(bert)], "max_length": [32, 16]}
+    two = plan_config(cfg, 1).component("text encoder (student)")
+    assert one.params == safetensors_params(Path(minilm_path()))
+    assert two.params == one.params + safetensors_params(Path(bert)) and two.weights == 4 * two.params
+    cfg.text = {**cfg.text, "encoder": ["minilm", "paraphrase-minilm-l3"]}
+    unknown = plan_config(cfg, 1).component("text encoder (student)")
+    assert unknown.params == 0 and "'paraphrase-minilm-l3' is unknown" in unknown.note and "plan.text_encoder" in unknown.note

@@ -246,6 +246,15 @@ def _encoder(plan, key, label, setting, online, why, offline_note, shard) -> Com
     """The student's text encoder / the VAE: counted only when the run loads it."""
     if not online:
         return Component(label, note=f"not loaded: {offline_note}")
+    if isinstance(setting, (list, tuple)) and key not in plan:  # several text encoders: all loaded, sizes add up
+        parts = [_encoder(plan, key, label, s, online, why, offline_note, shard) for s in setting]
+        unknown = [s for s, c in zip(setting, parts) if not c.params]
+        if unknown:
+            return Component(label, note=f"loaded ({why}) but the size of encoder {unknown[0]!r} is unknown: "
+                                         f"declare plan.{key}: {{params: <all {len(setting)} encoders together>, "
+                                         f"dtype: ...}}")
+        return Component(label, sum(c.params for c in parts), parts[0].dtype, sum(c.weights for c in parts),
+                         note=f"frozen, {len(parts)} encoders, loaded for {why}")
     if setting == "minilm":  # the bundled encoder (snapgen.text.MiniLMEncoder): its folder is installed
         from ..text import minilm_path
 
