@@ -340,3 +340,19 @@ def test_no_progress_silences_the_cache_build(tmp_path, berts, vae_dir, capfd):
         err = capfd.readouterr().err
         for bar in ("encoding images", "encoding captions"):
             assert (bar in err) == progress, (bar, progress, err[-300:])
+
+
+def test_cached_encoders_compose_into_a_multi_encoder(berts):
+    # CachedTextEncoder wraps one encoder (a MultiTextEncoder is refused with the recipe); wrapped one by one,
+    # the multi-encoder's features equal the uncached ones (same captions, same batch: exactly, in float32)
+    from snapgen.text import CachedTextEncoder
+
+    multi = load_text_encoder(berts, LENGTHS)
+    with pytest.raises(TypeError, match=r"CachedTextEncoder\(e\) for e in multi.encoders"):
+        CachedTextEncoder(multi)
+    cached = MultiTextEncoder([CachedTextEncoder(e, dtype=torch.float32) for e in multi.encoders], multi.specs)
+    assert cached.specs == multi.specs and cached.dims == multi.dims
+    for _ in range(2):  # the second call is served from the caches
+        for (t, m), (rt, rm) in zip(encode_features(cached, PROMPTS), encode_features(multi, PROMPTS)):
+            assert torch.equal(m, rm) and torch.equal(t, rt)
+    assert [len(e) for e in cached.encoders] == [len(PROMPTS)] * 2

@@ -40,6 +40,9 @@ class CachedTextEncoder(TextEncoder):
     def __init__(self, encoder: TextEncoder, dtype: torch.dtype = torch.float16, batch_size: int = 256):
         super().__init__()
         if not isinstance(encoder, TextEncoder):
+            if hasattr(encoder, "encoders") and hasattr(encoder, "specs"):  # a MultiTextEncoder: cache each encoder
+                raise TypeError("CachedTextEncoder wraps one text encoder; cache several by wrapping each: "
+                                "MultiTextEncoder([CachedTextEncoder(e) for e in multi.encoders], multi.specs)")
             raise TypeError(f"CachedTextEncoder wraps a snapgen.text.TextEncoder, "
                             f"got {type(encoder).__name__}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
