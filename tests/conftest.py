@@ -14,7 +14,10 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _workers))
 
 from helpers.builders import ENC_DIM, build_distill_base, build_elastic_pipeline, nano, save_tiny_bert  # noqa: E402
 
+from helpers.multi_encoder import DIMS  # noqa: E402
+
 from snapgen.models import ThreeStageDiT  # noqa: E402
+from snapgen.vae import Autoencoder, AutoencoderConfig  # noqa: E402
 
 
 @pytest.fixture
@@ -31,6 +34,21 @@ def elastic_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("elastic_pipe")
     build_elastic_pipeline(text_encoder_spec=str(bert_dir)).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def berts(tmp_path_factory):
+    """Two tiny random BERT folders (MiniLM's tokenizer) of widths 16 and 24, different seeds (helpers.multi_encoder)."""
+    return [str(save_tiny_bert(tmp_path_factory.mktemp(f"bert{d}"), d, seed=i)) for i, d in enumerate(DIMS)]
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny random autoencoder folder (factor 2, 4 latent channels)."""
+    d = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4)).save_pretrained(d)
+    return d
 
 
 @pytest.fixture(scope="module")

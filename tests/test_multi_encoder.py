@@ -9,45 +9,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers.builders import SHIFT, TEXT_DIM, nano, perturb_, save_tiny_bert
+from helpers.builders import TEXT_DIM
+from helpers.multi_encoder import DIMS, LENGTHS, PROMPTS, two_encoder_pipeline, two_encoder_run
 from helpers.runs import losses
 
 from snapgen.data.latent_cache import load_latent_cache
-from snapgen.models import ThreeStageDiT
-from snapgen.pipelines import PipelineConfig, TextToImagePipeline
+from snapgen.pipelines import TextToImagePipeline
 from snapgen.text.loading import load_text_encoder
 from snapgen.tasks import build_task
-from snapgen.text import (HFTextEncoder, MultiTextEncoder, TextConditioning, encode_features, minilm_path,
-                          text_specs)
+from snapgen.text import HFTextEncoder, MultiTextEncoder, encode_features, minilm_path, text_specs
 from snapgen.train import Trainer
-from snapgen.train.config import TrainConfig
-from snapgen.vae import Autoencoder, AutoencoderConfig
-
-DIMS = (16, 24)        # the two tiny BERTs' widths
-LENGTHS = [16, 12]     # their max lengths
-PROMPTS = ["a red circle to the left of a blue square", "two green hearts"]
-
-
-@pytest.fixture(scope="module")
-def berts(tmp_path_factory):
-    """Two tiny random BERT folders (MiniLM's tokenizer) of widths 16 and 24, different seeds."""
-    return [str(save_tiny_bert(tmp_path_factory.mktemp(f"bert{d}"), d, seed=i)) for i, d in enumerate(DIMS)]
-
-
-def two_encoder_pipeline(specs):
-    torch.manual_seed(0)
-    transformer = perturb_(ThreeStageDiT(nano(in_channels=4, vae_factor=2, text_dim=TEXT_DIM)), std=0.05)
-    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4, scaling_factor=0.7,
-                                        shift_factor=0.1))
-    cond_kw = {"encoder_dims": list(DIMS), "out_dim": TEXT_DIM}
-    conditioning = TextConditioning(**cond_kw)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for null in conditioning.null_embeddings:
-            null.normal_(0, 1.0, generator=g)
-    config = PipelineConfig(text_encoder=list(specs), text_max_length=list(LENGTHS), conditioning=cond_kw,
-                            resolution=(16, 16), steps=3, guidance=3.0, shift=SHIFT)
-    return TextToImagePipeline(transformer, conditioning, vae, config)
 
 
 # --- encoders -----------------------------------------------------------------------------------------------
@@ -231,26 +202,6 @@ def test_two_encoder_onnx_export_matches_pytorch(pipe2, tmp_path):
 
 
 # --- training on two encoders ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4)).save_pretrained(d)
-    return d
-
-
-def two_encoder_run(tmp_path, berts, vae_dir, run, steps, data=None, **text):
-    return TrainConfig.from_dict({
-        "task": "flow", "run_dir": str(tmp_path / run), "seed": 3, "steps": steps, "batch_size": 4, "threads": 1,
-        "model": {"preset": "nano"}, "vae": {"path": str(vae_dir)},
-        "text": {"encoder": list(berts), "max_length": list(LENGTHS), "drop_prob": [0.3, 0.2],
-                 "drop_all_prob": 0.1, **text},
-        "data": data or {"spec": {"type": "scenes", "resolution": 16, "length": 12}, "num_samples": 12,
-                         "cache": str(tmp_path / "latents.safetensors")},
-        "optim": {"lr": 1e-3, "warmup": 2, "schedule": "constant"},
-        "log_every": 1, "ckpt_every": 3, "sample_every": 0, "keep_checkpoints": 3})
-
-
 def test_two_encoder_flow_run_cache_resume_and_export(tmp_path, berts, vae_dir):
     # the cache is built first, in its own task: a run that builds its cache in-process computes its steps with
     # float noise (~1e-6) that a run loading the cache does not (seen on main with one encoder too)
