@@ -132,7 +132,8 @@ def few_step_pipe():
 def test_a_seed_list_gives_every_image_its_own_noise_whatever_the_batch(kind, pipe, few_step_pipe):
     """seed=[5, 6, 7]: image i's initial noise and the few-step sampler's re-noising noise come from its own
     generator, so A's image is the same alone, first of [A, B, C] or second of [C, A] (up to the rounding of
-    batched matmuls; the pixels are equal here), and it is the int-seeded one-prompt image."""
+    batched matmuls: latents to 1e-5, pixels to one 8-bit level, which a multi-threaded matmul can flip), and it
+    is the int-seeded one-prompt image."""
     p = pipe if kind == "euler" else few_step_pipe
     assert p.sampling_settings()["sampler"] == kind
     abc = p([A, B, C], seed=[5, 6, 7], return_latents=True)
@@ -146,8 +147,8 @@ def test_a_seed_list_gives_every_image_its_own_noise_whatever_the_batch(kind, pi
     assert (abc[1] - p([B], seed=5, return_latents=True)[0]).abs().max() > 0.1  # B has its own seed, 6
     ims = pixels(p([A, B, C], seed=[5, 6, 7]))
     one = pixels(p([A], seed=5))[0]
-    assert np.abs(ims[0] - one).max() == 0 and np.abs(pixels(p([C, A], seed=[7, 5]))[1] - one).max() == 0
-    assert np.abs(ims[1] - pixels(p([B], seed=6))[0]).max() == 0
+    assert np.abs(ims[0] - one).max() <= 1 and np.abs(pixels(p([C, A], seed=[7, 5]))[1] - one).max() <= 1
+    assert np.abs(ims[1] - pixels(p([B], seed=6))[0]).max() <= 1
     # an int seed draws the batch together: A second in [C, A] is not its one-prompt image
     assert (p([C, A], seed=5, return_latents=True)[1] - alone[0]).abs().max() > 0.1
 

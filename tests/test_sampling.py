@@ -49,7 +49,7 @@ def test_sampler_config_round_trip():
 
 
 @pytest.mark.parametrize("kw, words", [
-    ({"kind": "heun"}, r"unknown sampler 'heun'; known: euler, few_step"),
+    ({"kind": "heun"}, r"unknown sampler 'heun'; known: dfm, euler, few_step"),
     ({"steps": 0}, r"steps must be an integer >= 1, got 0"),
     ({"steps": 2.5}, r"steps must be an integer >= 1"),
     ({"shift": 0.0}, r"shift must be positive"),
@@ -101,11 +101,14 @@ def test_legacy_fields_and_overrides():
         SamplerConfig("euler", times=(1.0, 0.0)).to_fields()
 
 
-def test_registry_lists_both_samplers():
-    assert SAMPLERS.names() == ["euler", "few_step"]
+def test_registry_lists_every_sampler():
+    from snapgen.sampling import DFMSampler
+
+    assert SAMPLERS.names() == ["dfm", "euler", "few_step"]
     assert SAMPLERS.get("euler") is EulerSampler and SAMPLERS.get("few_step") is FewStepSampler
+    assert SAMPLERS.get("dfm") is DFMSampler
     for kind in SAMPLERS.names():
-        s = make_sampler(SamplerConfig(kind, steps=3))
+        s = make_sampler(SamplerConfig(kind, steps=3, **({"stage_steps": (3,)} if kind == "dfm" else {})))
         assert isinstance(s, Sampler) and s.config.kind == kind
 
 

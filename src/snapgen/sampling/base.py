@@ -46,7 +46,10 @@ class SamplerConfig:
       count (e.g. a distilled pipeline asked for 2 steps) and when empty, the grid is derived from ``steps``
       and ``shift`` (:func:`snapgen.sampling.time_grid`; the pipeline's rule since few-step sampling exists);
     * ``guidance``: CFG weight ``w`` in ``v_u + w (v_c - v_u)`` (1 = no guidance), applied by the velocity
-      function (:func:`snapgen.sampling.guided`), not by the sampler.
+      function (:func:`snapgen.sampling.guided`), not by the sampler;
+    * ``stage_steps`` / ``stage_thresholds``: the ``"dfm"`` stage-scheduled sampler's steps per pyramid stage and
+      the times (t = 1 noise) at which each next stage starts (:mod:`snapgen.sampling.dfm`); ``steps`` is their
+      sum. Empty for every other kind.
     """
 
     kind: str = "euler"
@@ -54,6 +57,8 @@ class SamplerConfig:
     shift: float = 1.0
     times: tuple[float, ...] = ()
     guidance: float = 1.0
+    stage_steps: tuple[int, ...] = ()
+    stage_thresholds: tuple[float, ...] = ()
 
     def __post_init__(self):
         SAMPLERS.get(self.kind)  # unknown kind: an error listing the known ones
@@ -65,6 +70,8 @@ class SamplerConfig:
         if times:
             _check_times(times)
         steps = self.steps
+        if self.kind == "dfm" or self.stage_steps or self.stage_thresholds:
+            steps = self._check_stages(steps)
         if steps is None:
             steps = len(times) - 1 if times else DEFAULT_STEPS
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -80,10 +87,26 @@ class SamplerConfig:
         if self.guidance < 0:
             raise ValueError(f"sampler guidance must be >= 0 (1 = no guidance), got {self.guidance}")
 
+    def _check_stages(self, steps):
+        from .dfm import check_stage_settings
+
+        if self.kind != "dfm":
+            raise ValueError(f"stage_steps / stage_thresholds are settings of the 'dfm' sampler, not {self.kind!r}")
+        stage_steps, thresholds = check_stage_settings(self.stage_steps, self.stage_thresholds)
+        object.__setattr__(self, "stage_steps", stage_steps)
+        object.__setattr__(self, "stage_thresholds", thresholds)
+        if steps is not None and steps != sum(stage_steps):
+            raise ValueError(f"a dfm sampler takes sum(stage_steps) = {sum(stage_steps)} steps, got steps={steps}: "
+                             f"set stage_steps (e.g. --stage-steps) to change the step count")
+        return sum(stage_steps)
+
     # --- dict / legacy fields ---------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "steps": self.steps, "shift": self.shift, "times": list(self.times),
-                "guidance": self.guidance}
+        d = {"kind": self.kind, "steps": self.steps, "shift": self.shift, "times": list(self.times),
+             "guidance": self.guidance}
+        if self.kind == "dfm":
+            d.update(stage_steps=list(self.stage_steps), stage_thresholds=list(self.stage_thresholds))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplerConfig":
@@ -101,21 +124,27 @@ class SamplerConfig:
 
     @classmethod
     def from_fields(cls, sampler: str = "euler", steps: int = DEFAULT_STEPS, guidance: float = 1.0,
-                    shift: float = 1.0, few_step_times=()) -> "SamplerConfig":
+                    shift: float = 1.0, few_step_times=(), stage_steps=(), stage_thresholds=()) -> "SamplerConfig":
         """The sampler described by ``pipeline.json``'s / ``export.json``'s flat fields.
 
         ``few_step_times`` are read by the few-step sampler only (an Euler pipeline ignores them), as every
-        snapgen release has read them."""
+        snapgen release has read them; ``stage_steps`` / ``stage_thresholds`` by the dfm sampler only."""
         times = tuple(few_step_times or ()) if sampler == "few_step" else ()
-        return cls(kind=sampler, steps=steps, shift=shift, times=times, guidance=guidance)
+        stages = ({"stage_steps": tuple(stage_steps or ()), "stage_thresholds": tuple(stage_thresholds or ())}
+                  if sampler == "dfm" else {})
+        return cls(kind=sampler, steps=steps, shift=shift, times=times, guidance=guidance, **stages)
 
     def to_fields(self) -> dict:
-        """The inverse of :meth:`from_fields`: ``{sampler, steps, guidance, shift, few_step_times}``."""
+        """The inverse of :meth:`from_fields`: ``{sampler, steps, guidance, shift, few_step_times}`` (and
+        ``stage_steps`` / ``stage_thresholds`` for a dfm sampler)."""
         if self.times and self.kind != "few_step":
             raise ValueError(f"a {self.kind!r} sampler with explicit times cannot be written to pipeline.json's "
                              f"fields (few_step_times are read by the few-step sampler only)")
-        return {"sampler": self.kind, "steps": self.steps, "guidance": self.guidance, "shift": self.shift,
-                "few_step_times": self.times}
+        fields = {"sampler": self.kind, "steps": self.steps, "guidance": self.guidance, "shift": self.shift,
+                  "few_step_times": self.times}
+        if self.kind == "dfm":
+            fields.update(stage_steps=self.stage_steps, stage_thresholds=self.stage_thresholds)
+        return fields
 
     def settings(self) -> dict:
         """``{sampler, steps, guidance, shift}`` (what ``TextToImagePipeline.sampling_settings`` returns)."""
