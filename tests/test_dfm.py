@@ -42,11 +42,14 @@ def test_pyramid_round_trip_and_operators(levels):
         ref = _slow_down(ref)
     torch.testing.assert_close(parts[0], ref, atol=1e-12, rtol=0)
     assert p.down(parts[-1]).abs().max() > 1e-3  # bilinear up is not the block-mean's inverse: residual != 0 mean
-    # pack / unpack, preview with every level = x
+    # pack / unpack: one latent-shaped tensor on the coarsest grid, levels stacked along channels
     packed = p.pack(parts)
-    assert packed.shape == (2, 3, sum(p.numels((16, 8))))
-    for a, b in zip(p.unpack(packed, (16, 8)), parts):
+    assert packed.shape == (2, *p.packed_shape(3, (16, 8))) == (2, 3 * sum(4 ** s for s in range(levels)),
+                                                                    *parts[0].shape[2:])
+    for a, b in zip(p.unpack(packed), parts):
         assert torch.equal(a, b)
+    fine = packed[:, -3 * 4 ** (levels - 1):]  # the finest level's channels = its pixel_unshuffle
+    assert torch.equal(fine, F.pixel_unshuffle(parts[-1], 2 ** (levels - 1)))
     torch.testing.assert_close(p.preview(parts), x, atol=1e-12, rtol=0)
     assert p.preview(parts[:1]).shape == x.shape
 
@@ -57,6 +60,10 @@ def test_pyramid_3d_round_trip():
     parts = p.decompose(x)
     assert parts[0].shape == (1, 2, 2, 4, 4)
     torch.testing.assert_close(p.recompose(parts), x, atol=1e-12, rtol=0)
+    packed = p.pack(parts)
+    assert packed.shape == (1, 2 * 9, 2, 4, 4) and all(torch.equal(a, b) for a, b in zip(p.unpack(packed), parts))
+    # space-to-depth keeps each 2x2x2 block of the fine level together: channel group (c, dt, dy, dx)
+    assert packed[0, 2 + 0 * 8 + 5, 1, 2, 3] == parts[1][0, 0, 2 * 1 + 1, 2 * 2 + 0, 2 * 3 + 1]
     torch.testing.assert_close(parts[0][0, 0, 0, 0, 0], x[0, 0, :2, :2, :2].mean(), atol=1e-12, rtol=0)
 
 
@@ -69,8 +76,8 @@ def test_pyramid_errors_name_the_fix():
         Pyramid(0)
     with pytest.raises(ValueError, match=r"\(B, C, T, H, W\)"):
         Pyramid(2, dims=3).decompose(torch.zeros(1, 1, 8, 8))
-    with pytest.raises(ValueError, match=r"\(B, C, 80\)"):
-        Pyramid(2).unpack(torch.zeros(1, 1, 64), (8, 8))
+    with pytest.raises(ValueError, match="a multiple of 5 channels, got 4"):
+        Pyramid(2).unpack(torch.zeros(1, 4, 8, 8))
     one = Pyramid(1)
     x = torch.randn(1, 2, 5, 3)  # one level: any size, the identity
     assert torch.equal(one.recompose(one.decompose(x)), x)
@@ -87,7 +94,7 @@ class PerLevel(torch.nn.Module):
         self.b = torch.nn.Parameter(torch.linspace(-1.0, 1.0, pyramid.levels))
 
     def forward(self, x, t, cond):
-        levels = self.pyramid.unpack(x, self.size)
+        levels = self.pyramid.unpack(x)
         tt = t.clamp(max=1.0)
         out = [self.a[s] * lv + self.b[s] * tt[:, s, None, None, None] for s, lv in enumerate(levels)]
         return self.pyramid.pack(out)
@@ -100,9 +107,9 @@ def test_one_level_dfm_is_plain_flow_matching_draw_for_draw():
     def plain(x, t, cond):
         return conv(x) * (1 + t[:, None, None, None])
 
-    def packed(x, t, cond):  # the same function on the one-level packed state (B, C, H*W), t (B, 1)
-        assert t.shape == (6, 1)
-        return plain(x.reshape(6, 4, 8, 8), t[:, 0], cond).flatten(2)
+    def packed(x, t, cond):  # the same function on the one-level packed state (the latent itself), t (B, 1)
+        assert t.shape == (6, 1) and x.shape == x0.shape
+        return plain(x, t[:, 0], cond)
 
     for shift in (1.0, 3.0):
         a = FlowMatchingLoss(shift=shift)(plain, x0, generator=torch.Generator().manual_seed(5))
@@ -163,7 +170,7 @@ def test_not_started_levels_reach_the_model_as_zero_input():
     seen = {}
 
     def model(x, t, cond):
-        seen["levels"], seen["t"] = p.unpack(x, (8, 8)), t
+        seen["levels"], seen["t"] = p.unpack(x), t
         return torch.zeros_like(x)
 
     DecomposableFlowLoss(levels=2).terms(model, torch.randn(3, 2, 8, 8), torch.Generator().manual_seed(0), stage=0)
@@ -202,7 +209,7 @@ def _oracle(p, size, target):
 
     def velocity(x, t):
         out = []
-        for s, (lv, X) in enumerate(zip(p.unpack(x, size), levels)):
+        for s, (lv, X) in enumerate(zip(p.unpack(x), levels)):
             ts = t[:, s, None, None, None]
             out.append(torch.where(ts <= 1, (lv - X) / ts.clamp(min=1e-6), torch.full_like(lv, float("nan"))))
         return p.pack(out)
@@ -214,7 +221,7 @@ def test_sampler_with_the_exact_velocity_lands_on_the_data_and_previews_its_coar
     p = Pyramid(levels)
     size = (8, 8)
     target = torch.randn(2, 3, *size, dtype=torch.float64)
-    noise = torch.randn(2, 3, p.packed_size(size), dtype=torch.float64)
+    noise = torch.randn(2, *p.packed_shape(3, size), dtype=torch.float64)
     previews, inputs = [], []
     oracle = _oracle(p, size, target)
 
@@ -223,20 +230,20 @@ def test_sampler_with_the_exact_velocity_lands_on_the_data_and_previews_its_coar
         return oracle(x, t)
 
     sampler = make_sampler(SamplerConfig(kind="dfm", stage_steps=tuple(steps), stage_thresholds=tuple(taus)))
-    out = sampler.sample(velocity, noise, split=p.numels(size), on_stage=lambda k, x0: previews.append((k, x0)))
-    torch.testing.assert_close(p.recompose(p.unpack(out, size)), target, atol=1e-9, rtol=0)
+    out = sampler.sample(velocity, noise, split=p.channel_split(3), on_stage=lambda k, x0: previews.append((k, x0)))
+    torch.testing.assert_close(p.recompose(p.unpack(out)), target, atol=1e-9, rtol=0)
     assert len(inputs) == sum(steps)
     for s in range(levels):  # a level is 0 until its stage starts, then starts from its own noise
         start = sum(steps[:s])
         for i, (x, t) in enumerate(inputs):
-            level = p.unpack(x, size)[s]
+            level = p.unpack(x)[s]
             if i < start:
                 assert bool((level == 0).all()) and bool((t[:, s] == NOT_STARTED).all())
             elif i == start:
-                assert torch.equal(level, p.unpack(noise, size)[s]) and bool((t[:, s] == 1).all())
+                assert torch.equal(level, p.unpack(noise)[s]) and bool((t[:, s] == 1).all())
     assert [k for k, _ in previews] == list(range(levels - 1))
     for k, x0 in previews:
-        got = p.unpack(x0, size)
+        got = p.unpack(x0)
         for s in range(levels):
             if s <= k:
                 torch.testing.assert_close(got[s], p.decompose(target)[s], atol=1e-9, rtol=0)
@@ -251,16 +258,16 @@ def test_one_stage_sampler_is_euler_and_cfg_matches_the_plain_sampler():
     def model(xt, t, cond):  # a denoiser on (B, C, H, W), t (B,)
         return conv(xt) * (1 + t[:, None, None, None]) + cond["c"][:, None, None, None]
 
-    def packed(xt, t, cond):
-        return model(xt.reshape(-1, 4, 6, 6), t[:, 0], cond).flatten(2)
+    def packed(xt, t, cond):  # one level: the packed state is the latent, t is (B, 1)
+        return model(xt, t[:, 0], cond)
 
     cond, uncond = {"c": torch.tensor([0.5, -1.0])}, {"c": torch.zeros(2)}
     with torch.no_grad():
         want = euler_sample(guided(model, cond, uncond, 3.0), x, sampling_times(5))
     cfg = SamplerConfig(kind="dfm", stage_steps=(5,))
     assert cfg.steps == 5 and cfg.to_fields()["stage_steps"] == (5,)
-    got = make_sampler(cfg).sample(guided(packed, cond, uncond, 3.0), x.flatten(2))
-    torch.testing.assert_close(got.reshape(x.shape), want, atol=1e-6, rtol=0)
+    got = make_sampler(cfg).sample(guided(packed, cond, uncond, 3.0), x)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert (want - x).abs().max() > 0.1
 
 
@@ -279,5 +286,5 @@ def test_dfm_sampler_config_errors_and_fields():
             SamplerConfig(kind="dfm", **kw)
     with pytest.raises(ValueError, match="settings of the 'dfm' sampler"):
         SamplerConfig(kind="euler", stage_steps=(4,))
-    with pytest.raises(ValueError, match="does not match a packed state"):
-        dfm_sample(lambda x, t: x, torch.zeros(1, 1, 10), stage_schedule([2, 2], [0.5]), split=[2, 7])
+    with pytest.raises(ValueError, match="does not match a packed state of 10 channels"):
+        dfm_sample(lambda x, t: x, torch.zeros(1, 10, 2, 2), stage_schedule([2, 2], [0.5]), split=[2, 7])

@@ -53,7 +53,8 @@ class DFMTerms:
 class DecomposableFlowLoss(FlowMatchingLoss):
     """``__call__(model, x0, cond=...) -> (loss, per_sample, t)`` as :class:`FlowMatchingLoss`; :meth:`terms`
     returns the whole :class:`DFMTerms`. ``x0`` is the latent ``(B, C, H, W)`` (or ``(B, C, T, H, W)`` with a 3-D
-    pyramid); the model is called on the packed pyramid state with ``t`` of shape ``(B, S)``."""
+    pyramid); the model is called on the packed pyramid state (:meth:`Pyramid.pack`, with one level the latent
+    itself) with ``t`` of shape ``(B, S)``."""
 
     def __init__(self, levels: int = 2, stage_probs=None, mean: float = 0.0, std: float = 1.0,
                  shift: float | None = 1.0, earlier_logit_mean: float = PAPER_EARLIER_LOGIT_MEAN,
@@ -100,15 +101,15 @@ class DecomposableFlowLoss(FlowMatchingLoss):
               **cond_kw) -> DFMTerms:
         size = x0.shape[2:]
         levels = self.pyramid.decompose(x0)
+        packed_shape = (x0.shape[0], *self.pyramid.packed_shape(x0.shape[1], size))
         B = x0.shape[0]
         if stage is None:
             stage = self.draw_stage(generator)
         if times is None:
             times = self.draw_times(B, stage, self.shift_for(x0), generator, x0.device)
         if eps is None:  # one draw of the whole packed state: with one level, plain flow matching's noise
-            eps = randn((B, x0.shape[1], self.pyramid.packed_size(size)), generator, device=x0.device,
-                        dtype=x0.dtype)
-        noises = self.pyramid.unpack(eps, size)
+            eps = randn(packed_shape, generator, device=x0.device, dtype=x0.dtype)
+        noises = self.pyramid.unpack(eps)
         started = times <= 1.0  # (B, S)
         inputs, targets = [], []
         for s, (X, e) in enumerate(zip(levels, noises)):
@@ -119,7 +120,7 @@ class DecomposableFlowLoss(FlowMatchingLoss):
         v = model(self.pyramid.pack(inputs), times, {**(cond or {}), **cond_kw})
         per_level = torch.stack([
             F.mse_loss(vs.float(), tg.float(), reduction="none").flatten(1).mean(1)
-            for vs, tg in zip(self.pyramid.unpack(v, size), targets)], dim=1) * started.float()
+            for vs, tg in zip(self.pyramid.unpack(v), targets)], dim=1) * started.float()
         per_sample = per_level.sum(1)
         return DFMTerms(per_sample.mean(), per_sample, times[:, stage], stage, times, per_level)
 

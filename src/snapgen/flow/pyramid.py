@@ -8,9 +8,12 @@ halving with bilinear interpolation (no antialias) samples midway between pixels
 block, so *down* is 2x2 average pooling; *up* is bilinear x2 (``align_corners=False``). The 3-D (video) form
 halves T, H and W together (2x2x2 mean, trilinear x2): latents ``(B, C, T, H, W)``.
 
-DFM's state is one tensor: the levels flattened and concatenated, ``(B, C, N_1 + ... + N_S)`` with
-``N_s`` the level's pixel count (:meth:`Pyramid.pack` / :meth:`Pyramid.unpack`), so a sampler, CFG batching and
-an exported graph handle it as any latent.
+DFM's state is one latent-shaped tensor (:meth:`Pyramid.pack` / :meth:`Pyramid.unpack`): every level brought to
+the coarsest level's grid by space-to-depth (``pixel_unshuffle``: level s, ``4 ** (s - 1)`` times the coarsest's
+pixels, becomes ``4 ** (s - 1)`` channel groups) and the levels stacked along channels, coarsest first:
+``(B, C (1 + 4 + ... + 4 ** (S - 1)), H / 2 ** (S - 1), W / 2 ** (S - 1))`` (8 for 3-D). It is invertible, holds
+no padding, and its shape gives back the latent's, so samplers, CFG batching and exported graphs handle it as
+any latent; with one level it *is* the latent.
 """
 
 from __future__ import annotations
@@ -64,16 +67,6 @@ class Pyramid:
         size = self.check(size)
         return [tuple(s // 2 ** (self.levels - 1 - k) for s in size) for k in range(self.levels)]
 
-    def numels(self, size) -> list[int]:
-        """Each level's pixel count (per channel), coarsest first: the split of the packed state."""
-        out = []
-        for shape in self.shapes(size):
-            n = 1
-            for s in shape:
-                n *= s
-            out.append(n)
-        return out
-
     # --- the two operators ------------------------------------------------------------------------------
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """Halve every spatial axis: the mean of each 2x2 (2x2x2) block."""
@@ -115,26 +108,69 @@ class Pyramid:
         return x
 
     # --- the packed state ---------------------------------------------------------------------------------
+    @property
+    def groups(self) -> list[int]:
+        """Channel groups per level in the packed state, coarsest first (``1, 4, 16 ...``; ``1, 8, 64 ...``)."""
+        r = 2 ** self.dims
+        return [r ** s for s in range(self.levels)]
+
+    def packed_channels(self, channels: int) -> int:
+        return channels * sum(self.groups)
+
+    def channel_split(self, channels: int) -> list[int]:
+        """Each level's channel count in the packed state of a ``channels``-channel latent."""
+        return [channels * g for g in self.groups]
+
+    def packed_shape(self, channels: int, size) -> tuple[int, ...]:
+        """The packed state's shape without the batch: ``(C * sum(groups), *coarsest size)``."""
+        return (self.packed_channels(channels), *self.shapes(size)[0])
+
+    def latent_channels(self, packed_channels: int) -> int:
+        total = sum(self.groups)
+        if packed_channels % total:
+            raise ValueError(f"a packed {self.levels}-level state has a multiple of {total} channels, got "
+                             f"{packed_channels}")
+        return packed_channels // total
+
     def pack(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        """``(B, C, N_1 + ... + N_S)``: every level flattened, coarsest first."""
+        """Every level space-to-depth'd to the coarsest grid, stacked along channels, coarsest first."""
         if len(levels) != self.levels:
             raise ValueError(f"pack takes all {self.levels} levels, got {len(levels)}")
-        return torch.cat([lv.flatten(2) for lv in levels], dim=2)
+        return torch.cat([_space_to_depth(lv, 2 ** s, self.dims) for s, lv in enumerate(levels)], dim=1)
 
-    def unpack(self, x: torch.Tensor, size) -> list[torch.Tensor]:
-        """The levels of a packed ``(B, C, N)`` state of a latent of spatial size ``size``."""
-        shapes = self.shapes(size)
-        numels = self.numels(size)
-        if x.dim() != 3 or x.shape[2] != sum(numels):
-            raise ValueError(f"a packed {self.levels}-level state of a {'x'.join(map(str, size))} latent is "
-                             f"(B, C, {sum(numels)}), got {tuple(x.shape)}")
-        return [part.reshape(*x.shape[:2], *shape) for part, shape in zip(x.split(numels, dim=2), shapes)]
-
-    def packed_size(self, size) -> int:
-        return sum(self.numels(size))
+    def unpack(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The levels (each at its own resolution) of a packed state."""
+        if x.dim() != self.dims + 2:
+            raise ValueError(f"a packed {self.dims}-D pyramid state is {self.dims + 2}-D, got shape {tuple(x.shape)}")
+        C = self.latent_channels(x.shape[1])
+        parts = x.split(self.channel_split(C), dim=1)
+        return [_depth_to_space(part, 2 ** s, self.dims) for s, part in enumerate(parts)]
 
     def _check_tensor(self, x: torch.Tensor) -> None:
         if x.dim() != self.dims + 2:
             raise ValueError(f"a {self.dims}-D pyramid takes {'(B, C, H, W)' if self.dims == 2 else '(B, C, T, H, W)'}"
                              f" latents, got shape {tuple(x.shape)}")
         self.check(x.shape[2:])
+
+
+def _space_to_depth(x: torch.Tensor, r: int, dims: int) -> torch.Tensor:
+    """``(B, C, *size)`` -> ``(B, C r^dims, *size / r)``; channel order (c, sub-pixel offsets), as
+    ``pixel_unshuffle`` for 2-D."""
+    if r == 1:
+        return x
+    if dims == 2:
+        return F.pixel_unshuffle(x, r)
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // r, r, H // r, r, W // r, r).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(B, C * r ** 3, T // r, H // r, W // r)
+
+
+def _depth_to_space(x: torch.Tensor, r: int, dims: int) -> torch.Tensor:
+    if r == 1:
+        return x
+    if dims == 2:
+        return F.pixel_shuffle(x, r)
+    B, Cr, T, H, W = x.shape
+    C = Cr // r ** 3
+    x = x.reshape(B, C, r, r, r, T, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(B, C, T * r, H * r, W * r)

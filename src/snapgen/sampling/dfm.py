@@ -16,9 +16,9 @@ The schedule (:func:`stage_schedule`), for S stages, per-stage step counts ``n_1
 
 For two stages this is the official schedule exactly (stage 1 continues from tau to 0 as ``t_1 = tau * t_2``).
 For three or more the official one maps earlier stages back up in time (and raises); composing per-stage ranges
-as above is monotone for any S (tests/test_dfm.py). The state is the pyramid's packed tensor
-``(B, C, N_1 + ... + N_S)`` (:class:`snapgen.flow.pyramid.Pyramid`); the velocity function is called with
-``t`` of shape ``(B, S)``.
+as above is monotone for any S (tests/test_dfm.py). The state is the pyramid's packed latent (levels stacked
+along channels, :meth:`snapgen.flow.pyramid.Pyramid.pack`); ``split`` gives each level's channel count. The
+velocity function is called with ``t`` of shape ``(B, S)``.
 """
 
 from __future__ import annotations
@@ -76,47 +76,51 @@ def stage_schedule(stage_steps, thresholds) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def _expand(per_stage: torch.Tensor, split: list[int]) -> torch.Tensor:
-    """``(B, S)`` per-stage values -> ``(B, 1, N)`` per packed element."""
-    return torch.cat([per_stage[:, s:s + 1, None].expand(-1, 1, n) for s, n in enumerate(split)], dim=2)
+def _expand(per_stage: torch.Tensor, split: list[int], like: torch.Tensor) -> torch.Tensor:
+    """``(B, S)`` per-stage values -> ``(B, channels, 1, ...)``: each level's value on its channels."""
+    out = torch.repeat_interleave(per_stage, torch.tensor(split, device=per_stage.device), dim=1)
+    return out.reshape(*out.shape, *([1] * (like.dim() - 2)))
 
 
-def default_split(n: int, stages: int) -> list[int]:
-    """The level sizes of a packed 2-D pyramid state of length ``n`` (``N_s = N_1 * 4 ** (s - 1)``)."""
+def default_split(channels: int, stages: int) -> list[int]:
+    """The level channel counts of a packed 2-D pyramid state (``C * 4 ** s`` for level s)."""
     unit = sum(4 ** s for s in range(stages))
-    if n % unit:
-        raise ValueError(f"a packed state of length {n} is not a {stages}-level 2-D pyramid; pass split=")
-    return [n // unit * 4 ** s for s in range(stages)]
+    if channels % unit:
+        raise ValueError(f"a packed state of {channels} channels is not a {stages}-level 2-D pyramid; pass split=")
+    return [channels // unit * 4 ** s for s in range(stages)]
 
 
 @torch.no_grad()
 def dfm_sample(velocity: VelocityFn, noise: torch.Tensor, schedule: torch.Tensor, split: list[int] | None = None,
                progress: bool = False, on_stage=None) -> torch.Tensor:
-    """Euler steps over the stage ``schedule`` (:func:`stage_schedule`) on the packed ``noise`` ``(B, C, N)``:
+    """Euler steps over the stage ``schedule`` (:func:`stage_schedule`) on the packed ``noise``:
     ``x_s <- x_s + (t_s' - t_s) v_s`` for every started stage. A level not yet started is held at 0 (the model
     ignores it) and takes its noise from ``noise`` when it starts. ``on_stage(k, x0_hat)`` is called when stage
     ``k``'s chunk ends (every chunk but the last), with the packed prediction ``x - t v`` of the started levels
     (later levels 0): the progressive preview, at no extra model call."""
     S = schedule.shape[1]
-    split = list(split) if split is not None else default_split(noise.shape[2], S)
-    if len(split) != S or sum(split) != noise.shape[2]:
-        raise ValueError(f"split {split} does not match a packed state of length {noise.shape[2]} in {S} stages")
+    split = list(split) if split is not None else default_split(noise.shape[1], S)
+    if len(split) != S or sum(split) != noise.shape[1]:
+        raise ValueError(f"split {split} does not match a packed state of {noise.shape[1]} channels in {S} stages")
     B = noise.shape[0]
     sched = schedule.to(device=noise.device, dtype=noise.dtype)
     started = schedule <= 1.0  # (rows, S), on the CPU: control flow only
     # the step after which stage k's chunk is over (stage k + 1 starts at the row it leads to)
     chunk_end = {int(r): int(c) for r, c in torch.nonzero(started[1:, 1:] & ~started[:-1, 1:]).tolist()}
-    x = noise * _expand(started[0].to(noise.dtype).to(noise.device).expand(B, S), split)
+
+    def per_level(values: torch.Tensor) -> torch.Tensor:  # (S,) -> broadcastable over the packed state
+        return _expand(values.to(noise.device).expand(B, S), split, noise)
+
+    x = torch.where(per_level(started[0]), noise, torch.zeros_like(noise))
     for i in tqdm(range(schedule.shape[0] - 1), disable=not progress, desc="sampling", leave=False):
         if i > 0 and bool((started[i] & ~started[i - 1]).any()):  # a stage starts: its level takes its noise
-            fresh = _expand((started[i] & ~started[i - 1]).to(noise.dtype).to(noise.device).expand(B, S), split)
-            x = x * (1 - fresh) + noise * fresh
+            x = torch.where(per_level(started[i] & ~started[i - 1]), noise, x)
         now, nxt = sched[i], sched[i + 1]
         v = velocity(x, now.expand(B, S))
-        on = _expand(started[i].to(noise.device).expand(B, S), split)  # (B, 1, N): levels integrated this step
-        x = torch.where(on, x + _expand((nxt - now).expand(B, S), split) * v, x)  # v of other levels: unused
+        on = per_level(started[i])  # the levels integrated in this step; the others' v is never used
+        x = torch.where(on, x + per_level(nxt - now) * v, x)
         if on_stage is not None and i in chunk_end:
-            x0 = x - _expand(nxt.clamp(max=1.0).expand(B, S), split) * v
+            x0 = x - per_level(nxt.clamp(max=1.0)) * v
             on_stage(chunk_end[i], torch.where(on, x0, torch.zeros_like(x0)))
     return x
 
@@ -125,7 +129,8 @@ def dfm_sample(velocity: VelocityFn, noise: torch.Tensor, schedule: torch.Tensor
 class DFMSampler:
     """:func:`dfm_sample` over :func:`stage_schedule` of the config's ``stage_steps`` / ``stage_thresholds``
     (``steps`` = their sum); deterministic (``generator`` is unused). ``sample(..., split=, on_stage=)``: the
-    packed state's level sizes (:meth:`Pyramid.numels`; default a 2-D pyramid) and the preview callback."""
+    packed state's channels per level (:meth:`Pyramid.channel_split`; default a 2-D pyramid) and the preview
+    callback."""
 
     def __init__(self, config: SamplerConfig):
         self.config = config
