@@ -60,6 +60,7 @@ __all__ = ["Use", "Axis", "importance_plan", "channel_importance", "importance_p
 
 RESIDUAL, TIME_HIDDEN = "residual", "time_hidden"
 UNTOUCHED = ("text_norm.", "final_layer.linear.bias")  # plus every QK-norm (checked by suffix below)
+UNTOUCHED_SUFFIXES = (".norm_q.", ".norm_k.")  # and DFM's per-level heads' output biases (below)
 
 
 @dataclass(frozen=True)
@@ -199,10 +200,20 @@ def importance_plan(model: ThreeStageDiT) -> dict[str, Axis]:
         P.linear(f"{s}.proj", out=R(), inp=R(2))
     P.use(RESIDUAL, D, "final_layer.modulation", 1, score=True)
     P.linear("final_layer.linear", inp=R())
+    if model.dfm is not None:  # DFM's coarser levels: embeddings and heads on the stream, own time hidden axes
+        for s in range(len(model.dfm.embeds)):
+            P.use(RESIDUAL, D, f"dfm.embeds.{s}.weight", 0, score=True)
+            P.use(RESIDUAL, D, f"dfm.embeds.{s}.bias", 0, score=True)
+            hidden = f"dfm.t_embedders.{s}.hidden"
+            P.linear(f"dfm.t_embedders.{s}.mlp.0", out=(hidden, D, 1, 1, False))
+            P.linear(f"dfm.t_embedders.{s}.mlp.2", out=R(), inp=(hidden, D, 1, 1, True))
+            P.use(RESIDUAL, D, f"dfm.heads.{s}.modulation", 1, score=True)
+            P.linear(f"dfm.heads.{s}.linear", inp=R())
 
     covered = {u.param for ax in P.axes.values() for u in ax.uses}
     unknown = [n for n in P.params if n not in covered and not n.startswith(UNTOUCHED)
-               and not any(s in n for s in (".norm_q.", ".norm_k."))]
+               and not any(s in n for s in UNTOUCHED_SUFFIXES)
+               and not (n.startswith("dfm.heads.") and n.endswith(".linear.bias"))]
     if unknown:
         raise RuntimeError(f"importance plan does not know how to permute {unknown}: add them to "
                            f"snapgen.elastic.importance.importance_plan (or to UNTOUCHED if no elastic axis)")

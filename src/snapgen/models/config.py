@@ -27,7 +27,7 @@ ELASTIC_MODULATION = ("shared", "per_width")
 @dataclass(frozen=True)
 class ThreeStageDiTConfig(JSONConfigMixin):
     _config_kind = "ThreeStageDiT"
-    _optional_keys = ("elastic_variants", "elastic_modulation")  # configs saved before these existed
+    _optional_keys = ("elastic_variants", "elastic_modulation", "dfm_levels")  # configs saved before these existed
 
     # --- latent interface -------------------------------------------------------------------------------
     in_channels: int = 16            # latent channels (paper: Qwen-Image VAE, 16)
@@ -65,6 +65,11 @@ class ThreeStageDiTConfig(JSONConfigMixin):
     # model's (the default, and every model saved before this key existed); "per_width" = each sub-network has
     # its own at its own width (the paper keeps modulation layers per width). Needs elastic_variants.
     elastic_modulation: str = "shared"
+    # --- Decomposable Flow Matching (DFM, arXiv 2506.19839; snapgen.models.multiscale) ----------------------------
+    # Pyramid levels the model denoises together: 1 = plain flow matching; S > 1 = the packed S-level pyramid state
+    # with one time per level, one patch embedding / timestep embedder / head per level (patch_size must divide
+    # by 2 ** (S - 1): the coarsest level's patch is patch_size / 2 ** (S - 1)).
+    dfm_levels: int = 1
 
     def __post_init__(self):
         # JSON round trips give lists; store tuples so configs compare and hash.
@@ -121,6 +126,11 @@ class ThreeStageDiTConfig(JSONConfigMixin):
             bad(f"bna_radius must be >= 0, got {self.bna_radius}")
         if self.mlp_ratio <= 0 or self.mlp_ratio_middle <= 0:
             bad("mlp ratios must be positive")
+        if isinstance(self.dfm_levels, bool) or not isinstance(self.dfm_levels, int) or self.dfm_levels < 1:
+            bad(f"dfm_levels must be an integer >= 1 (1 = plain flow matching), got {self.dfm_levels!r}")
+        if self.patch_size % 2 ** (self.dfm_levels - 1):
+            bad(f"dfm_levels {self.dfm_levels} needs patch_size divisible by {2 ** (self.dfm_levels - 1)} (every "
+                f"pyramid level on one token grid), got patch_size {self.patch_size}")
         if self.elastic_modulation not in ELASTIC_MODULATION:
             bad(f"elastic_modulation must be one of {ELASTIC_MODULATION}, got {self.elastic_modulation!r}")
         if self.elastic_modulation == "per_width" and not self.elastic_variants:

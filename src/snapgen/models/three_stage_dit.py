@@ -34,6 +34,7 @@ from ..nn.elastic import ElasticConv2d, ElasticModule, WidthSpec
 from ..nn.io import ModelIOMixin
 from .base import DenoiserMixin, check_features, denoiser_call
 from .layers import MOD_CHUNKS, AdaLNSingle, DiTBlock, FinalLayer, SkipFusion, TimestepEmbedder, TokenDownsample, TokenUpsample
+from .multiscale import MultiScaleIO
 from .registry import register_model
 
 __all__ = ["ThreeStageDiT", "basic_init", "check_inputs", "check_latent_size", "unpatchify"]
@@ -156,26 +157,39 @@ class ThreeStageDiT(DenoiserMixin, ModelIOMixin, nn.Module):
         self.stage_skip = SkipFusion(D) if cfg.stage_skip else None
         self.up_blocks = nn.ModuleList([block(cfg.outer_attention, cfg.mlp_ratio) for _ in range(n_up)])
         self.final_layer = FinalLayer(D, p * p * cfg.in_channels, variants=variants)
+        # DFM: the coarser pyramid levels' embeddings / timestep embedders / heads (the finest uses the three above)
+        self.dfm = None if cfg.dfm_levels == 1 else MultiScaleIO(
+            cfg.dfm_levels, p, lambda q: ElasticConv2d(cfg.in_channels, D, kernel_size=q, stride=q),
+            lambda: TimestepEmbedder(D, cfg.time_freq_dim, variants=own),
+            lambda q: FinalLayer(D, q * q * cfg.in_channels, variants=variants))
         self.gradient_checkpointing = False
         self._variant = "full"
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         basic_init(self)
-        w = self.patch_embed.weight  # like a Linear on the flattened patch
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
+        for embed in [self.patch_embed, *(self.dfm.embeds if self.dfm is not None else ())]:
+            w = embed.weight  # like a Linear on the flattened patch
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(embed.bias)
 
     # --------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None, *legacy, features=(), **legacy_kw):
         """Predict the velocity ``v = eps - x0`` (the Denoiser interface, :mod:`snapgen.models.base`).
 
-        x: ``(B, C, h, w)`` latent at flow time ``t``; t: ``(B,)`` or scalar in [0, 1] (1 = noise);
+        x: ``(B, C, h, w)`` latent at flow time ``t``; t: ``(B,)`` or scalar in [0, 1] (1 = noise). A DFM model
+        (``dfm_levels`` S > 1) takes the packed pyramid state (:meth:`snapgen.flow.pyramid.Pyramid.pack`) and ``t``
+        of shape ``(B, S)``, and returns the packed velocity of every level;
         cond: ``{"text": (B, L, text_dim) encoder features, "text_mask": (B, L) bool, True = real token}``.
         ``features``: names from ``feature_taps``; then ``(v, {name: (B, N, width) tokens})`` is returned.
         The old call ``model(x, t, text, text_mask, return_features=True)`` still works (deprecated).
         """
         cfg = self.config
+        if self.dfm is not None:  # the packed pyramid state; checks below run on its finest level
+            levels, t_levels = self.dfm.split_inputs(x, t, cfg.in_channels)
+            x, t = levels[-1], t_levels[:, -1]
+        elif torch.is_tensor(t) and t.dim() == 2 and t.shape[1] == 1:
+            t = t[:, 0]  # a one-level DFM time table is the plain time
         t, text, text_mask, features, legacy_return = text_denoiser_inputs(self, x, t, cond, legacy, legacy_kw,
                                                                            features, cfg.downsample)
         B, _, h, w = x.shape
@@ -183,8 +197,11 @@ class ThreeStageDiT(DenoiserMixin, ModelIOMixin, nn.Module):
         grid = (h // p, w // p)
         coarse = (grid[0] // 2, grid[1] // 2)
 
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
-        t_emb = self.t_embedder(t)  # (B, D)
+        if self.dfm is None:
+            tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+            t_emb = self.t_embedder(t)  # (B, D)
+        else:  # per-level embeddings and timestep embeddings, summed [DFM Sec. 3.2]
+            tokens, t_emb = self.dfm.embed(levels, t_levels, self.patch_embed, self.t_embedder)
         mod = self.t_block(t_emb).view(B, MOD_CHUNKS, -1)  # -1: the active width
         text = self.text_norm(text)
         rope = rope_angles(grid_positions(*grid, device=x.device), cfg.head_dim, cfg.rope_theta)
@@ -214,7 +231,10 @@ class ThreeStageDiT(DenoiserMixin, ModelIOMixin, nn.Module):
 
         for blk in self.up_blocks:
             xs = self._run_block(blk, xs, mod, grid, rope, rope_coarse, text, text_mask)
-        out = unpatchify(self.final_layer(xs, t_emb), grid, p, cfg.in_channels)
+        if self.dfm is None:
+            out = unpatchify(self.final_layer(xs, t_emb), grid, p, cfg.in_channels)
+        else:
+            out = self.dfm.heads_out(xs, t_emb, self.final_layer, lambda o, q: unpatchify(o, grid, q, cfg.in_channels))
         if legacy_return:
             return out, xs
         if features:
