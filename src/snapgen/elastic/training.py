@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..flow.objective import FlowMatchingLoss, interpolate, logit_normal_times, velocity_target
+from ..flow.objective import FlowMatchingLoss, logit_normal_times
 from ..utils.random import randn
 
 __all__ = ["sample_subnetworks", "WidthWeights", "ElasticFlowLoss"]
@@ -72,25 +72,29 @@ class ElasticFlowLoss:
         if not model.config.elastic_variants:
             raise ValueError("ElasticFlowLoss needs an elastic model (config.elastic_variants is empty)")
         o = self.objective
+        if t is None and eps is None:  # the objective's draw: times first, then noise (DFM: a stage, level times)
+            t, eps = o.draw(x0.shape, generator, x0.device)
+            eps = eps.to(x0.dtype)
         if t is None:
             t = logit_normal_times(x0.shape[0], o.mean, o.std, o.shift_for(x0), generator, x0.device)
         if eps is None:
-            eps = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
-        x_t, target = interpolate(x0, eps, t), velocity_target(x0, eps).float()
+            eps = randn(o.noise_shape(x0.shape), generator, device=x0.device, dtype=x0.dtype)
+        n = o.noised(x0, t, eps)  # the objective's model input and target (DFM: the packed pyramid)
         w = self.weights
         model.set_variant("full")
-        v_full = model(x_t, t, cond).float()
-        per_sample = F.mse_loss(v_full, target, reduction="none").flatten(1).mean(1)
+        v_full = model(n.x, n.t, cond).float()
+        per_sample = o.error(v_full, n)
         loss = w.full_weight * per_sample.mean()
         metrics = {"fm_full": float(per_sample.detach().mean())}
         teacher = v_full.detach()
         try:
             for name in sample_subnetworks(model.variants, step, self.seed, self.num_random):
                 model.set_variant(name)
-                v = model(x_t, t, cond).float()
-                fm, kd = F.mse_loss(v, target), F.mse_loss(v, teacher)
+                v = model(n.x, n.t, cond).float()
+                fm, kd = o.mean_error(v, n), o.mean_error(v, n, target=teacher)
                 loss = loss + w.subnet_weight * (fm + w.distill_weight * kd)
                 metrics[f"fm_{name}"], metrics[f"kd_{name}"] = float(fm.detach()), float(kd.detach())
         finally:
             model.set_variant("full")
+        t = o.logged_time(n)
         return loss, per_sample, t, metrics

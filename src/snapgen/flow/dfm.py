@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..sampling.dfm import NOT_STARTED
 from ..utils.random import rand, randn
-from .objective import FlowMatchingLoss, logit_normal_times
+from .objective import FlowMatchingLoss, Noised, logit_normal_times
 from .pyramid import Pyramid
 
 __all__ = ["DFMTerms", "DecomposableFlowLoss", "PAPER_EARLIER_LOGIT_MEAN", "CODE_EARLIER_LOGIT_MEAN"]
@@ -51,6 +51,8 @@ class DFMTerms:
 
 
 class DecomposableFlowLoss(FlowMatchingLoss):
+    name = "dfm"
+
     """``__call__(model, x0, cond=...) -> (loss, per_sample, t)`` as :class:`FlowMatchingLoss`; :meth:`terms`
     returns the whole :class:`DFMTerms`. ``x0`` is the latent ``(B, C, H, W)`` (or ``(B, C, T, H, W)`` with a 3-D
     pyramid); the model is called on the packed pyramid state (:meth:`Pyramid.pack`, with one level the latent
@@ -96,33 +98,64 @@ class DecomposableFlowLoss(FlowMatchingLoss):
                                              device)
         return times
 
+    def noise_shape(self, x0_shape: tuple) -> tuple:
+        return (x0_shape[0], *self.pyramid.packed_shape(x0_shape[1], x0_shape[2:]))
+
+    def draw(self, x0_shape: tuple, generator: torch.Generator | None = None, device=None):
+        """``(times (B, S), packed eps)``: the stage Q (one per batch), the level times, then the noise."""
+        stage = self.draw_stage(generator)
+        times = self.draw_times(x0_shape[0], stage, self.shift_for(torch.empty(x0_shape, device="meta")),
+                                generator, device)
+        return times, randn(self.noise_shape(x0_shape), generator, device=device)
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Noised:
+        """The packed noisy pyramid (levels not started: 0) at level times ``t`` ``(B, S)``, its packed target
+        ``eps^s - X^s``; ``extra``: ``started`` (B, S) and the stage Q."""
+        if t.dim() != 2 or t.shape != (x0.shape[0], self.levels):
+            raise ValueError(f"DFM times are (B, {self.levels}) (one per pyramid level), got {tuple(t.shape)}")
+        levels = self.pyramid.decompose(x0)
+        started = t <= 1.0
+        inputs, targets = [], []
+        for s, (X, e) in enumerate(zip(levels, self.pyramid.unpack(eps))):
+            shape = (-1, *([1] * (X.dim() - 1)))
+            ts = t[:, s].clamp(max=1.0).to(X.dtype).reshape(shape)
+            inputs.append(torch.where(started[:, s].reshape(shape), torch.lerp(X, e, ts), torch.zeros_like(X)))
+            targets.append(e - X)
+        return Noised(self.pyramid.pack(inputs), t, self.pyramid.pack(targets),
+                      {"started": started, "stage": _stage_of(t)})
+
+    def level_errors(self, v: torch.Tensor, noised: Noised, target: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, S)`` mean squared error per level (0 for levels not started)."""
+        target = noised.target if target is None else target
+        per_level = [F.mse_loss(vs.float(), ts.float(), reduction="none").flatten(1).mean(1)
+                     for vs, ts in zip(self.pyramid.unpack(v), self.pyramid.unpack(target))]
+        return torch.stack(per_level, dim=1) * noised.extra["started"].float()
+
+    def error(self, v: torch.Tensor, noised: Noised, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss: the started levels' mean squared errors, summed (Alg. 1; the official code)."""
+        return self.level_errors(v, noised, target).sum(1)
+
+    def mean_error(self, v: torch.Tensor, noised: Noised, target: torch.Tensor | None = None) -> torch.Tensor:
+        return self.error(v, noised, target).mean()
+
+    def logged_time(self, noised: Noised) -> torch.Tensor:
+        return noised.t[:, noised.extra["stage"]]
+
     def terms(self, model, x0: torch.Tensor, generator: torch.Generator | None = None, cond: dict | None = None,
               stage: int | None = None, times: torch.Tensor | None = None, eps: torch.Tensor | None = None,
               **cond_kw) -> DFMTerms:
-        size = x0.shape[2:]
-        levels = self.pyramid.decompose(x0)
-        packed_shape = (x0.shape[0], *self.pyramid.packed_shape(x0.shape[1], size))
-        B = x0.shape[0]
-        if stage is None:
+        """One evaluation with everything in it (``stage`` / ``times`` / ``eps`` drawn when not given)."""
+        if stage is None and times is None:
             stage = self.draw_stage(generator)
         if times is None:
-            times = self.draw_times(B, stage, self.shift_for(x0), generator, x0.device)
+            times = self.draw_times(x0.shape[0], stage, self.shift_for(x0), generator, x0.device)
         if eps is None:  # one draw of the whole packed state: with one level, plain flow matching's noise
-            eps = randn(packed_shape, generator, device=x0.device, dtype=x0.dtype)
-        noises = self.pyramid.unpack(eps)
-        started = times <= 1.0  # (B, S)
-        inputs, targets = [], []
-        for s, (X, e) in enumerate(zip(levels, noises)):
-            t = times[:, s].clamp(max=1.0).to(X.dtype).reshape(-1, *([1] * (X.dim() - 1)))
-            keep = started[:, s].to(X.dtype).reshape(-1, *([1] * (X.dim() - 1)))
-            inputs.append(torch.lerp(X, e, t) * keep)  # not started: zero input (the model zeroes it too)
-            targets.append(e - X)
-        v = model(self.pyramid.pack(inputs), times, {**(cond or {}), **cond_kw})
-        per_level = torch.stack([
-            F.mse_loss(vs.float(), tg.float(), reduction="none").flatten(1).mean(1)
-            for vs, tg in zip(self.pyramid.unpack(v), targets)], dim=1) * started.float()
+            eps = randn(self.noise_shape(x0.shape), generator, device=x0.device, dtype=x0.dtype)
+        n = self.noised(x0, times, eps)
+        per_level = self.level_errors(model(n.x, n.t, {**(cond or {}), **cond_kw}), n)
         per_sample = per_level.sum(1)
-        return DFMTerms(per_sample.mean(), per_sample, times[:, stage], stage, times, per_level)
+        q = n.extra["stage"]
+        return DFMTerms(per_sample.mean(), per_sample, times[:, q], q, times, per_level)
 
     def __call__(self, model, x0: torch.Tensor, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, cond: dict | None = None, **cond_kw):
@@ -131,8 +164,7 @@ class DecomposableFlowLoss(FlowMatchingLoss):
             times = self.draw_times(x0.shape[0], stage, 1.0, generator, x0.device)
             times[:, stage] = t
             t = times
-        out = self.terms(model, x0, generator, cond, stage=None if t is None else _stage_of(t), times=t, eps=eps,
-                         **cond_kw)
+        out = self.terms(model, x0, generator, cond, times=t, eps=eps, **cond_kw)
         return out.loss, out.per_sample, out.t
 
 
@@ -140,6 +172,7 @@ def _stage_of(times: torch.Tensor) -> int:
     """Q of a ``(B, S)`` time table: the last started level (the same for every row, as Alg. 1 draws it)."""
     started = (times <= 1.0).long()
     q = started.sum(1) - 1
-    if bool((q != q[0]).any()):
-        raise ValueError("DFM times must start the same levels for the whole batch (one stage Q per batch)")
+    if bool((q != q[0]).any()) or bool((started.cummin(1).values != started).any()):
+        raise ValueError("DFM times must start the same levels for the whole batch, coarsest first (one stage Q "
+                         "per batch; later levels NOT_STARTED)")
     return int(q[0])

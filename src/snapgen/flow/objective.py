@@ -13,6 +13,7 @@ never by indexing a descending, already-shifted table (the diffusers SD3-script 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from ..utils.random import randn
 
 __all__ = [
     "FlowMatchingLoss",
+    "Noised",
     "interpolate",
     "logit_normal_times",
     "loss_per_time_bin",
@@ -80,12 +82,28 @@ def loss_per_time_bin(loss: torch.Tensor, t: torch.Tensor, n_bins: int = 5) -> l
     return [(float(s), int(c)) for s, c in zip(sums, counts)]
 
 
+@dataclass
+class Noised:
+    """One batch of a flow objective, ready for the model: its input ``x`` at times ``t``, the velocity
+    ``target`` it must predict, and what the objective needs to score a prediction (``extra``)."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    target: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
 class FlowMatchingLoss:
     """Rectified-flow loss ``|| model(x_t, t, ...) - (eps - x0) ||^2`` with logit-normal times.
 
     ``__call__(model, x0, cond=...)`` returns ``(loss, per_sample_loss, t)``; the model is called as a
-    Denoiser, ``model(x_t, t, cond)`` (extra keyword arguments, e.g. ``text=``, are merged into ``cond``). ``shift=None`` uses :func:`resolution_shift` of the latent's token count.
+    Denoiser, ``model(x_t, t, cond)`` (extra keyword arguments, e.g. ``text=``, are merged into ``cond``).
+    ``shift=None`` uses :func:`resolution_shift` of the latent's token count. The steps are also offered one by
+    one, for wrappers that call the model themselves (elastic widths): :meth:`draw` (times, noise),
+    :meth:`noised` (the model's input and target), :meth:`error` (per-sample loss of a prediction).
     """
+
+    name = "fm"
 
     def __init__(self, mean: float = 0.0, std: float = 1.0, shift: float | None = 1.0,
                  base_tokens: int = 256, patch_size: int = 2):
@@ -98,14 +116,38 @@ class FlowMatchingLoss:
         h, w = x0.shape[-2:]
         return resolution_shift((h // self.patch_size) * (w // self.patch_size), self.base_tokens)
 
+    def draw(self, x0_shape: tuple, generator: torch.Generator | None = None, device=None):
+        """``(t, eps)`` for a batch of latents of ``x0_shape``: the times first, then the noise."""
+        probe = torch.empty(x0_shape, device="meta")  # shift_for reads the shape only
+        t = logit_normal_times(x0_shape[0], self.mean, self.std, self.shift_for(probe), generator, device)
+        return t, randn(self.noise_shape(x0_shape), generator, device=device)
+
+    def noise_shape(self, x0_shape: tuple) -> tuple:
+        return tuple(x0_shape)
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> Noised:
+        return Noised(interpolate(x0, eps, t), t, velocity_target(x0, eps))
+
+    def error(self, v: torch.Tensor, noised: Noised, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample mean squared error of ``v`` against ``target`` (default: the velocity target)."""
+        target = noised.target if target is None else target
+        return F.mse_loss(v.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+    def mean_error(self, v: torch.Tensor, noised: Noised, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch mean of :meth:`error` (computed as one mean over every element: the same number)."""
+        target = noised.target if target is None else target
+        return F.mse_loss(v.float(), target.float())
+
     def __call__(self, model, x0: torch.Tensor, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, cond: dict | None = None, **cond_kw):
         if t is None:
             t = logit_normal_times(x0.shape[0], self.mean, self.std, self.shift_for(x0), generator, x0.device)
         if eps is None:
-            eps = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
-        x_t = interpolate(x0, eps, t)
-        v = model(x_t, t, {**(cond or {}), **cond_kw})
-        per_sample = F.mse_loss(v.float(), velocity_target(x0, eps).float(), reduction="none")
-        per_sample = per_sample.flatten(1).mean(1)
-        return per_sample.mean(), per_sample, t
+            eps = randn(self.noise_shape(x0.shape), generator, device=x0.device, dtype=x0.dtype)
+        n = self.noised(x0, t, eps)
+        per_sample = self.error(model(n.x, n.t, {**(cond or {}), **cond_kw}), n)
+        return per_sample.mean(), per_sample, self.logged_time(n)
+
+    def logged_time(self, noised: Noised) -> torch.Tensor:
+        """The ``(B,)`` time a per-time-bin log bins each sample by."""
+        return noised.t

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from ..data.batches import part_indices, part_slice
-from ..utils.random import randn
 from .base import ROLES, ParamGroup, Task, check_keys
 from .flow_kd import FlowKD
 from .flow_text import FlowText
@@ -38,7 +37,9 @@ class FlowTask(FlowKD, FlowText, Task):
                                        "val_samples", "val_cache", "shards"})
         check_keys("elastic", cfg.elastic, {"num_random", "full_weight", "subnet_weight", "distill_weight"})
         check_keys("text", cfg.text, {"encoder", "max_length", "drop_prob", "drop_all_prob"})
-        check_keys("flow", cfg.flow, {"logit_mean", "logit_std", "shift"})
+        from ..flow.registry import FLOW_KEYS, build_objective
+
+        check_keys("flow", cfg.flow, FLOW_KEYS)
         check_keys("vae", cfg.vae, {"path"})
         check_keys("sampling", cfg.sampling, {"prompts", "steps", "guidance", "shift"})
         check_keys("export", cfg.export, {"dtype"})
@@ -58,11 +59,7 @@ class FlowTask(FlowKD, FlowText, Task):
         self.drop_all_prob = float(cfg.text.get("drop_all_prob", 0.0))   # joint drop of every encoder (CFG)
         self.cond_kwargs = None
         self.conditioning: TextConditioning | None = None
-        from ..flow import FlowMatchingLoss
-
-        f = cfg.flow
-        self.objective = FlowMatchingLoss(mean=float(f.get("logit_mean", 0.0)), std=float(f.get("logit_std", 1.0)),
-                                          shift=float(f.get("shift", 1.0)), patch_size=mcfg.patch_size)
+        self.objective = build_objective(cfg.flow, mcfg)  # fm, or dfm over the model's pyramid levels
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.elastic_loss = None
         if mcfg.elastic_variants:  # a supernetwork: train every width each step (sandwich rule)
@@ -84,6 +81,9 @@ class FlowTask(FlowKD, FlowText, Task):
         if self.init_from:
             self._warm_start(Path(self.init_from))
         if cfg.kd:
+            if self.objective.name == "dfm":
+                raise ValueError("knowledge distillation (kd:) reads a plain flow teacher's velocity; it is not "
+                                 "defined for flow.objective: dfm (train the DFM model without kd:)")
             self._init_kd(cfg.kd)
 
     # --- components ---------------------------------------------------------------------------------
@@ -213,7 +213,6 @@ class FlowTask(FlowKD, FlowText, Task):
     def _stream_batch(self, step: int, part: int):
         """Next batch of this rank's stream; times, noise and caption drops seeded by (seed, step, part)."""
         from ..data.latent_shards import collate_features
-        from ..flow.objective import logit_normal_times
 
         if self._batches is None:
             self._batches = iter(self.batcher)
@@ -225,10 +224,8 @@ class FlowTask(FlowKD, FlowText, Task):
         g = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, step, part]).integers(2**62)))
         B = x0.shape[0]
         drops = self.conditioning.sample_drops(B, generator=g) if self.conditioning.training else None
-        o = self.objective
-        t = logit_normal_times(B, o.mean, o.std, o.shift_for(x0), g, "cpu").to(self.device)
-        eps = torch.randn(x0.shape, generator=g).to(self.device)
-        return x0, feats, drops, t, eps, captions
+        t, eps = self.objective.draw(tuple(x0.shape), g, "cpu")
+        return x0, feats, drops, t.to(self.device), eps.to(self.device), captions
 
     def prepare(self, run_dir: Path) -> None:
         from ..data.latent_cache import build_latent_cache, load_latent_cache
@@ -287,15 +284,11 @@ class FlowTask(FlowKD, FlowText, Task):
     # process with the whole batch (tested), and ``parts = 1`` consumes the RNGs exactly as before.
 
     def _step_draws(self, step: int, x0_shape: tuple) -> dict:
-        from ..flow.objective import logit_normal_times
-
         if getattr(self, "_draws", (None,))[0] != step:
             G = x0_shape[0]
             drops = self.conditioning.sample_drops(G, self.device) if self.conditioning.training else None
-            o = self.objective
-            probe = torch.empty(x0_shape, device=self.device)
-            t = logit_normal_times(G, o.mean, o.std, o.shift_for(probe), self.generator, self.device)
-            eps = randn(x0_shape, self.generator, device=self.device)
+            # times then noise (DFM: the step's stage Q, every level's time, the packed noise), for the global batch
+            t, eps = self.objective.draw(tuple(x0_shape), self.generator, self.device)
             self._draws = (step, {"drops": drops, "t": t, "eps": eps})
         return self._draws[1]
 
@@ -328,6 +321,12 @@ class FlowTask(FlowKD, FlowText, Task):
             loss, per_sample, t, logs = self.elastic_loss(self.model, x0, step, t=t, eps=eps,
                                                           cond={"text": text, "text_mask": mask})
             return loss, {"bins": loss_per_time_bin(per_sample, t, self.cfg.time_bins), **logs}
+        if self.objective.name == "dfm":  # logged per stage Q and per level (Alg. 1's masked, summed losses)
+            out = self.objective.terms(self.model, x0, times=t, eps=eps, cond={"text": text, "text_mask": mask})
+            q = out.stage
+            logs = {f"loss_stage{q}": float(out.loss.detach()),
+                    **{f"loss_stage{q}_level{s}": float(out.per_level[:, s].detach().mean()) for s in range(q + 1)}}
+            return out.loss, {"bins": loss_per_time_bin(out.per_sample, out.t, self.cfg.time_bins), **logs}
         loss, per_sample, t = self.objective(self.model, x0, t=t, eps=eps, cond={"text": text, "text_mask": mask})
         return loss, {"bins": loss_per_time_bin(per_sample, t, self.cfg.time_bins)}
 
@@ -336,6 +335,17 @@ class FlowTask(FlowKD, FlowText, Task):
         """Validation flow loss of every width on the validation cache (fixed times and noise)."""
         if self.val is None:
             return {}
+        if self.objective.name == "dfm":  # per stage, and their stage_probs-weighted sum (the training mix)
+            from .validation import dfm_validation_losses
+
+            out = {}
+            for name in self.model.variants:
+                stages = dfm_validation_losses(self.model, self.conditioning, self.val, variant=name,
+                                               objective=self.objective)
+                out.update({f"val_loss_{name}_stage{q}": round(float(r.mean()), 6) for q, r in enumerate(stages)})
+                out[f"val_loss_{name}"] = round(float(sum(p * float(r.mean()) for p, r in
+                                                          zip(self.objective.stage_probs, stages))), 6)
+            return out
         return {f"val_loss_{name}": round(validation_loss(self.model, self.conditioning, self.val, variant=name,
                                                           objective=self.objective), 6)
                 for name in self.model.variants}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["validation_loss"]
+__all__ = ["dfm_validation_losses", "validation_loss"]
 
 
 @torch.no_grad()
@@ -15,21 +15,67 @@ def validation_loss(model, conditioning, cache: dict, variant: str | None = None
     shift), dealt to samples by a seeded permutation; noise is drawn from ``seed``. Two models evaluated
     with the same cache and seed see exactly the same noised inputs, so differences are the models'.
     ``per_sample=True`` returns the ``(N,)`` float64 losses instead of their mean (for paired intervals:
-    :func:`snapgen.eval.stats.paired_mean_difference`)."""
-    from ..data.latent_cache import cache_features
+    :func:`snapgen.eval.stats.paired_mean_difference`). A DFM objective: the stage-probability-weighted sum of
+    :func:`dfm_validation_losses` (every stage at fixed tables)."""
     from ..flow import FlowMatchingLoss
-    from ..flow.objective import shift_time
 
     objective = objective or FlowMatchingLoss()
+    if objective.name == "dfm":  # every stage Q at its own fixed table, weighted by stage_probs (the training mix)
+        per_stage = dfm_validation_losses(model, conditioning, cache, variant, objective, batch_size, seed)
+        rows = sum(p * per_stage[q] for q, p in enumerate(objective.stage_probs))
+        return rows if per_sample else float(rows.sum()) / len(rows)
+    times, noise = _fixed_draws(cache["latents"], objective, seed)
+    losses = _losses(model, conditioning, cache, variant, objective, batch_size, times, noise)
+    return losses if per_sample else float(losses.sum()) / len(losses)
+
+
+def _quantile_times(n: int, mean: float, std: float, shift: float, g: torch.Generator) -> torch.Tensor:
+    """The ``(i + 1/2) / n`` quantiles of ``shift(sigmoid(N(mean, std)))``, dealt out by a seeded permutation."""
+    from ..flow.objective import shift_time
+
+    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    u = torch.special.ndtri(q) * std + mean
+    return shift_time(torch.sigmoid(u), shift).float().clamp(1e-5, 1 - 1e-5)[torch.randperm(n, generator=g)]
+
+
+def _fixed_draws(latents, objective, seed):
+    g = torch.Generator().manual_seed(seed)
+    times = _quantile_times(len(latents), objective.mean, objective.std, objective.shift_for(latents[:1].float()), g)
+    return times, torch.randn(latents.shape, generator=g)
+
+
+@torch.no_grad()
+def dfm_validation_losses(model, conditioning, cache: dict, variant=None, objective=None, batch_size: int = 128,
+                          seed: int = 1234) -> list[torch.Tensor]:
+    """Per stage Q, the ``(N,)`` DFM losses at fixed tables: level Q at the quantile times of its distribution,
+    earlier levels at the quantiles of theirs (own permutations), later levels not started; one packed noise
+    (from ``seed``) shared by every stage."""
+    from ..sampling.dfm import NOT_STARTED
+
+    latents = cache["latents"]
+    n = len(latents)
+    g = torch.Generator().manual_seed(seed)
+    shift = objective.shift_for(latents[:1].float())
+    stage_times = _quantile_times(n, objective.mean, objective.std, shift, g)
+    earlier = [_quantile_times(n, objective.earlier_logit_mean, objective.earlier_logit_std, 1.0, g)
+               for _ in range(objective.levels - 1)]
+    noise = torch.randn(objective.noise_shape(tuple(latents.shape)), generator=g)
+    out = []
+    for q in range(objective.levels):
+        times = torch.full((n, objective.levels), NOT_STARTED)
+        times[:, q] = stage_times
+        for s in range(q):
+            times[:, s] = earlier[s]
+        out.append(_losses(model, conditioning, cache, variant, objective, batch_size, times, noise))
+    return out
+
+
+def _losses(model, conditioning, cache, variant, objective, batch_size, times, noise) -> torch.Tensor:
+    from ..data.latent_cache import cache_features
+
     latents = cache["latents"]
     tables = cache.get("text_features") or [(cache["text_tokens"], cache["text_mask"])]  # one per text encoder
     n = len(latents)
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    u = torch.special.ndtri(q) * objective.std + objective.mean
-    shift = objective.shift_for(latents[:1].float())
-    times = shift_time(torch.sigmoid(u), shift).float().clamp(1e-5, 1 - 1e-5)[torch.randperm(n, generator=g)]
-    noise = torch.randn(latents.shape, generator=g)
     device = next(model.parameters()).device
     was_training, cond_training = model.training, conditioning.training
     previous = getattr(model, "variant", "full")
@@ -53,5 +99,4 @@ def validation_loss(model, conditioning, cache: dict, variant: str | None = None
             model.set_variant(previous)
         model.train(was_training)
         conditioning.train(cond_training)
-    losses = torch.cat(losses)
-    return losses if per_sample else float(losses.sum()) / n
+    return torch.cat(losses)
