@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..flow.objective import FlowMatchingLoss, logit_normal_times
 from ..utils.random import randn
