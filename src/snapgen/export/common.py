@@ -157,9 +157,17 @@ def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bo
             "dit_parameters": dit.num_parameters(), "dtype": str(dtype).removeprefix("torch.")}
     if len(encoders) > 1:
         meta["text_encoders"] = len(encoders)
+    levels = getattr(dit.config, "dfm_levels", 1)
+    dit_x, dit_t = torch.randn(batch, *latent), torch.full((batch,), 0.5)
+    if levels > 1:  # DFM: the DiT graph takes the packed pyramid state and one time per level
+        from ..flow.pyramid import Pyramid
+
+        meta["dfm_levels"] = levels
+        dit_x = torch.randn(batch, *Pyramid(levels).packed_shape(C, latent[1:]))
+        dit_t = torch.full((batch, levels), 0.5)
     graphs = {
         "text": (text_graph, text_args, text_names, ["text", "text_mask"]),
-        "dit": (DenoiserGraph(dit), (torch.randn(batch, *latent), torch.full((batch,), 0.5),
+        "dit": (DenoiserGraph(dit), (dit_x, dit_t,
                                      torch.randn(batch, tokens.shape[1], tokens.shape[2]),
                                      torch.ones(batch, tokens.shape[1], dtype=torch.bool)),
                 ["x", "t", "text", "text_mask"], ["v"]),
@@ -175,8 +183,12 @@ def sampler_meta(sampler) -> dict:
     """``export.json``'s sampler entries: the ``SamplerConfig`` in ``pipeline.json``'s fields (read back by
     :meth:`ExportedPipeline.sampler_config`), plus the resolved time grid for runtimes outside Python."""
     fields = sampler.config.to_fields()
-    return {**fields, "few_step_times": list(fields["few_step_times"]),
+    meta = {**fields, "few_step_times": list(fields["few_step_times"]),
             "sampling_times": [float(t) for t in sampler.times()]}
+    if sampler.config.kind == "dfm":  # every stage's time at every step (NOT_STARTED = 2: not started yet)
+        meta.update(stage_steps=list(fields["stage_steps"]), stage_thresholds=list(fields["stage_thresholds"]),
+                    stage_schedule=[[float(t) for t in row] for row in sampler.schedule()])
+    return meta
 
 
 @torch.no_grad()
@@ -287,7 +299,8 @@ class ExportedPipeline:
         """The sampler fixed at export time (``export.json``'s sampler fields, as in ``pipeline.json``)."""
         m = self.meta
         config = SamplerConfig.from_fields(m["sampler"], m["steps"], m["guidance"], m["shift"],
-                                           m.get("few_step_times", ()))
+                                           m.get("few_step_times", ()), m.get("stage_steps", ()),
+                                           m.get("stage_thresholds", ()))
         if (m["batch"] == 2) != (config.guidance != 1.0):
             raise ValueError(f"{self.directory / 'export.json'} is inconsistent: a DiT graph of batch {m['batch']} "
                              f"with guidance {config.guidance}; re-run snapgen export {self.command}")
@@ -314,12 +327,17 @@ class ExportedPipeline:
         uncond = {"text": self.null_text, "text_mask": self.null_mask}
         per_sample = [guided(self._dit, {"text": tokens, "text_mask": mask}, uncond, sampler.config.guidance)
                       for tokens, mask in (self.encode(p) for p in prompts)]
-        noise = randn((len(prompts), *self.meta["latent"]), gen)  # a seed list: row i from gen[i]
-
         def velocity(x, t):
             return torch.cat([v(x[i:i + 1], t[i:i + 1]) for i, v in enumerate(per_sample)])
 
-        latents = sampler.sample(velocity, noise, generator=gen)
+        levels = int(self.meta.get("dfm_levels", 1))
+        if levels > 1:  # DFM: the packed pyramid noise, the stage-scheduled sampler, the recomposed latent
+            from ..pipelines.progressive import dfm_latents
+
+            latents = dfm_latents(levels, sampler, velocity, (len(prompts), *self.meta["latent"]), gen, None, None)
+        else:
+            noise = randn((len(prompts), *self.meta["latent"]), gen)  # a seed list: row i from gen[i]
+            latents = sampler.sample(velocity, noise, generator=gen)
         if return_latents:
             return latents
         images = [self._run("decoder", {"latents": lat[None]})[0][0] for lat in latents]

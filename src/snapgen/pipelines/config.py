@@ -14,7 +14,7 @@ __all__ = ["PipelineConfig"]
 @dataclass(frozen=True)
 class PipelineConfig(JSONConfigMixin):
     _config_kind = "TextToImagePipeline"
-    _optional_keys = ("sampler", "few_step_times", "adapters", "base_sampling")
+    _optional_keys = ("sampler", "few_step_times", "adapters", "base_sampling", "stage_steps", "stage_thresholds")
 
     # "minilm", a transformers folder or Hub id, "onnx:PATH", "paraphrase-minilm-l3" (load_text_encoder); or a list
     # of them (several encoders, their token sequences concatenated in this order; text_max_length: int or list)
@@ -28,6 +28,8 @@ class PipelineConfig(JSONConfigMixin):
     shift: float = 1.0
     sampler: str = "euler"                   # "euler" or "few_step" (distilled generators)
     few_step_times: tuple[float, ...] = ()   # times for the few-step sampler (ends with 0)
+    stage_steps: tuple[int, ...] = ()        # the dfm sampler (DFM models): steps per pyramid stage, and the times
+    stage_thresholds: tuple[float, ...] = () # (t = 1 noise) at which each next stage starts
     # distilled pipelines: variant -> LoRA adapter (adapters/<name>.safetensors) switched on with that variant,
     # and the sampling settings of the base (teacher) model, used when the adapters are off (use_base):
     # {sampler, steps, guidance, shift} (base_sampler_config())
@@ -44,11 +46,15 @@ class PipelineConfig(JSONConfigMixin):
                 object.__setattr__(self, "text_max_length", lengths)
         object.__setattr__(self, "resolution", tuple(int(v) for v in self.resolution))
         object.__setattr__(self, "few_step_times", tuple(float(v) for v in self.few_step_times))
+        object.__setattr__(self, "stage_steps", tuple(int(v) for v in self.stage_steps))
+        object.__setattr__(self, "stage_thresholds", tuple(float(v) for v in self.stage_thresholds))
 
     # --- the sampler fields as SamplerConfigs (the one place that reads them) ---------------------------
     def sampler_config(self) -> SamplerConfig:
-        """The default sampler (``sampler``, ``steps``, ``guidance``, ``shift``, ``few_step_times``)."""
-        return SamplerConfig.from_fields(self.sampler, self.steps, self.guidance, self.shift, self.few_step_times)
+        """The default sampler (``sampler``, ``steps``, ``guidance``, ``shift``, ``few_step_times``; the dfm
+        sampler's ``stage_steps`` / ``stage_thresholds``)."""
+        return SamplerConfig.from_fields(self.sampler, self.steps, self.guidance, self.shift, self.few_step_times,
+                                         self.stage_steps, self.stage_thresholds)
 
     def base_sampler_config(self) -> SamplerConfig:
         """The base (teacher) model's sampler of a distilled pipeline (``base_sampling``; missing keys: a

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -313,14 +313,29 @@ class TextToImagePipeline:
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], steps: int | None = None, guidance: float | None = None,
                  seed: int | list[int] | None = 0, height: int | None = None, width: int | None = None,
-                 shift: float | None = None, progress: bool = False, return_latents: bool = False):
+                 shift: float | None = None, progress: bool = False, return_latents: bool = False,
+                 stage_steps: list[int] | None = None, preview: Callable | None = None):
         """Images (or latents) for ``prompts``. ``seed``: an int seeds one generator for the whole batch (its
         noise drawn together, as every release has); a list of ints, one per prompt, seeds one generator per
         image, so image ``i``'s initial noise and every noise the sampler draws for it come from ``seed[i]``
         alone: it is the image of ``pipe([prompts[i]], seed=seed[i])`` whatever else is in the batch (up to the
-        rounding of batched matmuls). ``None``: unseeded."""
+        rounding of batched matmuls). ``None``: unseeded.
+
+        A DFM model (``dfm_levels`` > 1) samples progressively: ``stage_steps`` overrides the steps per pyramid stage
+        (``steps`` is their sum), and ``preview(k, images, seconds)`` receives, as stage ``k`` ends, the images of
+        the coarse levels generated so far (the progressive preview), ``seconds`` after sampling began."""
         cfg = self.config
         sampler_config = self.sampler_config()
+        dfm_levels = getattr(self.transformer.config, "dfm_levels", 1)
+        if stage_steps is not None:
+            if sampler_config.kind != "dfm":
+                raise ValueError(f"stage_steps is a setting of the dfm sampler; this pipeline samples with "
+                                 f"{sampler_config.kind!r} (use steps)")
+            sampler_config = sampler_config.replace(stage_steps=tuple(stage_steps), steps=None)
+        if sampler_config.kind == "dfm" and steps is not None and steps != sampler_config.steps:
+            raise ValueError(f"a DFM pipeline takes its steps per stage: pass stage_steps (e.g. --stage-steps "
+                             f"{' '.join(map(str, sampler_config.stage_steps))}; now {sampler_config.steps} in all), "
+                             f"not steps={steps}")
         steps = sampler_config.steps if steps is None else steps
         guidance = sampler_config.guidance if guidance is None else guidance
         height = cfg.resolution[0] if height is None else height
@@ -337,11 +352,22 @@ class TextToImagePipeline:
         null_text, null_mask = _pad_tokens(null_text, null_mask, L)
         f = self.vae_factor
         C = self.transformer.config.in_channels
-        # first draw (on the generator's device, then moved; a seed list: row i from gen[i]); the sampler's follow
-        noise = randn((B, C, height // f, width // f), gen, device=self.device, dtype=self.dtype)
         velocity = guided(self.transformer, {"text": text, "text_mask": mask},
                           {"text": null_text, "text_mask": null_mask}, sampler.config.guidance)
-        latents = sampler.sample(velocity, noise, generator=gen, progress=progress)
+        if dfm_levels > 1 or sampler.config.kind == "dfm":  # progressive: the packed pyramid, previews per stage
+            from .progressive import dfm_latents
+
+            def on_preview(k, latents, seconds):
+                if preview is not None:
+                    preview(k, [tensor_to_image(im) for im in self.vae.decode_latents(latents)], seconds)
+
+            latents = dfm_latents(dfm_levels, sampler, velocity, (B, C, height // f, width // f), gen, self.device,
+                                  self.dtype, progress=progress, on_preview=on_preview)
+        else:
+            # first draw (on the generator's device, then moved; a seed list: row i from gen[i]); the sampler's
+            # follow
+            noise = randn((B, C, height // f, width // f), gen, device=self.device, dtype=self.dtype)
+            latents = sampler.sample(velocity, noise, generator=gen, progress=progress)
         if return_latents:
             return latents
         images = self.vae.decode_latents(latents)

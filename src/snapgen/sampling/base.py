@@ -128,11 +128,13 @@ class SamplerConfig:
         """The sampler described by ``pipeline.json``'s / ``export.json``'s flat fields.
 
         ``few_step_times`` are read by the few-step sampler only (an Euler pipeline ignores them), as every
-        snapgen release has read them; ``stage_steps`` / ``stage_thresholds`` by the dfm sampler only."""
+        snapgen release has read them; ``stage_steps`` / ``stage_thresholds`` by the dfm sampler only (its step
+        count is their sum: ``steps`` is not read)."""
         times = tuple(few_step_times or ()) if sampler == "few_step" else ()
-        stages = ({"stage_steps": tuple(stage_steps or ()), "stage_thresholds": tuple(stage_thresholds or ())}
-                  if sampler == "dfm" else {})
-        return cls(kind=sampler, steps=steps, shift=shift, times=times, guidance=guidance, **stages)
+        if sampler == "dfm":  # its steps are the stages' (a stale ``steps`` field is not an error)
+            return cls(kind=sampler, steps=None, shift=shift, guidance=guidance, stage_steps=tuple(stage_steps or ()),
+                       stage_thresholds=tuple(stage_thresholds or ()))
+        return cls(kind=sampler, steps=steps, shift=shift, times=times, guidance=guidance)
 
     def to_fields(self) -> dict:
         """The inverse of :meth:`from_fields`: ``{sampler, steps, guidance, shift, few_step_times}`` (and

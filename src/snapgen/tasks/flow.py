@@ -41,7 +41,8 @@ class FlowTask(FlowKD, FlowText, Task):
 
         check_keys("flow", cfg.flow, FLOW_KEYS)
         check_keys("vae", cfg.vae, {"path"})
-        check_keys("sampling", cfg.sampling, {"prompts", "steps", "guidance", "shift"})
+        check_keys("sampling", cfg.sampling, {"prompts", "steps", "guidance", "shift", "stage_steps",
+                                              "stage_thresholds"})
         check_keys("export", cfg.export, {"dtype"})
         model_kw = dict(cfg.model)
         # warm start from an exported pipeline folder (e.g. continue the shipped model on a new data mix)
@@ -357,9 +358,16 @@ class FlowTask(FlowKD, FlowText, Task):
         s = self.cfg.sampling
         res = self.cfg.data.get("resolution", 64)
         res = (res, res) if isinstance(res, int) else tuple(res)
+        steps = int(s.get("steps", 20))
+        dfm = {}
+        if self.model.config.dfm_levels > 1:  # the stage-scheduled sampler (sampling.stage_steps / stage_thresholds)
+            from ..pipelines.progressive import default_dfm_sampling
+
+            dfm = {"sampler": "dfm", **default_dfm_sampling(self.model.config.dfm_levels, steps, s)}
+            steps = sum(dfm["stage_steps"])
         pcfg = PipelineConfig(text_encoder=self.text_spec, text_max_length=self.text_max_length,
-                              conditioning=self.cond_kwargs, resolution=res, steps=int(s.get("steps", 20)),
-                              guidance=float(s.get("guidance", 4.0)), shift=float(s.get("shift", 1.0)))
+                              conditioning=self.cond_kwargs, resolution=res, steps=steps,
+                              guidance=float(s.get("guidance", 4.0)), shift=float(s.get("shift", 1.0)), **dfm)
         return TextToImagePipeline(self.model, self.conditioning, self.vae, pcfg, text_encoder=self._text_encoder)
 
     @torch.no_grad()
