@@ -99,8 +99,8 @@ def test_dfm_pipeline_exports_to_onnx_and_samples_the_same(tmp_path, elastic_fol
     from snapgen.export.onnx import OnnxPipeline, export_onnx
     from snapgen.pipelines import TextToImagePipeline as P
 
-    text_encoder = P.from_pretrained(elastic_folder).text_encoder  # a real tiny BERT (exportable)
-    pipe = dfm_pipeline(text_encoder, spec=str(elastic_folder / "text_encoder"))
+    elastic = P.from_pretrained(elastic_folder)  # its text encoder: a real tiny BERT (exportable)
+    pipe = dfm_pipeline(elastic.text_encoder, spec=elastic.config.text_encoder)
     out = export_onnx(pipe, tmp_path / "onnx", progress=False)
     meta = json.loads((out / "export.json").read_text())
     assert meta["dfm_levels"] == 2 and meta["sampler"] == "dfm" and len(meta["stage_schedule"]) == 6
@@ -109,3 +109,19 @@ def test_dfm_pipeline_exports_to_onnx_and_samples_the_same(tmp_path, elastic_fol
     b = pipe(PROMPTS, seed=2, return_latents=True)
     assert b.abs().mean() > 0.1
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_generate_cli_writes_the_preview_first(tmp_path, elastic_folder, capsys):
+    from snapgen.cli import main
+
+    spec = TextToImagePipeline.from_pretrained(elastic_folder).config.text_encoder  # a tiny BERT folder
+    dfm_pipeline(spec=spec).save_pretrained(tmp_path / "p")
+    out = tmp_path / "x.png"
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "p"), "--preview", "--stage-steps", "2", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert (tmp_path / "x_preview1.png").is_file() and out.is_file()
+    assert text.index("preview after stage 1") < text.index(str(out)) and "x_preview2" not in text
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "p"), "--steps", "9", "--out",
+                 str(tmp_path / "y.png")]) == 2
+    assert "pass stage_steps" in capsys.readouterr().err

@@ -38,6 +38,11 @@ def register(subparsers) -> None:
     p.add_argument("--outdir", help="with --geneval-metadata: the layout's root folder")
     p.add_argument("--n-samples", type=int, default=4, help="with --geneval-metadata: samples per prompt (default 4)")
     add_device_args(p)
+    p.add_argument("--stage-steps", type=int, nargs="+", metavar="N",
+                   help="DFM models: sampling steps per pyramid stage, coarsest first (default: the model's)")
+    p.add_argument("--preview", action="store_true",
+                   help="DFM models: also write each stage's coarse preview as soon as the stage ends "
+                        "(OUT_preview1.png, ...; a folder OUT gets preview_stage1/ ...) and report when it came")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -58,6 +63,9 @@ def cmd_generate(args) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     t0 = time.perf_counter()
     exported = args.backend in ("onnx", "executorch")
+    if exported and (args.preview or args.stage_steps):
+        raise ValueError(f"--preview / --stage-steps run with --backend torch (an export's sampler is fixed at "
+                         f"export time; its DiT graph samples every stage as exported)")
     if exported:
         pipe = _load_exported(args, model_dir)
     else:
@@ -174,10 +182,34 @@ def _run_torch(args, pipe, prompts, names, several):
             if args.base:
                 pipe.use_base()
         tv = time.perf_counter()
+        kw = {}
+        if args.stage_steps:
+            kw["stage_steps"] = args.stage_steps
+        if args.preview:
+            if pipe.sampler_config().kind != "dfm":
+                raise ValueError(f"--preview shows the coarse stages of a DFM model; {args.model or 'this model'} "
+                                 f"samples with {pipe.sampler_config().kind!r} in one stage")
+            kw["preview"] = _preview_writer(args, prompts, name if several else None)
         per_variant.append(pipe(prompts, steps=args.steps, guidance=args.cfg, seed=args.seed, height=height,
-                                width=width, progress=not args.no_progress))
+                                width=width, progress=not args.no_progress, **kw))
         seconds[name] = time.perf_counter() - tv
     if several:
         images, captions = variant_grid(per_variant, prompts, names)
         return images, captions, len(names), seconds
     return per_variant[0], prompts, None, seconds
+
+
+def _preview_writer(args, prompts, variant):
+    """The pipeline's ``preview`` callback: each stage's coarse images, written as they arrive."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    tag = f"_{variant}" if variant else ""
+
+    def write(k, images, seconds):
+        target = out.with_name(f"{out.stem}{tag}_preview{k + 1}{out.suffix}") if out.suffix else \
+            out / f"preview_stage{k + 1}{tag}"
+        files = write_images(images, prompts, target, grid=args.grid, cols=None, scale=args.scale)
+        print(f"preview after stage {k + 1}: {seconds:.2f} s after sampling began -> {files[-1]}")
+
+    return write
