@@ -64,8 +64,8 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     exported = args.backend in ("onnx", "executorch")
     if exported and (args.preview or args.stage_steps):
-        raise ValueError(f"--preview / --stage-steps run with --backend torch (an export's sampler is fixed at "
-                         f"export time; its DiT graph samples every stage as exported)")
+        raise ValueError("--preview / --stage-steps run with --backend torch (an export's sampler is fixed at "
+                         "export time; its DiT graph samples every stage as exported)")
     if exported:
         pipe = _load_exported(args, model_dir)
     else:
