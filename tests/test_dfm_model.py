@@ -123,3 +123,24 @@ def test_elastic_dfm_supernet_and_importance_sorting():
     perm = {"residual": torch.randperm(dense.config.width, generator=g),
             "dfm.t_embedders.0.hidden": torch.randperm(dense.config.width, generator=g)}
     torch.testing.assert_close(permute_channels(dense, perm)(p.pack(levels), t, cond), ref, atol=1e-12, rtol=1e-10)
+
+
+def test_to_dfm_starts_as_the_plain_model_on_the_recomposed_input():
+    from snapgen.models.multiscale import to_dfm
+    for cfg in (nano(), preset("nano-elastic")):
+        torch.manual_seed(0)
+        plain = perturb_(ThreeStageDiT(cfg), std=0.05).double()
+        dfm = to_dfm(plain, 2)
+        assert dfm.config == cfg.replace(dfm_levels=2)
+        p, levels, t, cond = packed_inputs(dfm)
+        t[:, 0] = t[:, 1]  # one time for both levels: the plain model's input is the nearest-upsampled sum
+        up = torch.nn.functional.interpolate(levels[0], scale_factor=2, mode="nearest") + levels[1]
+        for variant in dfm.variants:
+            dfm.set_variant(variant), plain.set_variant(variant)
+            coarse, fine = p.unpack(dfm(p.pack(levels), t, cond))
+            want = plain(up, t[:, 1], cond)
+            torch.testing.assert_close(fine, want, atol=1e-10, rtol=0)
+            torch.testing.assert_close(coarse, torch.nn.functional.avg_pool2d(want, 2), atol=1e-10, rtol=0)
+            assert want.abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="converts a plain model"):
+        to_dfm(model_of(dfm_levels=2), 2)

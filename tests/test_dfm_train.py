@@ -100,3 +100,30 @@ def test_dfm_validation_is_fixed_per_stage_and_one_level_is_plain_flow_matching(
     plain = validation_loss(model, cond, cache, objective=FlowMatchingLoss(), per_sample=True)
     (one,) = dfm_validation_losses(model, cond, cache, objective=DecomposableFlowLoss(levels=1))
     assert torch.equal(plain, one) and plain.mean() > 0
+
+
+def test_dfm_fine_tuning_warm_starts_from_a_plain_pipeline(tmp_path):
+    from helpers.builders import nano, perturb_
+
+    from snapgen.models import ThreeStageDiT
+    from snapgen.models.multiscale import to_dfm
+    from snapgen.pipelines import PipelineConfig, TextToImagePipeline
+    from snapgen.text import TextConditioning
+    from snapgen.vae import Autoencoder, AutoencoderConfig
+
+    torch.manual_seed(3)
+    plain = perturb_(ThreeStageDiT(nano()))
+    cond_kw = {"encoder_dims": [32], "out_dim": 32, "drop_probs": [0.0], "null_length": 1}
+    vae = Autoencoder(AutoencoderConfig(channels=(8, 8), latent_channels=4, groups=4))
+    TextToImagePipeline(plain, TextConditioning(**cond_kw), vae, PipelineConfig(conditioning=cond_kw)
+                        ).save_pretrained(tmp_path / "src", dtype=torch.float32)
+    cfg = dfm_run(tmp_path, "ft", 2)
+    cfg.model["init_from"] = str(tmp_path / "src")
+    trainer = Trainer(cfg, progress=False)
+    want = to_dfm(plain, 2).state_dict()
+    got = trainer.task.model.state_dict()
+    assert set(want) == set(got), set(want) ^ set(got)
+    bad = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not bad, bad[:5]  # the converted model, the coarse level included
+    trainer.fit()
+    assert len(losses(tmp_path / "ft")) == 2

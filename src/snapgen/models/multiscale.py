@@ -24,7 +24,7 @@ from torch import nn
 
 from ..flow.pyramid import Pyramid
 
-__all__ = ["MultiScaleIO", "level_patch_sizes"]
+__all__ = ["MultiScaleIO", "level_patch_sizes", "to_dfm"]
 
 
 def level_patch_sizes(patch_size: int, levels: int) -> list[int]:
@@ -92,3 +92,42 @@ class MultiScaleIO(nn.Module):
         """Every level's velocity from the final tokens, packed (``unpatchify(tokens, p)`` -> the level)."""
         outs = [unpatchify(head(xs, t_emb), p) for head, p in zip([*self.heads, fine_head], self.patch_sizes)]
         return self.pyramid.pack(outs)
+
+
+@torch.no_grad()
+def to_dfm(model: nn.Module, levels: int) -> nn.Module:
+    """A ``levels``-level DFM copy of a trained plain model (the fine-tuning start [DFM Sec. 4.3, FLUX-DFM]).
+
+    The finest level keeps the model's own embedding, timestep embedder and head; each coarser level (patch ``q``,
+    ``r = p / q``) starts so that the DFM model is the plain one on the recomposed input: its embedding is the
+    plain embedding of the level nearest-upsampled by ``r`` (the fine kernel summed over ``r x r`` blocks, no bias),
+    its timestep embedder outputs 0 (the plain first layer, the last layer zeroed), and its head predicts the ``r x r`` block mean of the
+    plain head's velocity. So ``v_fine = plain(up_nearest(X^1) + X^2, t)`` exactly at the start (tests)."""
+    if getattr(model.config, "dfm_levels", 1) != 1:
+        raise ValueError(f"to_dfm converts a plain model (dfm_levels 1), got dfm_levels {model.config.dfm_levels}")
+    ref = next(model.parameters())
+    out = type(model)(model.config.replace(dfm_levels=levels)).to(device=ref.device, dtype=ref.dtype)
+    missing = out.load_state_dict(model.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("dfm.") for k in missing), missing
+    io: MultiScaleIO = out.dfm
+    fine_w, p = out.patch_embed.weight, io.patch_sizes[-1]
+    D, C = fine_w.shape[:2]
+    head = out.final_layer
+    for s, q in enumerate(io.patch_sizes[:-1]):
+        r = p // q
+        io.embeds[s].weight.copy_(fine_w.reshape(D, C, q, r, q, r).sum((3, 5)))
+        io.embeds[s].bias.zero_()
+        te, fine_te = io.t_embedders[s], out.t_embedder  # first layer: the plain one's; last layer: 0
+        te.mlp[0].load_state_dict(fine_te.mlp[0].state_dict())
+        te.mlp[2].weight.zero_(), te.mlp[2].bias.zero_()
+        for name, seq in getattr(te, "mlp_variants", {}).items():
+            seq[0].load_state_dict(fine_te.mlp_variants[name][0].state_dict())
+            seq[2].weight.zero_(), seq[2].bias.zero_()
+        h = io.heads[s]
+        h.modulation.copy_(head.modulation)
+        for name, table in getattr(head, "modulation_variants", {}).items():
+            h.modulation_variants[name].copy_(table)
+        w = head.linear.weight.reshape(q, r, q, r, C, -1).mean((1, 3)).reshape(q * q * C, -1)
+        h.linear.weight.copy_(w)
+        h.linear.bias.copy_(head.linear.bias.reshape(q, r, q, r, C).mean((1, 3)).reshape(-1))
+    return out

@@ -114,6 +114,12 @@ class FlowTask(FlowKD, FlowText, Task):
         elif self.sort_by_importance:
             raise ValueError("model.sort_by_importance: true needs an elastic run model (model.elastic_variants) "
                              "warm-started from an ordinary (non-elastic) pipeline; it would change nothing here")
+        if target.dfm_levels > 1 and source.config.dfm_levels == 1:
+            # plain -> DFM (fine-tuning): the finest level is the trained model, coarser levels start as its
+            # embedding / head of the upsampled level (snapgen.models.multiscale.to_dfm)
+            from ..models.multiscale import to_dfm
+
+            source = to_dfm(source, target.dfm_levels)
         if source.config != target:
             raise ValueError(f"model.init_from={directory} holds a transformer with a different config than "
                              f"this run's model; use the same preset/settings")
