@@ -144,3 +144,17 @@ def test_to_dfm_starts_as_the_plain_model_on_the_recomposed_input():
             assert want.abs().mean() > 1e-3
     with pytest.raises(ValueError, match="converts a plain model"):
         to_dfm(model_of(dfm_levels=2), 2)
+
+
+def test_flop_count_and_memory_plan_read_a_dfm_model():
+    # example inputs come from denoiser_input_shapes: a DFM model gets the packed state, not a latent (it would raise)
+    from snapgen.models.summary import count_flops
+    from snapgen.train.plan_measure import activation_bytes_per_sample
+
+    plain, dfm = ThreeStageDiT(nano()), ThreeStageDiT(nano(dfm_levels=2))
+    fp, fd = count_flops(plain, (4, 16, 16), 5, 32), count_flops(dfm, (4, 16, 16), 5, 32)
+    assert fp < fd < 1.05 * fp  # the coarse level's embedding and head only (paper: the same GFLOPs)
+    with torch.device("meta"):  # the planner measures on meta tensors
+        plain, dfm = ThreeStageDiT(nano()), ThreeStageDiT(nano(dfm_levels=2))
+    ap, ad = (activation_bytes_per_sample(m, (4, 16, 16), 5) for m in (plain, dfm))
+    assert ap <= ad < 1.2 * ap

@@ -157,14 +157,12 @@ def pipeline_graphs(pipe, resolution: tuple[int, int] | None = None, rewrite: bo
             "dit_parameters": dit.num_parameters(), "dtype": str(dtype).removeprefix("torch.")}
     if len(encoders) > 1:
         meta["text_encoders"] = len(encoders)
-    levels = getattr(dit.config, "dfm_levels", 1)
-    dit_x, dit_t = torch.randn(batch, *latent), torch.full((batch,), 0.5)
-    if levels > 1:  # DFM: the DiT graph takes the packed pyramid state and one time per level
-        from ..flow.pyramid import Pyramid
+    from ..models.multiscale import denoiser_input_shapes
 
-        meta["dfm_levels"] = levels
-        dit_x = torch.randn(batch, *Pyramid(levels).packed_shape(C, latent[1:]))
-        dit_t = torch.full((batch, levels), 0.5)
+    x_shape, t_shape = denoiser_input_shapes(dit.config, batch, latent)  # DFM: the packed state, one t per level
+    dit_x, dit_t = torch.randn(x_shape), torch.full(t_shape, 0.5)
+    if getattr(dit.config, "dfm_levels", 1) > 1:
+        meta["dfm_levels"] = dit.config.dfm_levels
     graphs = {
         "text": (text_graph, text_args, text_names, ["text", "text_mask"]),
         "dit": (DenoiserGraph(dit), (dit_x, dit_t,

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..flow.pyramid import Pyramid
 
-__all__ = ["MultiScaleIO", "level_patch_sizes", "to_dfm"]
+__all__ = ["MultiScaleIO", "denoiser_input_shapes", "level_patch_sizes", "to_dfm"]
 
 
 def level_patch_sizes(patch_size: int, levels: int) -> list[int]:
@@ -131,3 +131,13 @@ def to_dfm(model: nn.Module, levels: int) -> nn.Module:
         h.linear.weight.copy_(w)
         h.linear.bias.copy_(head.linear.bias.reshape(q, r, q, r, C).mean((1, 3)).reshape(-1))
     return out
+
+
+def denoiser_input_shapes(config, batch: int, latent_shape: tuple) -> tuple[tuple, tuple]:
+    """``(x shape, t shape)`` of a denoiser call on ``batch`` latents of ``latent_shape`` ``(C, h, w)``: the latent
+    and ``(B,)``, or for a DFM model (``dfm_levels`` S > 1) the packed pyramid state and ``(B, S)``. For code that
+    builds example inputs (FLOP counts, memory plans, export graphs)."""
+    levels = getattr(config, "dfm_levels", 1)
+    if levels == 1:
+        return (batch, *latent_shape), (batch,)
+    return (batch, *Pyramid(levels).packed_shape(latent_shape[0], latent_shape[1:])), (batch, levels)

@@ -37,9 +37,12 @@ def latent_size(config: ThreeStageDiTConfig, resolution: tuple[int, int]) -> tup
 def count_flops(model: torch.nn.Module, latent_shape: tuple[int, ...], text_len: int, text_dim: int,
                 batch: int = 1) -> int:
     """FLOPs of one forward pass (1 multiply-add = 2 FLOPs) for a model on any device (meta is fine)."""
+    from .multiscale import denoiser_input_shapes
+
     device = next(model.parameters()).device
-    x = torch.zeros(batch, *latent_shape, device=device)
-    t = torch.full((batch,), 0.5, device=device)
+    x_shape, t_shape = denoiser_input_shapes(model.config, batch, tuple(latent_shape))  # DFM: the packed state
+    x = torch.zeros(x_shape, device=device)
+    t = torch.full(t_shape, 0.5, device=device)
     text = torch.zeros(batch, text_len, text_dim, device=device)
     mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
     with flop_counter() as counter, torch.no_grad():

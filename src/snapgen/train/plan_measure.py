@@ -62,9 +62,12 @@ def saved_tensor_bytes(model, latent_shape: tuple[int, int, int], text_len: int,
         current[0] = None
 
     handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(post))]
+    from ..models.multiscale import denoiser_input_shapes
+
     cfg = model.config
-    x = torch.randn(1, *latent_shape, device="meta")
-    t = torch.rand(1, device="meta")
+    x_shape, t_shape = denoiser_input_shapes(cfg, 1, tuple(latent_shape))  # DFM: the packed pyramid state
+    x = torch.randn(x_shape, device="meta")
+    t = torch.rand(t_shape, device="meta")
     text = torch.randn(1, text_len, cfg.text_dim, device="meta")
     attention = FusedAttention() if fused_attention else contextlib.nullcontext()
     try:

@@ -228,9 +228,12 @@ def _working(kind: str, spec: str, dtype: str, latent: tuple, text_len: int) -> 
 
     dt = _DTYPES[dtype]
     if kind == "snapgen":
+        from ..models.multiscale import denoiser_input_shapes
+
         model = copy.deepcopy(_snapgen_model(spec)).to(dt)  # meta tensors: the copy costs nothing
-        x = torch.empty(1, *latent, device="meta", dtype=dt)
-        t = torch.empty(1, device="meta", dtype=dt)
+        x_shape, t_shape = denoiser_input_shapes(model.config, 1, tuple(latent))  # DFM: the packed state
+        x = torch.empty(x_shape, device="meta", dtype=dt)
+        t = torch.empty(t_shape, device="meta", dtype=dt)
         text = torch.empty(1, text_len, model.config.text_dim, device="meta", dtype=dt)
 
         def call():
