@@ -127,3 +127,15 @@ def test_dfm_fine_tuning_warm_starts_from_a_plain_pipeline(tmp_path):
     assert not bad, bad[:5]  # the converted model, the coarse level included
     trainer.fit()
     assert len(losses(tmp_path / "ft")) == 2
+
+
+def test_an_elastic_dfm_supernetwork_trains_every_width(tmp_path):
+    cfg = flow_config(tmp_path, "el", 4, model={"preset": "nano-elastic", "dfm_levels": 2},
+                      flow={"objective": "dfm", "stage_probs": [0.5, 0.5]})
+    cfg["data"] = {"cache": str(learnable_cache(tmp_path / "patterns.safetensors"))}
+    Trainer(TrainConfig.from_dict(cfg), progress=False).fit()
+    recs = [r for r in records(tmp_path / "el") if "loss" in r]
+    assert len(recs) == 4 and all("fm_full" in r and "loss_per_bin" in r for r in recs)
+    assert any(k.startswith("kd_") for r in recs for k in r)  # a sub-network distilled from the full width
+    saved = json.loads((tmp_path / "el" / "final" / "transformer" / "config.json").read_text())
+    assert saved["dfm_levels"] == 2 and saved["elastic_variants"]
