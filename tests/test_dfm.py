@@ -137,6 +137,28 @@ def test_stage_draws_and_time_ranges_match_the_configuration():
     assert abs(float(stage.mean()) - 0.3) < 4.5 * 0.8 / math.sqrt(20000) and abs(float(stage.std()) - 0.8) < 0.03
     t = loss.draw_times(50, 0, 1.0, g)
     assert bool((t[:, 1:] == NOT_STARTED).all()) and bool(((t[:, 0] > 0) & (t[:, 0] < 1)).all())
+
+
+def test_draw_gives_one_stage_per_batch_and_shifts_only_its_level():
+    from snapgen.flow.dfm import PAPER_EARLIER_LOGIT_MEAN
+
+    loss = DecomposableFlowLoss(levels=2, shift=3.0)  # the paper's defaults: [0.9, 0.1], location -1.5 here
+    assert loss.stage_probs == [0.9, 0.1] and loss.earlier_logit_mean == PAPER_EARLIER_LOGIT_MEAN == -1.5
+    g = torch.Generator().manual_seed(2)
+    n, fine = 3000, []
+    for _ in range(n):
+        t, eps = loss.draw((4, 2, 8, 8), g)
+        assert eps.shape == (4, 10, 4, 4)
+        started = (t <= 1).sum(1)
+        assert bool((started == started[0]).all())  # one Q for the whole batch
+        fine.append(int(started[0]) == 2)
+    p = sum(fine) / n
+    assert abs(p - 0.1) < 4.5 * math.sqrt(0.09 / n)
+    # at Q = 1 the stage's level is shifted (shift 3), the earlier level is not: logit means -1.5 and
+    # logit(shift(sigmoid(N(0, 1)))) = N(0, 1) + log 3
+    t = loss.draw_times(20000, 1, 3.0, g).double()
+    assert abs(float(torch.logit(t[:, 0]).mean()) + 1.5) < 0.035
+    assert abs(float(torch.logit(t[:, 1]).mean()) - math.log(3.0)) < 0.035
     with pytest.raises(ValueError, match="3 non-negative probabilities summing to 1"):
         DecomposableFlowLoss(levels=3, stage_probs=[0.9, 0.1])
 
@@ -251,7 +273,8 @@ def test_sampler_with_the_exact_velocity_lands_on_the_data_and_previews_its_coar
                 assert bool((got[s] == 0).all())
 
 
-def test_one_stage_sampler_is_euler_and_cfg_matches_the_plain_sampler():
+@pytest.mark.parametrize("shift", [1.0, 2.5])
+def test_one_stage_sampler_is_euler_and_cfg_matches_the_plain_sampler(shift):
     x = torch.randn(2, 4, 6, 6)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
 
@@ -263,12 +286,21 @@ def test_one_stage_sampler_is_euler_and_cfg_matches_the_plain_sampler():
 
     cond, uncond = {"c": torch.tensor([0.5, -1.0])}, {"c": torch.zeros(2)}
     with torch.no_grad():
-        want = euler_sample(guided(model, cond, uncond, 3.0), x, sampling_times(5))
-    cfg = SamplerConfig(kind="dfm", stage_steps=(5,))
+        want = euler_sample(guided(model, cond, uncond, 3.0), x, sampling_times(5, shift))
+    cfg = SamplerConfig(kind="dfm", stage_steps=(5,), shift=shift)
     assert cfg.steps == 5 and cfg.to_fields()["stage_steps"] == (5,)
     got = make_sampler(cfg).sample(guided(packed, cond, uncond, 3.0), x)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert (want - x).abs().max() > 0.1
+
+
+def test_shift_spaces_each_chunk_and_keeps_the_thresholds():
+    flat, shifted = stage_schedule([4, 3], [0.3]), stage_schedule([4, 3], [0.3], shift=3.0)
+    assert shifted[4, 0] == flat[4, 0] == pytest.approx(0.3) and shifted[4, 1] == 1.0  # tau is where stage 2 starts
+    assert bool((shifted[1:4, 0] > flat[1:4, 0]).all())  # more of chunk 1's steps at high noise
+    assert bool((shifted[1:, 0] < shifted[:-1, 0]).all()) and shifted[-1].abs().max() == 0
+    times = make_sampler(SamplerConfig(kind="dfm", stage_steps=(4, 3), stage_thresholds=(0.3,), shift=3.0)).times()
+    assert times.dtype == torch.float32 and bool((times[1:] < times[:-1]).all()) and times[0] == 1 and times[-1] == 0
 
 
 def test_dfm_sampler_config_errors_and_fields():

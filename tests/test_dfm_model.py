@@ -158,3 +158,17 @@ def test_flop_count_and_memory_plan_read_a_dfm_model():
         plain, dfm = ThreeStageDiT(nano()), ThreeStageDiT(nano(dfm_levels=2))
     ap, ad = (activation_bytes_per_sample(m, (4, 16, 16), 5) for m in (plain, dfm))
     assert ap <= ad < 1.2 * ap
+
+
+def test_the_dfm_loss_at_the_first_stage_trains_no_fine_level_weight():
+    # the real model and Algorithm 1's loss at Q = 0: the fine level's head and embedding weights get no gradient
+    # (its input is zero and its output is masked), the coarse level's do
+    from snapgen.flow.dfm import DecomposableFlowLoss
+
+    model = model_of(dfm_levels=2).float()
+    x, _, text, mask = dummy_inputs(model.config)
+    out = DecomposableFlowLoss(levels=2).terms(model, x, torch.Generator().manual_seed(0),
+                                               cond={"text": text, "text_mask": mask}, stage=0)
+    out.loss.backward()
+    assert model.final_layer.linear.weight.grad.abs().max() == 0 and model.patch_embed.weight.grad.abs().max() == 0
+    assert model.dfm.heads[0].linear.weight.grad.abs().max() > 0 and model.dfm.embeds[0].weight.grad.abs().max() > 0

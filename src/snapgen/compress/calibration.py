@@ -61,6 +61,9 @@ def sampler_states(pipe, prompts: list[str], seed: int = 0) -> list[tuple]:
 @torch.no_grad()
 def uniform_batches(pipe, prompts: list[str], batches: int = 4, seed: int = 0) -> list[tuple]:
     """The ``"uniform"`` mode: the pipeline's latents for ``prompts`` re-noised at uniform random times."""
+    if getattr(pipe.transformer.config, "dfm_levels", 1) > 1:
+        raise ValueError("calibration 'uniform' re-noises plain latents; a DFM model takes its packed pyramid "
+                         "state: calibrate on its sampler's own inputs (calibration: sampler, the default)")
     x0 = pipe(prompts, seed=seed, return_latents=True)
     (text, mask), _ = pipe.encode_prompts(prompts)
     g = torch.Generator().manual_seed(seed + 1)

@@ -22,7 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
+
+from ..models.multiscale import denoiser_input_shapes
 
 __all__ = ["prepare_artifact", "measure", "device_report", "compare_to_fp32", "format_report", "PAPER_MS"]
 
@@ -154,16 +158,17 @@ def measure(folder: Path, backend: str, repeats: int = 7) -> dict:
         B = 2 if s["guidance"] != 1.0 else 1
         H, W = pipe.config.resolution
         f = pipe.vae_factor
-        x = torch.randn(B, m.config.in_channels, H // f, W // f)
-        t = torch.full((B,), 0.5)
+        x_shape, t_shape = denoiser_input_shapes(m.config, B, (m.config.in_channels, H // f, W // f))  # DFM: packed
+        x, t = torch.randn(x_shape), torch.full(t_shape, 0.5)
         (text, mask), _ = pipe.encode_prompts([prompt] * B)
         step = lambda: m(x, t, {"text": text, "text_mask": mask})  # noqa: E731
         steps = s["steps"]
     else:
         meta = pipe.meta
         B = meta["batch"]
-        x = torch.randn(B, *meta["latent"])
-        t = torch.full((B,), 0.5)
+        x_shape, t_shape = denoiser_input_shapes(SimpleNamespace(dfm_levels=int(meta.get("dfm_levels", 1))), B,
+                                                 tuple(meta["latent"]))
+        x, t = torch.randn(x_shape), torch.full(t_shape, 0.5)
         tokens, mask = pipe.encode(prompt)
         tokens, mask = torch.cat([tokens] * B), torch.cat([mask] * B)
         step = lambda: pipe._run("dit", {"x": x, "t": t, "text": tokens.float(), "text_mask": mask})  # noqa: E731

@@ -37,7 +37,8 @@ def quantize_pipeline(pipe, out_dir: str | os.PathLike, prompts: list[str], targ
                                    sensitivity_batches=4 if calibration == "sampler" else 1)
     report = {**report, "calibration": calibration, "calibration_batches": len(batches)}
     if calibration == "sampler":  # the step times calibrated on (uniform: random times in [0.02, 0.98])
-        report["calibration_times"] = [round(float(b[1][0]), 6) for b in batches]
+        report["calibration_times"] = [round(float(b[1][0]), 6) if b[1].dim() == 1 else  # DFM: one per level
+                                       [round(float(v), 6) for v in b[1][0]] for b in batches]
     config = pipe.config.replace(adapters={}) if pipe.distilled and not pipe._base_mode else pipe.config
     if pipe._base_mode:  # the base model with its own sampler
         config = pipe.config.with_sampler(pipe.sampler_config()).replace(adapters={}, base_sampling={})

@@ -101,9 +101,10 @@ class DecomposableFlowLoss(FlowMatchingLoss):
     def noise_shape(self, x0_shape: tuple) -> tuple:
         return (x0_shape[0], *self.pyramid.packed_shape(x0_shape[1], x0_shape[2:]))
 
-    def draw(self, x0_shape: tuple, generator: torch.Generator | None = None, device=None):
-        """``(times (B, S), packed eps)``: the stage Q (one per batch), the level times, then the noise."""
-        stage = self.draw_stage(generator)
+    def draw(self, x0_shape: tuple, generator: torch.Generator | None = None, device=None, stage: int | None = None):
+        """``(times (B, S), packed eps)``: the stage Q (one per batch; ``stage`` given: not drawn), the level times,
+        then the noise."""
+        stage = self.draw_stage(generator) if stage is None else stage
         times = self.draw_times(x0_shape[0], stage, self.shift_for(torch.empty(x0_shape, device="meta")),
                                 generator, device)
         return times, randn(self.noise_shape(x0_shape), generator, device=device)
@@ -129,7 +130,8 @@ class DecomposableFlowLoss(FlowMatchingLoss):
         target = noised.target if target is None else target
         per_level = [F.mse_loss(vs.float(), ts.float(), reduction="none").flatten(1).mean(1)
                      for vs, ts in zip(self.pyramid.unpack(v), self.pyramid.unpack(target))]
-        return torch.stack(per_level, dim=1) * noised.extra["started"].float()
+        per_level = torch.stack(per_level, dim=1)
+        return torch.where(noised.extra["started"], per_level, torch.zeros_like(per_level))  # not x * mask: NaN-safe
 
     def error(self, v: torch.Tensor, noised: Noised, target: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample loss: the started levels' mean squared errors, summed (Alg. 1; the official code)."""

@@ -116,8 +116,9 @@ class FlowMatchingLoss:
         h, w = x0.shape[-2:]
         return resolution_shift((h // self.patch_size) * (w // self.patch_size), self.base_tokens)
 
-    def draw(self, x0_shape: tuple, generator: torch.Generator | None = None, device=None):
-        """``(t, eps)`` for a batch of latents of ``x0_shape``: the times first, then the noise."""
+    def draw(self, x0_shape: tuple, generator: torch.Generator | None = None, device=None, stage=None):
+        """``(t, eps)`` for a batch of latents of ``x0_shape``: the times first, then the noise (``stage``: DFM's,
+        unused here)."""
         probe = torch.empty(x0_shape, device="meta")  # shift_for reads the shape only
         t = logit_normal_times(x0_shape[0], self.mean, self.std, self.shift_for(probe), generator, device)
         return t, randn(self.noise_shape(x0_shape), generator, device=device)

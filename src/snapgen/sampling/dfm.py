@@ -56,10 +56,14 @@ def check_stage_settings(stage_steps, thresholds) -> tuple[tuple[int, ...], tupl
     return steps, taus
 
 
-def stage_schedule(stage_steps, thresholds) -> torch.Tensor:
+def stage_schedule(stage_steps, thresholds, shift: float = 1.0) -> torch.Tensor:
     """The ``(steps + 1, S)`` float64 grid of stage times. Row ``r -> r + 1`` is one Euler step. Stage k (0-based)
     is :data:`NOT_STARTED` before row ``R_k = n_1 + ... + n_k``, stands at 1 (its noise) at row ``R_k`` and is
-    integrated from then on; the last row is all 0."""
+    integrated from then on; the last row is all 0. ``shift`` (SD3's, as the Euler sampler's) spaces each chunk's
+    steps: the chunk's progress is ``1 - shift_time(1 - i / n)``, so one stage is exactly the shifted Euler grid
+    and the thresholds keep their meaning (a stage starts when the newest stands at tau, whatever the shift)."""
+    from .euler import shift_time
+
     steps, taus = check_stage_settings(stage_steps, thresholds)
     S = len(steps)
     ends = list(taus) + [0.0]
@@ -67,9 +71,9 @@ def stage_schedule(stage_steps, thresholds) -> torch.Tensor:
     for k, n in enumerate(steps):
         before = 1.0 if k == 0 else ends[k - 1]  # where the earlier stages stand when chunk k starts
         for i in range(1, n + 1):
-            frac = i / n
-            rows.append([before + (ends[k] - before) * frac if s < k else
-                         1.0 + (ends[k] - 1.0) * frac if s == k else NOT_STARTED for s in range(S)])
+            w = 1.0 - shift_time(1.0 - i / n, shift)  # the chunk's progress, 0 -> 1
+            rows.append([before + (ends[k] - before) * w if s < k else
+                         1.0 + (ends[k] - 1.0) * w if s == k else NOT_STARTED for s in range(S)])
         rows[-1][:k + 1] = [ends[k]] * (k + 1)  # the chunk's end, exactly
         if k + 1 < S:
             rows[-1][k + 1] = 1.0  # the next stage starts here, from its noise
@@ -127,8 +131,8 @@ def dfm_sample(velocity: VelocityFn, noise: torch.Tensor, schedule: torch.Tensor
 
 @SAMPLERS.register("dfm")
 class DFMSampler:
-    """:func:`dfm_sample` over :func:`stage_schedule` of the config's ``stage_steps`` / ``stage_thresholds``
-    (``steps`` = their sum); deterministic (``generator`` is unused). ``sample(..., split=, on_stage=)``: the
+    """:func:`dfm_sample` over :func:`stage_schedule` of the config's ``stage_steps`` / ``stage_thresholds`` /
+    ``shift`` (``steps`` = their sum); deterministic (``generator`` is unused). ``sample(..., split=, on_stage=)``: the
     packed state's channels per level (:meth:`Pyramid.channel_split`; default a 2-D pyramid) and the preview
     callback."""
 
@@ -141,14 +145,12 @@ class DFMSampler:
         return len(self.stage_steps)
 
     def schedule(self) -> torch.Tensor:
-        return stage_schedule(self.stage_steps, self.thresholds)
+        return stage_schedule(self.stage_steps, self.thresholds, self.config.shift)
 
     def times(self) -> torch.Tensor:
-        """The newest started stage's time at each row (float32, 1 ... 0): the grid a progress bar or a log shows."""
-        sched = self.schedule()
-        started = sched <= 1.0
-        newest = started.long().cumsum(1).argmax(1)
-        return sched.gather(1, newest[:, None])[:, 0].float()
+        """The first (coarsest) stage's time at each row (float32, strictly decreasing from 1 to 0: it is started
+        throughout); every stage's times: :meth:`schedule`."""
+        return self.schedule()[:, 0].float()
 
     def sample(self, velocity_fn: VelocityFn, noise: torch.Tensor, generator: Generators = None,
                progress: bool = False, split: list[int] | None = None, on_stage=None) -> torch.Tensor:

@@ -231,7 +231,11 @@ class FlowTask(FlowKD, FlowText, Task):
         g = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, step, part]).integers(2**62)))
         B = x0.shape[0]
         drops = self.conditioning.sample_drops(B, generator=g) if self.conditioning.training else None
-        t, eps = self.objective.draw(tuple(x0.shape), g, "cpu")
+        stage = None
+        if self.objective.name == "dfm":  # one stage Q per global step: the same on every rank and part
+            stage = self.objective.draw_stage(torch.Generator().manual_seed(
+                int(np.random.default_rng([self.cfg.seed, step, 7919]).integers(2**62))))
+        t, eps = self.objective.draw(tuple(x0.shape), g, "cpu", stage=stage)
         return x0, feats, drops, t.to(self.device), eps.to(self.device), captions
 
     def prepare(self, run_dir: Path) -> None:
