@@ -347,16 +347,9 @@ class FlowTask(FlowKD, FlowText, Task):
         if self.val is None:
             return {}
         if self.objective.name == "dfm":  # per stage, and their stage_probs-weighted sum (the training mix)
-            from .validation import dfm_validation_losses
+            from .validation import dfm_validation_report
 
-            out = {}
-            for name in self.model.variants:
-                stages = dfm_validation_losses(self.model, self.conditioning, self.val, variant=name,
-                                               objective=self.objective)
-                out.update({f"val_loss_{name}_stage{q}": round(float(r.mean()), 6) for q, r in enumerate(stages)})
-                out[f"val_loss_{name}"] = round(float(sum(p * float(r.mean()) for p, r in
-                                                          zip(self.objective.stage_probs, stages))), 6)
-            return out
+            return dfm_validation_report(self.model, self.conditioning, self.val, self.objective)
         return {f"val_loss_{name}": round(validation_loss(self.model, self.conditioning, self.val, variant=name,
                                                           objective=self.objective), 6)
                 for name in self.model.variants}

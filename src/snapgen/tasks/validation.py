@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dfm_validation_losses", "validation_loss"]
+__all__ = ["dfm_validation_losses", "dfm_validation_report", "validation_loss"]
 
 
 @torch.no_grad()
@@ -67,6 +67,17 @@ def dfm_validation_losses(model, conditioning, cache: dict, variant=None, object
         for s in range(q):
             times[:, s] = earlier[s]
         out.append(_losses(model, conditioning, cache, variant, objective, batch_size, times, noise))
+    return out
+
+
+def dfm_validation_report(model, conditioning, cache: dict, objective) -> dict:
+    """``{val_loss_<variant>_stage<q>, val_loss_<variant>}`` of every width: each stage's mean at its fixed tables
+    and their ``stage_probs``-weighted sum (the training mix)."""
+    out = {}
+    for name in model.variants:
+        stages = dfm_validation_losses(model, conditioning, cache, variant=name, objective=objective)
+        out.update({f"val_loss_{name}_stage{q}": round(float(r.mean()), 6) for q, r in enumerate(stages)})
+        out[f"val_loss_{name}"] = round(sum(p * float(r.mean()) for p, r in zip(objective.stage_probs, stages)), 6)
     return out
 
 
