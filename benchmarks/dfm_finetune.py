@@ -24,6 +24,8 @@ from _common import machine, md_table, setup_torch, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {"FM fine-tune": "configs/dfm/finetune_fm.yaml", "DFM fine-tune": "configs/dfm/finetune_dfm.yaml"}
+OUT_NAMES = {"base (no fine-tune)": "base", "FM fine-tune": "fm", "DFM fine-tune": "dfm",
+             "DFM fine-tune, tau 0.1": "dfm_tau01", "base converted to DFM (no fine-tune)": "base_to_dfm"}
 
 
 def prepare(torch) -> Path:
@@ -46,6 +48,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", action="store_true", help="train the fine-tunes whose final/ is missing")
     ap.add_argument("--seeds", type=int, default=1, help="SceneEval seeds per headline prompt (480 prompts)")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="two more rows: the DFM fine-tune sampled with the official code's tau 0.1, and the base "
+                         "converted to DFM without fine-tuning (where a DFM gap comes from)")
+    ap.add_argument("--reuse", action="store_true", help="read the report folders already under runs/dfm/eval "
+                                                         "(same seeds) instead of evaluating again")
     args = ap.parse_args()
     torch = setup_torch()
     from snapgen.eval.run import LEVEL, N_BOOT, load_run, run_evaluation
@@ -71,11 +78,27 @@ def main() -> None:
         folders[label] = final
     payload = {"machine": machine(), "seeds": args.seeds, "train_seconds": train_s, "models": []}
     rows, reports = [], {}
-    for label, folder in folders.items():
-        pipe = TextToImagePipeline.from_pretrained(folder)
-        out = REPO / "runs" / "dfm" / "eval" / label.split()[0].lower()
+    variants = {label: (folder, None) for label, folder in folders.items()}
+    if args.diagnose:
+        from snapgen.models.multiscale import to_dfm
+
+        tuned = TextToImagePipeline.from_pretrained(folders["DFM fine-tune"])
+        tuned.config = tuned.config.replace(stage_thresholds=(0.1,))
+        converted = TextToImagePipeline.from_pretrained(base)
+        dfm_cfg = TextToImagePipeline.from_pretrained(folders["DFM fine-tune"]).config
+        converted = type(converted)(to_dfm(converted.transformer, 2), converted.conditioning, converted.vae,
+                                    converted.config.replace(sampler="dfm", stage_steps=dfm_cfg.stage_steps,
+                                                             stage_thresholds=dfm_cfg.stage_thresholds),
+                                    text_encoder=converted.text_encoder)
+        variants["DFM fine-tune, tau 0.1"] = (folders["DFM fine-tune"], tuned)
+        variants["base converted to DFM (no fine-tune)"] = (base, converted)
+    for label, (folder, given) in variants.items():
+        pipe = given or TextToImagePipeline.from_pretrained(folder)
+        out = REPO / "runs" / "dfm" / "eval" / OUT_NAMES[label]
         t0 = time.perf_counter()
-        s = run_evaluation(folder, seeds=args.seeds, out_dir=out, progress=False)
+        summary = load_run(out)[0] if args.reuse and (out / "summary.json").is_file() else None
+        s = summary if summary and summary.get("seeds") == args.seeds else \
+            run_evaluation(folder, seeds=args.seeds, out_dir=out, progress=False, pipe=given)
         reports[label] = out
         ci = s["intervals"]["overall"]
         sampler = pipe.sampler_config()
@@ -89,6 +112,10 @@ def main() -> None:
         print(rec, flush=True)
     pairs = [("FM fine-tune", "base (no fine-tune)"), ("DFM fine-tune", "base (no fine-tune)"),
              ("DFM fine-tune", "FM fine-tune")]
+    if args.diagnose:
+        pairs += [("DFM fine-tune, tau 0.1", "DFM fine-tune"), ("base converted to DFM (no fine-tune)",
+                                                                 "base (no fine-tune)"),
+                  ("DFM fine-tune", "base converted to DFM (no fine-tune)")]
     diffs = []
     for b, a in pairs:
         o = compare_rows(load_run(reports[a])[1], load_run(reports[b])[1], n_boot=N_BOOT, level=LEVEL)["overall"]
