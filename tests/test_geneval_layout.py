@@ -3,6 +3,8 @@ atomic, seed of sample k = --seed + k), snapgen eval --images scores any folder 
 
 import json
 
+import numpy as np
+
 import pytest
 from helpers.builders import ENC_DIM, build_pipeline, save_tiny_bert
 from helpers.fakes import FakeEncoder
@@ -173,7 +175,8 @@ def test_eval_save_images_then_images_rescores_the_same_cells_and_verdicts(tmp_p
 def test_an_eval_cell_is_the_one_prompt_image_and_the_layout_sample_of_its_seed(tmp_path, no_encoder):
     """Every image of `snapgen eval` has its own generator (seed=[s] * batch): cell (p, s), batched with other
     prompts (batch_size 4 splits the 6 prompts 4 + 2), is the image of pipe([p], seed=s) -- `snapgen generate p
-    --seed s` -- and sample s of `generate --geneval-metadata` (write_layout), pixel for pixel. Both the loaded
+    --seed s` -- and sample s of `generate --geneval-metadata` (write_layout): pixel for pixel alone, to one 8-bit
+    level when batched. Both the loaded
     pipeline (model folder) and an external pipe (pipe=)."""
     from snapgen.eval.run import run_evaluation
     from snapgen.pipelines import TextToImagePipeline
@@ -194,9 +197,14 @@ def test_an_eval_cell_is_the_one_prompt_image_and_the_layout_sample_of_its_seed(
                      n_samples=2, progress=False)
         for i, m in enumerate(metas):
             for s in range(2):
-                cell = Image.open(tmp_path / name / f"{i:05d}" / "samples" / f"{s:04d}.png").tobytes()
-                assert cell == pipe([m["prompt"]], seed=s)[0].tobytes(), (name, i, s)
-                assert cell == Image.open(tmp_path / f"{name}_gl" / f"{i:05d}" / "samples" / f"{s:04d}.png").tobytes()
+                cell = np.asarray(Image.open(tmp_path / name / f"{i:05d}" / "samples" / f"{s:04d}.png"), np.int16)
+                alone = np.asarray(pipe([m["prompt"]], seed=s)[0], np.int16)
+                # batched with other prompts vs alone: equal latents up to the rounding of batched matmuls, which
+                # can flip one 8-bit level (seen with one thread per xdist worker); the layout sample is exact
+                assert np.abs(cell - alone).max() <= 1, (name, i, s)
+                layout = np.asarray(Image.open(tmp_path / f"{name}_gl" / f"{i:05d}" / "samples" / f"{s:04d}.png"),
+                                    np.int16)
+                assert np.array_equal(layout, alone), (name, i, s)
 
 
 def test_eval_save_images_refuses_a_folder_that_holds_other_images(tmp_path, capsys):

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..flow.pyramid import Pyramid
+from ..nn.pyramid import Pyramid
 
 __all__ = ["MultiScaleIO", "denoiser_input_shapes", "level_patch_sizes", "to_dfm"]
 

@@ -49,6 +49,14 @@ class PipelineConfig(JSONConfigMixin):
         object.__setattr__(self, "stage_steps", tuple(int(v) for v in self.stage_steps))
         object.__setattr__(self, "stage_thresholds", tuple(float(v) for v in self.stage_thresholds))
 
+    def to_dict(self) -> dict:
+        """The fields; the dfm sampler's ``stage_steps`` / ``stage_thresholds`` only when set (pipeline.json of
+        every other sampler stays as it was)."""
+        d = super().to_dict()
+        if not self.stage_steps and not self.stage_thresholds:
+            del d["stage_steps"], d["stage_thresholds"]
+        return d
+
     # --- the sampler fields as SamplerConfigs (the one place that reads them) ---------------------------
     def sampler_config(self) -> SamplerConfig:
         """The default sampler (``sampler``, ``steps``, ``guidance``, ``shift``, ``few_step_times``; the dfm
