@@ -80,12 +80,6 @@ def stage_schedule(stage_steps, thresholds, shift: float = 1.0) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def _expand(per_stage: torch.Tensor, split: list[int], like: torch.Tensor) -> torch.Tensor:
-    """``(B, S)`` per-stage values -> ``(B, channels, 1, ...)``: each level's value on its channels."""
-    out = torch.repeat_interleave(per_stage, torch.tensor(split, device=per_stage.device), dim=1)
-    return out.reshape(*out.shape, *([1] * (like.dim() - 2)))
-
-
 def default_split(channels: int, stages: int) -> list[int]:
     """The level channel counts of a packed 2-D pyramid state (``C * 4 ** s`` for level s)."""
     unit = sum(4 ** s for s in range(stages))
@@ -112,8 +106,12 @@ def dfm_sample(velocity: VelocityFn, noise: torch.Tensor, schedule: torch.Tensor
     # the step after which stage k's chunk is over (stage k + 1 starts at the row it leads to)
     chunk_end = {int(r): int(c) for r, c in torch.nonzero(started[1:, 1:] & ~started[:-1, 1:]).tolist()}
 
-    def per_level(values: torch.Tensor) -> torch.Tensor:  # (S,) -> broadcastable over the packed state
-        return _expand(values.to(noise.device).expand(B, S), split, noise)
+    # each packed channel's level, built once: per_level maps (S,) values onto (1, channels, 1, ...)
+    level_of = torch.repeat_interleave(torch.arange(S), torch.tensor(split)).to(noise.device)
+    shape = (1, -1, *([1] * (noise.dim() - 2)))
+
+    def per_level(values: torch.Tensor) -> torch.Tensor:
+        return values.to(noise.device)[level_of].reshape(shape)
 
     x = torch.where(per_level(started[0]), noise, torch.zeros_like(noise))
     for i in tqdm(range(schedule.shape[0] - 1), disable=not progress, desc="sampling", leave=False):
